@@ -1,0 +1,7 @@
+"""anil-fast: fast ANIL meta-learning in PyTorch."""
+__version__ = "0.1.0"
+
+from .anil import ANIL  # noqa: E402
+from .functional import adapted_query_loss  # noqa: E402
+
+__all__ = ["ANIL", "adapted_query_loss", "__version__"]

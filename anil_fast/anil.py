@@ -1,0 +1,252 @@
+"""ANIL: the outer loop around the adapted-head loss, with the API ANIL users know."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
+                        grouped_batchnorm)
+from .data import TaskBatch
+from .functional import BACKENDS, adapted_query_loss
+
+BN_MODES = ("transductive", "running")
+
+
+def _bn_parameter_names(body: nn.Module) -> set[str]:
+    names = set()
+    for module_name, module in body.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for p_name, _ in module.named_parameters(recurse=False):
+                names.add(f"{module_name}.{p_name}" if module_name else p_name)
+    return names
+
+
+def _multiplier_for(name: str, multipliers: dict) -> float:
+    """The longest prefix of `name` among the keys wins; else 'default'."""
+    best = None
+    for prefix in multipliers:
+        if prefix != "default" and name.startswith(prefix) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return float(multipliers[best] if best is not None else multipliers.get("default", 1.0))
+
+
+class ANIL(nn.Module):
+    """Almost No Inner Loop (Raghu et al., 2020).
+
+    The inner loop adapts only `head` (an nn.Linear) on each task's support features; the
+    outer loop updates body and head with Adam from the mean query loss.
+
+    backend: "reference" runs the body once per task and per set (support, then query) and
+    the plain-autograd head; any other backend runs the body once per set for all tasks with
+    per-task BatchNorm statistics (see batchnorm.py) and the chosen head backend
+    ("auto", "fused", "cpp", "triton", or "reference" for the head only via batched_body=True).
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Linear, inner_lr: float = 0.01,
+                 outer_lr: float = 0.001, inner_steps: int = 5, freeze_body: bool = False,
+                 first_order: bool = True, body_lr_multipliers: dict | None = None,
+                 warmup_steps: int = 0, backend: str = "auto", batched_body: bool | None = None):
+        super().__init__()
+        if not isinstance(body, nn.Module):
+            raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
+        for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        for name, value in (("inner_steps", inner_steps), ("warmup_steps", warmup_steps)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if body_lr_multipliers is not None:
+            if not isinstance(body_lr_multipliers, dict):
+                raise TypeError("body_lr_multipliers must be a dict of name prefix -> multiplier")
+            names = [n for n, _ in body.named_parameters()]
+            for prefix, mult in body_lr_multipliers.items():
+                if not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult < 0:
+                    raise ValueError(f"body_lr_multipliers[{prefix!r}] must be a finite "
+                                     f"number >= 0, got {mult!r}")
+                if prefix != "default" and not any(n.startswith(prefix) for n in names):
+                    raise ValueError(f"body_lr_multipliers: prefix {prefix!r} matches no "
+                                     f"parameter of the body")
+        self.body, self.head = body, head
+        self.inner_lr, self.outer_lr, self.inner_steps = float(inner_lr), float(outer_lr), inner_steps
+        self.freeze_body, self.first_order = freeze_body, first_order
+        self.body_lr_multipliers = body_lr_multipliers
+        self.warmup_steps, self.backend = warmup_steps, backend
+        self.batched_body = (backend != "reference") if batched_body is None else batched_body
+        self.outer_steps = 0
+        self.param_groups_report = []
+        self.optimizer = self._build_optimizer()
+
+    # -- optimizer and its groups ------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Adam:
+        bn_names = _bn_parameter_names(self.body)
+        groups: dict[tuple, list] = {}
+        for name, param in self.body.named_parameters():
+            is_bn = name in bn_names
+            if self.freeze_body and not is_bn:
+                mult = 0.0
+            elif self.body_lr_multipliers is not None:
+                mult = _multiplier_for(name, self.body_lr_multipliers)
+            else:
+                mult = 1.0
+            if mult == 0.0:
+                # Never updated: no gradient is computed for it at all.
+                param.requires_grad_(False)
+                continue
+            param.requires_grad_(True)
+            groups.setdefault((mult, is_bn), []).append((name, param))
+        param_groups, report = [], []
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+        param_groups.append({"params": list(self.head.parameters()), "lr": self.outer_lr,
+                             "name": "head", "multiplier": 1.0, "batchnorm": False})
+        report.append({"name": "head", "multiplier": 1.0, "batchnorm": False,
+                       "parameters": sum(p.numel() for p in self.head.parameters()),
+                       "names": [f"head.{n}" for n, _ in self.head.named_parameters()]})
+        for (mult, is_bn), named in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            label = f"body{'-bn' if is_bn else ''}x{mult:g}"
+            param_groups.append({"params": [p for _, p in named], "lr": self.outer_lr * mult,
+                                 "name": label, "multiplier": mult, "batchnorm": is_bn})
+            report.append({"name": label, "multiplier": mult, "batchnorm": is_bn,
+                           "parameters": sum(p.numel() for _, p in named),
+                           "names": [n for n, _ in named]})
+        self.param_groups_report = report
+        optimizer = torch.optim.Adam(param_groups, lr=self.outer_lr)
+        self._set_group_lrs(optimizer)
+        return optimizer
+
+    def _set_group_lrs(self, optimizer=None) -> None:
+        """Warmup: body groups other than BatchNorm's have lr 0 for the first warmup_steps."""
+        optimizer = optimizer or self.optimizer
+        warm = self.outer_steps < self.warmup_steps
+        for group in optimizer.param_groups:
+            held = warm and group["name"] != "head" and not group["batchnorm"]
+            group["lr"] = 0.0 if held else self.outer_lr * group["multiplier"]
+
+    def group_learning_rates(self) -> dict:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    # -- modes -------------------------------------------------------------------------------
+    def train_mode(self) -> None:
+        """Meta-training: everything in training mode, except a frozen body, which is in eval
+        mode with its BatchNorm layers in training mode (batch statistics, running updates)."""
+        self.train()
+        if self.freeze_body:
+            self.body.eval()
+            for bn in batchnorm_layers(self.body):
+                bn.train()
+
+    # -- features ----------------------------------------------------------------------------
+    def features(self, batch: TaskBatch, bn_mode: str = "train"):
+        """Body features (support [T,S,D], query [T,Q,D]).
+
+        bn_mode "train": BatchNorm statistics of each task's set, running statistics updated as
+        a per-task loop does; "transductive": the same statistics without updating running
+        statistics; "running": running statistics (BatchNorm in eval mode)."""
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
+        tasks, s_rows = batch.support_y.shape
+        q_rows = batch.query_y.shape[1]
+        # First order: the support features get no gradient, so compute them without autograd.
+        support_grad = not (self.first_order and bn_mode == "train") and torch.is_grad_enabled()
+        if not self.batched_body:
+            ctx = batch_statistics_without_update(self.body) if bn_mode == "transductive" else nullcontext()
+            with ctx:
+                fs, fq = [], []
+                for t in range(tasks):  # the per-task loop: support, then query
+                    fs.append(self.body(batch.support_x[t]))
+                    fq.append(self.body(batch.query_x[t]))
+            return torch.stack(fs), torch.stack(fq)
+        sink = RunningStats() if bn_mode == "train" else None
+        if bn_mode == "transductive":
+            saved = [(bn, bn.training) for bn in batchnorm_layers(self.body)]
+            for bn, _ in saved:
+                bn.train()
+        try:
+            with grouped_batchnorm(self.body, tasks, sink):
+                with torch.set_grad_enabled(support_grad):
+                    fs = self.body(batch.support_x.flatten(0, 1))
+                fq = self.body(batch.query_x.flatten(0, 1))
+        finally:
+            if bn_mode == "transductive":
+                for bn, training in saved:
+                    bn.train(training)
+        if sink is not None:
+            sink.apply(interleave=True)
+        return fs.view(tasks, s_rows, -1), fq.view(tasks, q_rows, -1)
+
+    # -- the outer loop ----------------------------------------------------------------------
+    def _head_loss(self, fs, batch, fq, inner_steps, first_order):
+        return adapted_query_loss(
+            fs, batch.support_y, fq, batch.query_y, self.head.weight, self.head.bias,
+            inner_lr=self.inner_lr, inner_steps=inner_steps, first_order=first_order,
+            backend=self.backend)
+
+    def meta_loss(self, batch: TaskBatch, return_logits: bool = False):
+        """Mean query loss over the tasks after adapting the head; differentiable to body and
+        head. Call train_mode() first (meta_train_step does)."""
+        fs, fq = self.features(batch, "train")
+        losses, logits = self._head_loss(fs, batch, fq, self.inner_steps, self.first_order)
+        return (losses.mean(), logits) if return_logits else losses.mean()
+
+    def meta_train_step(self, batch: TaskBatch) -> dict:
+        """One Adam update of the outer loop. Returns detached 0-dim tensors (no host sync):
+        loss and query accuracy after adaptation."""
+        self.train_mode()
+        self._set_group_lrs()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.meta_loss(batch, return_logits=True)
+        loss.backward()
+        self.optimizer.step()
+        self.outer_steps += 1
+        accuracy = (logits.detach().argmax(-1) == batch.query_y).float().mean()
+        return {"loss": loss.detach(), "accuracy": accuracy}
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None,
+                 bn_mode: str = "transductive") -> dict:
+        """Query accuracy before and after adapting the head on each task's support set.
+        Returns accuracy_before / accuracy_after (means) and per-task tensors [T]."""
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            fs, fq = self.features(batch, bn_mode)
+            _, before = self._head_loss(fs, batch, fq, 0, True)
+            losses, after = self._head_loss(fs, batch, fq, steps, True)
+        finally:
+            self.train(was_training)
+        per_before = (before.argmax(-1) == batch.query_y).float().mean(1)
+        per_after = (after.argmax(-1) == batch.query_y).float().mean(1)
+        return {"accuracy_before": per_before.mean().item(), "accuracy_after": per_after.mean().item(),
+                "loss_after": losses.mean().item(),
+                "per_task_before": per_before.cpu(), "per_task_after": per_after.cpu()}
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"body": self.body.state_dict(), "head": self.head.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "outer_steps": self.outer_steps}
+
+    def load_state(self, state: dict) -> None:
+        try:
+            self.body.load_state_dict(state["body"])
+            self.head.load_state_dict(state["head"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint: its weights do not fit this model ({exc})") from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.outer_steps = state["outer_steps"]
+        self._set_group_lrs()

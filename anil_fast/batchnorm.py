@@ -1,0 +1,123 @@
+"""BatchNorm for one batched body call over many tasks, with the semantics of a per-task loop.
+
+A per-task loop runs the body once per task and per set, so every BatchNorm layer normalises
+with the statistics of that one set. `grouped_batchnorm(body, groups)` makes a single call on
+[groups * rows, ...] do exactly that: each BatchNorm layer splits its input into `groups`
+equal consecutive chunks and normalises each with its own mean and (biased) variance.
+
+Running statistics. The per-task loop updates them once per set, in the order
+support_0, query_0, support_1, query_1, ...: r <- (1 - m) r + m s_i. The batched step makes
+one call for all supports and one for all queries, records every group's statistics, and
+`RunningStats.apply()` folds them in that same interleaved order afterwards, so running
+statistics match the loop too (exactly, up to floating-point rounding).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def batchnorm_layers(module: nn.Module):
+    return [m for m in module.modules() if isinstance(m, _BN)]
+
+
+class RunningStats:
+    """Per-group statistics recorded during grouped calls, applied later in a chosen order."""
+
+    def __init__(self):
+        self.records: dict[nn.Module, list] = {}
+
+    def record(self, bn, mean, var_unbiased):
+        self.records.setdefault(bn, []).append((mean.detach(), var_unbiased.detach()))
+
+    @torch.no_grad()
+    def apply(self, interleave: bool = True):
+        """Fold recorded statistics into the running buffers. With two calls per layer
+        (supports [T,C], then queries [T,C]) and interleave=True the order is s0, q0, s1, q1..."""
+        for bn, calls in self.records.items():
+            means = [c[0] for c in calls]
+            variances = [c[1] for c in calls]
+            if interleave and len(calls) == 2:
+                means = torch.stack(means, 1).flatten(0, 1)  # [T*2, C]: s0, q0, s1, q1, ...
+                variances = torch.stack(variances, 1).flatten(0, 1)
+            else:
+                means, variances = torch.cat(means), torch.cat(variances)
+            steps = means.shape[0]
+            m = bn.momentum
+            if m is None:  # cumulative moving average, as nn.BatchNorm does with momentum=None
+                for i in range(steps):
+                    bn.num_batches_tracked += 1
+                    f = 1.0 / float(bn.num_batches_tracked)
+                    bn.running_mean.mul_(1 - f).add_(means[i] * f)
+                    bn.running_var.mul_(1 - f).add_(variances[i] * f)
+                continue
+            # r_final = (1-m)^n r + sum_i m (1-m)^(n-1-i) s_i
+            decay = (1 - m) ** torch.arange(steps - 1, -1, -1, dtype=means.dtype, device=means.device)
+            weights = (m * decay).unsqueeze(1)
+            keep = (1 - m) ** steps
+            bn.running_mean.mul_(keep).add_((weights * means).sum(0).to(bn.running_mean.dtype))
+            bn.running_var.mul_(keep).add_((weights * variances).sum(0).to(bn.running_var.dtype))
+            bn.num_batches_tracked += steps
+        self.records.clear()
+
+
+def _grouped_forward(bn, groups: int, sink: RunningStats | None):
+    def forward(x):
+        shape = x.shape
+        rows, channels = shape[0] // groups, shape[1]
+        # Put the groups into the channel dimension, [B, G*C, ...], so that one native
+        # batch_norm call computes per-(group, channel) statistics (a copy each way, but far
+        # faster than composing the normalisation from elementwise autograd ops).
+        xt = x.reshape(groups, rows, channels, -1).transpose(0, 1).reshape(rows, groups * channels, -1)
+        weight = bn.weight.repeat(groups) if bn.affine else None
+        bias = bn.bias.repeat(groups) if bn.affine else None
+        record = sink is not None and bn.track_running_stats
+        # momentum=1 turns the scratch buffers into this call's mean and unbiased variance.
+        mean = torch.zeros(groups * channels, device=x.device, dtype=x.dtype) if record else None
+        var = torch.ones(groups * channels, device=x.device, dtype=x.dtype) if record else None
+        y = F.batch_norm(xt, mean, var, weight, bias, True, 1.0, bn.eps)
+        if record:
+            sink.record(bn, mean.view(groups, channels), var.view(groups, channels))
+        return y.reshape(rows, groups, channels, -1).transpose(0, 1).reshape(shape)
+    return forward
+
+
+@contextmanager
+def grouped_batchnorm(body: nn.Module, groups: int, sink: RunningStats | None = None):
+    """Inside the context, every BatchNorm layer of `body` that is in training mode uses
+    per-group batch statistics (groups = consecutive equal chunks of the batch) and records
+    them in `sink` (or leaves running statistics untouched when sink is None). Layers in eval
+    mode keep using their running statistics."""
+    patched = []
+    for bn in batchnorm_layers(body):
+        if bn.training:
+            bn.forward = _grouped_forward(bn, groups, sink)
+            patched.append(bn)
+    try:
+        yield
+    finally:
+        for bn in patched:
+            del bn.forward  # back to the class's forward
+
+
+@contextmanager
+def batch_statistics_without_update(body: nn.Module):
+    """BatchNorm layers use the batch's statistics and leave running statistics untouched
+    (transductive evaluation with the per-task loop)."""
+    saved = []
+    for bn in batchnorm_layers(body):
+        saved.append((bn, bn.training, bn.running_mean, bn.running_var))
+        bn.train()
+        bn.running_mean = None
+        bn.running_var = None
+    try:
+        yield
+    finally:
+        for bn, training, mean, var in saved:
+            bn.running_mean, bn.running_var = mean, var
+            bn.train(training)

@@ -1,0 +1,234 @@
+"""Few-shot tasks drawn on the images' device with tensor ops only (no Python loop per image or
+per task), and the splits of the two Omniglot protocols."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .omniglot import Omniglot
+
+
+@dataclass
+class TaskBatch:
+    """T tasks: support_x [T,S,C,H,W], support_y [T,S], query_x [T,Q,C,H,W], query_y [T,Q];
+    S = ways*shots, Q = ways*queries, labels int64 in 0..ways-1."""
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def __post_init__(self):
+        for name in ("support_x", "query_x"):
+            x = getattr(self, name)
+            if not isinstance(x, torch.Tensor) or x.dim() != 5 or not x.is_floating_point():
+                raise TypeError(f"{name} must be a float tensor [tasks, rows, C, H, W]")
+        for name in ("support_y", "query_y"):
+            y = getattr(self, name)
+            if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 2:
+                raise TypeError(f"{name} must be an int64 tensor [tasks, rows]")
+        if self.support_y.shape != self.support_x.shape[:2]:
+            raise ValueError(f"support_y has shape {tuple(self.support_y.shape)}, support_x "
+                             f"has {tuple(self.support_x.shape[:2])} tasks x rows")
+        if self.query_y.shape != self.query_x.shape[:2]:
+            raise ValueError(f"query_y has shape {tuple(self.query_y.shape)}, query_x "
+                             f"has {tuple(self.query_x.shape[:2])} tasks x rows")
+        if self.support_x.shape[0] != self.query_x.shape[0]:
+            raise ValueError("support_x and query_x hold different numbers of tasks")
+        if self.support_x.shape[2:] != self.query_x.shape[2:]:
+            raise ValueError("support_x and query_x hold images of different shapes")
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device) -> "TaskBatch":
+        return TaskBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def __getitem__(self, index) -> "TaskBatch":
+        """A slice of the tasks (e.g. one rank's share): batch[2:4]."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return TaskBatch(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+@dataclass
+class TaskIndices:
+    """What defines a batch of tasks: characters [T,W], drawings [T,W,shots+queries],
+    rotations [T,W] (quarter turns). Cheap to draw; materialised into images on demand."""
+    characters: torch.Tensor
+    drawings: torch.Tensor
+    rotations: torch.Tensor
+
+    def __getitem__(self, index) -> "TaskIndices":
+        return TaskIndices(self.characters[index], self.drawings[index], self.rotations[index])
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+class TaskSampler:
+    """Draws meta-batches of N-way K-shot tasks from images [characters, drawings, C, H, W].
+
+    With `rotations=True` every quarter turn of a character is a class of its own (the
+    standard Omniglot protocol), so there are 4x as many classes. With `num_tasks` the sampler
+    draws a fixed pool of that many tasks once and walks through it in meta-batches (reshuffled
+    each pass); without it, every batch is new. Deterministic for a seed; `state_dict()` and
+    `load_state_dict()` carry the position for resumed runs.
+    """
+
+    def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int,
+                 meta_batch: int, rotations: bool = True, seed: int = 0,
+                 num_tasks: int | None = None):
+        if isinstance(images, Omniglot):
+            images = images.images
+        if not isinstance(images, torch.Tensor) or images.dim() != 5:
+            raise TypeError("images must be a tensor [characters, drawings, C, H, W]")
+        _check_int("ways", ways, 2)
+        _check_int("shots", shots, 1)
+        _check_int("queries", queries, 1)
+        _check_int("meta_batch", meta_batch, 1)
+        if num_tasks is not None:
+            _check_int("num_tasks", num_tasks, 1)
+        drawings = images.shape[1]
+        if shots + queries > drawings:
+            raise ValueError(f"shots + queries must be at most {drawings} (drawings per "
+                             f"character), got {shots} + {queries}")
+        self.num_classes = images.shape[0] * (4 if rotations else 1)
+        if ways > self.num_classes:
+            raise ValueError(f"ways ({ways}) is larger than the {self.num_classes} classes of "
+                             f"these images")
+        self.images, self.ways, self.shots, self.queries = images, ways, shots, queries
+        self.meta_batch, self.rotations, self.seed = meta_batch, rotations, seed
+        self.device = images.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.num_tasks = num_tasks
+        self._flat_bank = None
+        self.pool = self.draw_indices(num_tasks) if num_tasks is not None else None
+        self.position = 0  # next task of the pool
+        self.order = None
+
+    # -- drawing -----------------------------------------------------------------------------
+    def draw_indices(self, tasks: int) -> TaskIndices:
+        g, dev = self.generator, self.device
+        # Classes distinct within a task: the `ways` largest of uniform keys. Their order is
+        # random, so class j of a task getting label j is a random labelling.
+        classes = torch.rand(tasks, self.num_classes, generator=g, device=dev).topk(self.ways).indices
+        chars_per_rot = self.images.shape[0]
+        characters = classes % chars_per_rot
+        rotations = classes // chars_per_rot if self.rotations else torch.zeros_like(classes)
+        # Support and query drawings disjoint: the first shots+queries of a random permutation.
+        keys = torch.rand(tasks, self.ways, self.images.shape[1], generator=g, device=dev)
+        drawings = keys.argsort(dim=-1)[..., :self.shots + self.queries]
+        return TaskIndices(characters, drawings, rotations)
+
+    def _bank(self) -> torch.Tensor:
+        """All images as [classes * drawings, C, H, W]; with rotations, the four quarter turns
+        are stored once (4x the memory, built at first use) so a batch is one index_select."""
+        if self._flat_bank is None:
+            images = self.images
+            if self.rotations:
+                images = torch.cat([images.rot90(k, (-2, -1)) for k in range(4)])
+            self._flat_bank = images.reshape(-1, *images.shape[2:]).contiguous()
+        return self._flat_bank
+
+    def materialise(self, idx: TaskIndices) -> TaskBatch:
+        """Gather the images of the tasks `idx` describes (on the images' device)."""
+        tasks, ways = idx.characters.shape
+        s = self.shots
+        chars, drawings_per_char = self.images.shape[:2]
+        classes = idx.rotations * chars + idx.characters  # class id in the (rotated) bank
+        rows = classes.unsqueeze(-1) * drawings_per_char + idx.drawings  # [T, W, s+q]
+        bank = self._bank()
+        support = bank.index_select(0, rows[:, :, :s].reshape(-1))
+        query = bank.index_select(0, rows[:, :, s:].reshape(-1))
+        labels = torch.arange(ways, device=self.device).view(1, ways, 1)
+        return TaskBatch(
+            support_x=support.view(tasks, ways * s, *bank.shape[1:]),
+            support_y=labels.expand(tasks, ways, s).reshape(tasks, ways * s),
+            query_x=query.view(tasks, ways * self.queries, *bank.shape[1:]),
+            query_y=labels.expand(tasks, ways, self.queries).reshape(tasks, ways * self.queries),
+        )
+
+    def next_indices(self) -> TaskIndices:
+        """The indices of the next meta-batch (from the pool, or newly drawn)."""
+        if self.pool is None:
+            return self.draw_indices(self.meta_batch)
+        picked = []
+        need = self.meta_batch
+        while need > 0:
+            if self.order is None or self.position >= self.num_tasks:
+                self.order = torch.randperm(self.num_tasks, generator=self.generator,
+                                            device=self.device) if self.position else \
+                    torch.arange(self.num_tasks, device=self.device)
+                self.position = 0
+            take = min(need, self.num_tasks - self.position)
+            picked.append(self.order[self.position:self.position + take])
+            self.position += take
+            need -= take
+        return self.pool[torch.cat(picked)]
+
+    def sample(self) -> TaskBatch:
+        return self.materialise(self.next_indices())
+
+    def __iter__(self):
+        while True:
+            yield self.sample()
+
+    # -- resumable state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "position": self.position,
+                "order": None if self.order is None else self.order.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.position = state["position"]
+        self.order = None if state["order"] is None else state["order"].to(self.device)
+
+
+PROTOCOLS = ("seed", "standard")
+STANDARD_TRAIN = 1200
+STANDARD_SEED = 1623  # fixed seed of the standard protocol's character split
+
+
+def load_split(protocol: str, split: str, image_size: int = 28, root=None, device="cpu",
+               validation: int = 0, download: bool = True) -> torch.Tensor:
+    """Images [characters, 20, 1, H, W] of one split of a protocol.
+
+    "seed": train = the background set (964 characters), test = the evaluation set (659).
+    "standard" (MAML/ANIL papers): all 1,623 characters permuted with a fixed seed; the first
+    1,200 train, the other 423 test; `validation` characters are taken from the end of the
+    training part for split="validation".
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    _check_int("validation", validation, 0)
+    if protocol == "seed":
+        if split == "validation":
+            raise ValueError("split='validation' exists only in the 'standard' protocol")
+        name = "background" if split == "train" else "evaluation"
+        return Omniglot(name, image_size, root, device, download).images
+    if validation >= STANDARD_TRAIN:
+        raise ValueError(f"validation must be below {STANDARD_TRAIN}, got {validation}")
+    characters = standard_characters(split, validation)
+    both = torch.cat([Omniglot(s, image_size, root, "cpu", download).images
+                      for s in ("background", "evaluation")])
+    return both[characters].to(device)
+
+
+def standard_characters(split: str, validation: int = 0) -> torch.Tensor:
+    """Indices into the 1,623 characters (background then evaluation) of a standard split."""
+    order = torch.randperm(964 + 659, generator=torch.Generator().manual_seed(STANDARD_SEED))
+    train_end = STANDARD_TRAIN - validation
+    if split == "train":
+        return order[:train_end]
+    if split == "validation":
+        return order[train_end:STANDARD_TRAIN]
+    return order[STANDARD_TRAIN:]

