@@ -13,6 +13,7 @@ from .data import TaskBatch
 from .functional import BACKENDS, adapted_query_loss
 
 BN_MODES = ("transductive", "running")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def _bn_parameter_names(body: nn.Module) -> set[str]:
@@ -42,13 +43,15 @@ class ANIL(nn.Module):
     backend: "reference" runs the body once per task and per set (support, then query) and
     the plain-autograd head; any other backend runs the body once per set for all tasks with
     per-task BatchNorm statistics (see batchnorm.py) and the chosen head backend
-    ("auto", "fused", "cpp", "triton", or "reference" for the head only via batched_body=True).
+    ("auto", "fused", "cpp", "triton"). batched_body forces either body path (None: batched
+    on CUDA, per-task on the CPU); both give the same numbers.
     """
 
     def __init__(self, body: nn.Module, head: nn.Linear, inner_lr: float = 0.01,
                  outer_lr: float = 0.001, inner_steps: int = 5, freeze_body: bool = False,
                  first_order: bool = True, body_lr_multipliers: dict | None = None,
-                 warmup_steps: int = 0, backend: str = "auto", batched_body: bool | None = None):
+                 warmup_steps: int = 0, backend: str = "auto", batched_body: bool | None = None,
+                 precision: str = "fp32"):
         super().__init__()
         if not isinstance(body, nn.Module):
             raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
@@ -66,6 +69,8 @@ class ANIL(nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if body_lr_multipliers is not None:
             if not isinstance(body_lr_multipliers, dict):
                 raise TypeError("body_lr_multipliers must be a dict of name prefix -> multiplier")
@@ -82,7 +87,8 @@ class ANIL(nn.Module):
         self.freeze_body, self.first_order = freeze_body, first_order
         self.body_lr_multipliers = body_lr_multipliers
         self.warmup_steps, self.backend = warmup_steps, backend
-        self.batched_body = (backend != "reference") if batched_body is None else batched_body
+        self.batched_body = batched_body
+        self.precision = precision
         self.outer_steps = 0
         self.param_groups_report = []
         self.optimizer = self._build_optimizer()
@@ -146,6 +152,15 @@ class ANIL(nn.Module):
             for bn in batchnorm_layers(self.body):
                 bn.train()
 
+    def _autocast(self, device: torch.device):
+        """bf16: autocast the body (the head op accumulates in fp32); tf32: TF32 matmuls."""
+        if self.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        if self.precision == "tf32" and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return nullcontext()
+
     # -- features ----------------------------------------------------------------------------
     def features(self, batch: TaskBatch, bn_mode: str = "train"):
         """Body features (support [T,S,D], query [T,Q,D]).
@@ -159,7 +174,7 @@ class ANIL(nn.Module):
         q_rows = batch.query_y.shape[1]
         # First order: the support features get no gradient, so compute them without autograd.
         support_grad = not (self.first_order and bn_mode == "train") and torch.is_grad_enabled()
-        if not self.batched_body:
+        if not self.uses_batched_body(batch.support_x.device):
             ctx = batch_statistics_without_update(self.body) if bn_mode == "transductive" else nullcontext()
             with ctx:
                 fs, fq = [], []
@@ -185,12 +200,22 @@ class ANIL(nn.Module):
             sink.apply(interleave=True)
         return fs.view(tasks, s_rows, -1), fq.view(tasks, q_rows, -1)
 
+    def uses_batched_body(self, device: torch.device) -> bool:
+        """batched_body=None: one batched call on CUDA (launch-bound per-task calls waste the
+        GPU), the per-task loop on the CPU (measured faster there: small batches stay in
+        cache); never batched for backend="reference"."""
+        if self.batched_body is not None:
+            return self.batched_body
+        return self.backend != "reference" and device.type == "cuda"
+
     # -- the outer loop ----------------------------------------------------------------------
     def _head_loss(self, fs, batch, fq, inner_steps, first_order):
-        return adapted_query_loss(
-            fs, batch.support_y, fq, batch.query_y, self.head.weight, self.head.bias,
-            inner_lr=self.inner_lr, inner_steps=inner_steps, first_order=first_order,
-            backend=self.backend)
+        # The head runs outside autocast: bf16 features in, fp32 accumulation inside.
+        with torch.autocast(fs.device.type, enabled=False):
+            return adapted_query_loss(
+                fs, batch.support_y, fq, batch.query_y, self.head.weight, self.head.bias,
+                inner_lr=self.inner_lr, inner_steps=inner_steps, first_order=first_order,
+                backend=self.backend)
 
     def meta_loss(self, batch: TaskBatch, return_logits: bool = False):
         """Mean query loss over the tasks after adapting the head; differentiable to body and
@@ -205,7 +230,8 @@ class ANIL(nn.Module):
         self.train_mode()
         self._set_group_lrs()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, logits = self.meta_loss(batch, return_logits=True)
+        with self._autocast(batch.support_x.device):
+            loss, logits = self.meta_loss(batch, return_logits=True)
         loss.backward()
         self.optimizer.step()
         self.outer_steps += 1
@@ -225,7 +251,9 @@ class ANIL(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            fs, fq = self.features(batch, bn_mode)
+            with self._autocast(batch.support_x.device):
+                fs, fq = self.features(batch, bn_mode)
+            fs, fq = fs.float(), fq.float()
             _, before = self._head_loss(fs, batch, fq, 0, True)
             losses, after = self._head_loss(fs, batch, fq, steps, True)
         finally:

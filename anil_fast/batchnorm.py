@@ -111,13 +111,12 @@ def batch_statistics_without_update(body: nn.Module):
     (transductive evaluation with the per-task loop)."""
     saved = []
     for bn in batchnorm_layers(body):
-        saved.append((bn, bn.training, bn.running_mean, bn.running_var))
+        saved.append((bn, bn.training, bn.track_running_stats))
         bn.train()
-        bn.running_mean = None
-        bn.running_var = None
+        bn.track_running_stats = False  # batch statistics, no update, no counter increment
     try:
         yield
     finally:
-        for bn, training, mean, var in saved:
-            bn.running_mean, bn.running_var = mean, var
+        for bn, training, track in saved:
+            bn.track_running_stats = track
             bn.train(training)

@@ -92,6 +92,8 @@ def reference_adapted_query_loss(support_features, support_labels, query_feature
     b = bias.to(dtype).unsqueeze(0).expand(tasks, -1)
     ys = support_labels.long().reshape(-1)
     outer_grad = torch.is_grad_enabled()
+    if not outer_grad:  # views made under no_grad claim requires_grad but have no graph
+        w, b, fs = w.detach(), b.detach(), fs.detach()
     for _ in range(inner_steps):
         with torch.enable_grad():  # inner gradients even under torch.no_grad (evaluation)
             w_in = w if w.requires_grad else w.detach().requires_grad_()

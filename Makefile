@@ -1,0 +1,32 @@
+# The two commands: `make demo` (train and evaluate s2 on Omniglot on the CPU) and `make test`.
+# Both create .venv and install the package (editable, with the dev extra) when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Data: ../shared/data beside the checkout unless ANIL_FAST_DATA says otherwise.
+export ANIL_FAST_DATA ?= $(abspath ../shared/data)
+
+.PHONY: demo test bench gpu-check install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(PY) -m anil_fast train --scenario s2 --image-size 28 --inner-lr 0.4 --meta-batch 8 \
+		--queries 15 --meta-steps 200 --test-tasks 200 --out runs/demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pytest -q benches --benchmark-only
+
+gpu-check:
+	PYTHONPATH=. python3 benches/gpu_check.py
+
+clean:
+	rm -rf runs build *.egg-info

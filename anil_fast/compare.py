@@ -1,0 +1,106 @@
+"""Run several scenarios and write the comparison: Markdown, CSV and JSON tables and two PNG
+plots (loss curves of all scenarios; accuracy before/after with 95% CIs)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .scenarios import scenario_config
+from .trainer import METRICS, train
+
+COLUMNS = [
+    ("scenario", "scenario"), ("model", "body"), ("total_parameters", "total params"),
+    ("trainable_parameters", "trainable params"), ("body_parameters", "body params"),
+    ("head_parameters", "head params"), ("batchnorm_parameters", "BatchNorm params"),
+    ("initial_loss", "initial loss"), ("final_loss", "final loss"), ("min_loss", "min loss"),
+    ("train_time_s", "train time (s)"), ("it_s", "it/s"), ("gpu_utilization", "GPU util (%)"),
+    ("peak_memory", "peak memory"), ("accuracy_before", "acc before"),
+    ("accuracy_after", "acc after"), ("ci95", "±CI95"), ("gain", "gain"),
+    ("parameters_per_training_task", "params / training task"),
+]
+
+
+def row_of(summary: dict) -> dict:
+    ev = summary.get("evaluation", {})
+    if summary.get("peak_gpu_memory_bytes") is not None:
+        peak = f"{summary['peak_gpu_memory_bytes'] / 2**30:.2f} GiB GPU"
+    else:
+        peak = f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
+    row = {k: summary.get(k) for k, _ in COLUMNS}
+    row.update({"peak_memory": peak, "accuracy_before": ev.get("accuracy_before"),
+                "accuracy_after": ev.get("accuracy_after"), "ci95": ev.get("ci95"),
+                "gain": ev.get("gain")})
+    return row
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    (out / "comparison.json").write_text(json.dumps(rows, indent=1))
+    with open(out / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(label for _, label in COLUMNS) + " |",
+             "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k, _ in COLUMNS) + " |" for r in rows]
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+
+
+def write_plots(run_dirs: dict, rows: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, run_dir in run_dirs.items():
+        records = [json.loads(ln) for ln in (Path(run_dir) / METRICS).read_text().splitlines() if ln]
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=name)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("meta-training query loss")
+    ax.set_title("Loss curves")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r["scenario"] for r in rows]
+    xs = range(len(rows))
+    before = [100 * (r["accuracy_before"] or 0) for r in rows]
+    after = [100 * (r["accuracy_after"] or 0) for r in rows]
+    ci = [100 * (r["ci95"] or 0) for r in rows]
+    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before adaptation")
+    ax.bar([x + 0.2 for x in xs], after, width=0.4, yerr=ci, capsize=4, label="after adaptation")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Test accuracy with 95% CI")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+
+def compare(scenarios: list[str], out_dir, overrides: dict | None = None,
+            progress: bool = True) -> list[dict]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = [scenario_config(name, **(overrides or {})) for name in scenarios]  # fail early
+    rows, run_dirs = [], {}
+    for config in configs:
+        run_dir = out / config.scenario
+        summary = train(config, run_dir, progress=progress)
+        rows.append(row_of(summary))
+        run_dirs[config.scenario] = run_dir
+    write_tables(rows, out)
+    write_plots(run_dirs, rows, out)
+    return rows

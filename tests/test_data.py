@@ -1,0 +1,220 @@
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anil_fast.data import Omniglot, TaskSampler, load_split, standard_characters
+from anil_fast.data.omniglot import load_npz, load_zip
+
+
+def test_counts_and_pixels(background28, evaluation28, omniglot_dir):
+    assert background28.images.shape == (964, 20, 1, 28, 28)
+    assert evaluation28.images.shape == (659, 20, 1, 28, 28)
+    assert background28.images.dtype == torch.float32
+    assert len(background28.alphabets) == 964 and background28.alphabets[0] == "Arcadian"
+    assert len(set(evaluation28.alphabets)) == 20
+    assert background28.character_ids[0] == 1 and evaluation28.character_ids[0] == 965
+    # area interpolation of the ink mask (ink = 1), resized once
+    ink = torch.from_numpy(load_npz(omniglot_dir / "images_background.npz")[:3]).float()
+    expected = F.interpolate(ink.reshape(-1, 1, 105, 105), size=(28, 28), mode="area")
+    assert torch.equal(background28.images[:3].reshape(-1, 1, 28, 28), expected)
+    assert 0.0 <= background28.images.min() and background28.images.max() <= 1.0
+
+
+def test_original_size_is_unchanged(omniglot_dir):
+    om = Omniglot("evaluation", 105, root=omniglot_dir, download=False)
+    with np.load(omniglot_dir / "images_evaluation.npz") as arrays:
+        paper = arrays["images"]
+    assert om.images.shape == (659, 20, 1, 105, 105)
+    assert torch.equal(om.images[:, :, 0], torch.from_numpy(~paper).float())
+
+
+def test_disk_cache(omniglot_dir, isolated_cache):
+    first = time.perf_counter()
+    a = Omniglot("evaluation", 31, root=omniglot_dir, download=False)
+    first = time.perf_counter() - first
+    files = list((isolated_cache / "omniglot" / "decoded").glob("evaluation_31_*.npy"))
+    assert len(files) == 1
+    second = time.perf_counter()
+    b = Omniglot("evaluation", 31, root=omniglot_dir, download=False)
+    second = time.perf_counter() - second
+    assert torch.equal(a.images, b.images) and a.alphabets == b.alphabets
+    assert second < 1.0, f"cached load took {second:.2f} s (first {first:.2f} s)"
+    # a broken cache file is rebuilt, never trusted
+    files[0].write_bytes(b"garbage")
+    c = Omniglot("evaluation", 31, root=omniglot_dir, download=False)
+    assert torch.equal(a.images, c.images)
+
+
+def test_official_archive_pixel_for_pixel(small_archive, omniglot_dir):
+    ink, ids, alphabets = load_zip(small_archive)
+    assert ink.shape == (136, 20, 105, 105) and len(set(alphabets)) == 5
+    reference = load_npz(omniglot_dir / "images_background.npz")
+    assert np.array_equal(ink, reference[ids - 1])
+
+
+def test_zip_folder_and_torchvision_layouts(small_archive, omniglot_dir, tmp_path, isolated_cache):
+    reference = torch.from_numpy(load_npz(omniglot_dir / "images_background.npz")).float()
+    # official zip under its official name
+    zroot = tmp_path / "zip"
+    zroot.mkdir()
+    with zipfile.ZipFile(small_archive) as src, \
+            zipfile.ZipFile(zroot / "images_background.zip", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename.replace("images_background_small1", "images_background"),
+                         src.read(info))
+    om = Omniglot("background", 105, root=zroot, download=False)
+    assert om.source.name == "images_background.zip"
+    assert torch.equal(om.images[:, :, 0], reference[om.character_ids - 1])
+    # unpacked folder in torchvision's omniglot-py/ layout
+    froot = tmp_path / "folder"
+    with zipfile.ZipFile(zroot / "images_background.zip") as z:
+        z.extractall(froot / "omniglot-py")
+    om2 = Omniglot("background", 28, root=froot, download=False)
+    assert om2.source == froot / "omniglot-py" / "images_background"
+    assert len(om2) == 136 and om2.alphabets == om.alphabets
+
+
+def test_missing_data_names_every_path(tmp_path, monkeypatch, isolated_cache):
+    monkeypatch.setenv("ANIL_FAST_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError) as info:
+        Omniglot("background", 28, root=tmp_path / "root", download=False)
+    message = str(info.value)
+    for part in (str(tmp_path / "root"), str(tmp_path / "nowhere" / "omniglot"),
+                 str(isolated_cache / "omniglot"), "images_background.npz", "ANIL_FAST_DATA"):
+        assert part in message
+
+
+def test_corrupt_files_are_named(omniglot_dir, tmp_path, isolated_cache):
+    data = (omniglot_dir / "images_evaluation.npz").read_bytes()
+    (tmp_path / "images_evaluation.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="images_evaluation.npz"):
+        Omniglot("evaluation", 28, root=tmp_path, download=False)
+    bad_zip = tmp_path / "z"
+    bad_zip.mkdir()
+    (bad_zip / "images_background.zip").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="images_background.zip"):
+        Omniglot("background", 28, root=bad_zip, download=False)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(split="train"), "split"), (dict(split="background", image_size=7), "image_size"),
+    (dict(split="background", image_size=106), "image_size")])
+def test_bad_dataset_arguments(kwargs, word, omniglot_dir):
+    with pytest.raises(ValueError, match=word):
+        Omniglot(root=omniglot_dir, download=False, **kwargs)
+
+
+def test_standard_protocol_split():
+    train, val, test = (standard_characters(s, 100) for s in ("train", "validation", "test"))
+    assert len(standard_characters("train")) == 1200 and len(test) == 423
+    assert len(train) == 1100 and len(val) == 100
+    all_ids = torch.cat([train, val, test])
+    assert len(set(all_ids.tolist())) == 1623  # disjoint and complete
+    assert torch.equal(standard_characters("test"), test)  # fixed seed
+
+
+def test_load_split(background28, omniglot_dir):
+    images = load_split("standard", "test", 28, omniglot_dir, download=False)
+    assert images.shape == (423, 20, 1, 28, 28)
+    seed_train = load_split("seed", "train", 28, omniglot_dir, download=False)
+    assert torch.equal(seed_train, background28.images)
+    with pytest.raises(ValueError, match="protocol"):
+        load_split("other", "train")
+    with pytest.raises(ValueError, match="validation"):
+        load_split("seed", "validation")
+
+
+def _class_images(images, rotations):
+    return torch.cat([images.rot90(k, (-2, -1)) for k in range(4)]) if rotations else images
+
+
+@pytest.mark.parametrize("rotations", [False, True])
+def test_sampler_invariants(background28, rotations):
+    ways, shots, queries, tasks = 7, 3, 4, 6
+    sampler = TaskSampler(background28.images, ways, shots, queries, tasks, rotations=rotations,
+                          seed=3)
+    batch = sampler.sample()
+    assert batch.support_x.shape == (tasks, ways * shots, 1, 28, 28)
+    assert batch.query_x.shape == (tasks, ways * queries, 1, 28, 28)
+    assert batch.support_y.dtype == torch.int64
+    idx = sampler.draw_indices(tasks)
+    batch = sampler.materialise(idx)
+    classes = idx.rotations * 964 + idx.characters
+    bank = _class_images(background28.images, rotations)
+    for t in range(tasks):
+        assert len(set(classes[t].tolist())) == ways  # distinct classes
+        for w in range(ways):
+            draws = idx.drawings[t, w].tolist()
+            assert len(set(draws)) == shots + queries  # support and query disjoint
+            support = batch.support_x[t][batch.support_y[t] == w]
+            query = batch.query_x[t][batch.query_y[t] == w]
+            assert torch.equal(support, bank[classes[t, w], draws[:shots]])
+            assert torch.equal(query, bank[classes[t, w], draws[shots:]])
+    assert sorted(batch.support_y[0].unique().tolist()) == list(range(ways))
+    if rotations:
+        assert idx.rotations.unique().numel() > 1
+
+
+def test_sampler_labels_are_randomly_assigned(background28):
+    sampler = TaskSampler(background28.images, 5, 1, 1, 200, rotations=False, seed=0)
+    idx = sampler.draw_indices(200)
+    # label 0's character is not always the smallest character id of its task
+    smallest = (idx.characters[:, 0] == idx.characters.min(1).values).float().mean()
+    assert 0.05 < smallest < 0.5
+
+
+def test_sampler_determinism_and_state(background28):
+    a = TaskSampler(background28.images, 5, 1, 5, 4, seed=11)
+    b = TaskSampler(background28.images, 5, 1, 5, 4, seed=11)
+    c = TaskSampler(background28.images, 5, 1, 5, 4, seed=12)
+    xa, xb, xc = a.sample(), b.sample(), c.sample()
+    assert torch.equal(xa.support_x, xb.support_x) and torch.equal(xa.query_x, xb.query_x)
+    assert not torch.equal(xa.support_x, xc.support_x)
+    state = a.state_dict()
+    after = a.sample()
+    a.load_state_dict(state)
+    assert torch.equal(a.sample().query_x, after.query_x)
+
+
+def test_fixed_task_pool(background28):
+    sampler = TaskSampler(background28.images, 5, 1, 5, 16, rotations=False, seed=0,
+                          num_tasks=40)
+    first_pass = [sampler.next_indices() for _ in range(3)]  # 48 tasks: the pool once, then 8
+    chars = torch.cat([i.characters for i in first_pass])
+    assert chars.shape[0] == 48
+    pool = sampler.pool.characters
+    assert torch.equal(chars[:40], pool)  # first pass walks the pool in order
+    # every later task is one of the pool's
+    later = torch.cat([sampler.next_indices().characters for _ in range(5)])
+    pool_rows = {tuple(r) for r in pool.tolist()}
+    assert all(tuple(r) in pool_rows for r in later.tolist())
+
+
+def test_sampling_speed(background28):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sampler = TaskSampler(background28.images, 5, 1, 15, 32, rotations=True, seed=0)
+        sampler.sample()
+        start = time.perf_counter()
+        for _ in range(50):
+            sampler.sample()
+        per_batch = (time.perf_counter() - start) / 50
+    finally:
+        torch.set_num_threads(threads)
+    print(f"sampling 32 tasks of 5-way 1-shot 15-query at 28 px: {1e3 * per_batch:.2f} ms")
+    assert per_batch < 0.05  # the 5 ms target is measured in benches; this only catches blowups
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(ways=2000), "ways"), (dict(shots=10, queries=11), "shots"),
+    (dict(ways=1), "ways"), (dict(meta_batch=0), "meta_batch")])
+def test_bad_sampler_arguments(background28, kwargs, word):
+    args = dict(ways=5, shots=1, queries=5, meta_batch=4, rotations=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=word):
+        TaskSampler(background28.images, **args)

