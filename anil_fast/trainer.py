@@ -169,10 +169,11 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
         for (s, _, _), (loss, acc) in zip(pending, values):
             if not math.isfinite(loss):
                 metrics_file.close()
+                kept = (f"the last good checkpoint ({ckpt_path}, step {step_of_checkpoint[0]}) "
+                        f"is kept" if step_of_checkpoint[0] else "no checkpoint was written yet")
                 raise TrainingDiverged(
-                    f"the meta-loss became {loss} at step {s}; training stopped. The last good "
-                    f"checkpoint ({ckpt_path}, step {step_of_checkpoint[0]}) is kept: lower "
-                    f"--outer-lr or --inner-lr and resume or restart")
+                    f"the meta-loss became {loss} at step {s}; training stopped and {kept}. "
+                    f"Lower --outer-lr or --inner-lr, then resume or restart")
             losses_seen.append(loss)
             metrics_file.write(json.dumps({"step": s, "loss": loss, "accuracy": acc,
                                            "elapsed_s": round(elapsed, 4),

@@ -1,0 +1,138 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from anil_fast.cli import main
+from anil_fast.scenarios import scenario_config
+from anil_fast.trainer import TrainingDiverged, load_checkpoint, train
+
+TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tasks", "6",
+        "--inner-steps", "2", "--checkpoint-every", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, omniglot_dir):
+    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+
+
+def test_convergence_s2_28px(tmp_path):
+    """s2 at 28 px, 5-way 1-shot, inner lr 0.4, 200 meta-steps of 8 tasks with 15 queries:
+    at least 85% after adaptation on 200 test tasks of the evaluation set."""
+    config = scenario_config("s2", image_size=28, inner_lr=0.4, meta_steps=200, meta_batch=8,
+                             queries=15, test_tasks=200, tasks=None, device="cpu")
+    start = time.perf_counter()
+    summary = train(config, tmp_path, progress=False)
+    seconds = time.perf_counter() - start
+    ev = summary["evaluation"]
+    print(f"convergence: {100 * ev['accuracy_after']:.2f}% ± {100 * ev['ci95']:.2f} after, "
+          f"{100 * ev['accuracy_before']:.2f}% before, {seconds:.1f} s")
+    assert ev["accuracy_after"] >= 0.85
+    assert abs(ev["accuracy_before"] - 0.2) < 0.05
+
+
+def test_train_eval_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--scenario", "s2", "--meta-steps", "3", "--out", str(out), *TINY]) == 0
+    for name in ("checkpoint.pt", "metrics.jsonl", "results.json", "config.json"):
+        assert (out / name).exists(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3]
+    assert set(json.loads(lines[0])) >= {"loss", "accuracy", "elapsed_s", "it_s"}
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--tasks", "7", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tasks"] == 7 and {"accuracy_before", "accuracy_after", "ci95"} <= set(result)
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+def test_unknown_scenario_or_override_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "--scenario", "s9", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["train", "--scenario", "s2", "--colour", "red", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="override"):
+        scenario_config("s2", colour="red")
+    assert main(["train", "--scenario", "s2", "--inner-steps", "-1", "--out", str(tmp_path)]) == 2
+
+
+def test_compare_writes_tables_and_plots(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--scenarios", "s1,s2,s3,s4,s5", "--meta-steps", "2",
+                 "--out", str(out), *TINY]) == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["scenario"] for r in rows] == ["s1", "s2", "s3", "s4", "s5"]
+    for r in rows:
+        assert r["accuracy_after"] is not None and r["trainable_parameters"] > 0
+        assert r["gpu_utilization"] is None and "RSS" in r["peak_memory"]
+    # s4 trains the head and BatchNorm only; s3 trains everything
+    assert rows[3]["trainable_parameters"] < rows[2]["trainable_parameters"] / 10
+    assert rows[2]["trainable_parameters"] == rows[2]["total_parameters"]
+    assert (out / "comparison.md").read_text().count("\n") == 7
+    assert (out / "comparison.csv").read_text().count("\n") == 6
+    for png in ("loss_curves.png", "accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from anil_fast.anil import ANIL
+    original = ANIL.meta_train_step
+    calls = []
+
+    def diverging(self, batch):  # a loss that turns NaN at the 5th step
+        out = original(self, batch)
+        calls.append(1)
+        if len(calls) >= 5:
+            with torch.no_grad():
+                self.head.weight.fill_(float("nan"))
+            out["loss"] = torch.tensor(float("nan"))
+        return out
+    monkeypatch.setattr(ANIL, "meta_train_step", diverging)
+    config = scenario_config("s2", image_size=28, meta_batch=2, queries=2, test_tasks=2,
+                             meta_steps=8, checkpoint_every=2, device="cpu")
+    with pytest.raises(TrainingDiverged, match="step 5"):
+        train(config, tmp_path, progress=False)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["anil"]["head"].values())
+    assert main(["train", "--scenario", "s2", "--meta-steps", "8", "--out", str(tmp_path / "b"),
+                 *TINY]) == 3  # the patched step diverges at once: the CLI says so, exit 3
+
+
+def _final_weights(out):
+    return load_checkpoint(out)["anil"]
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path):
+    args = [sys.executable, "-m", "anil_fast", "train", "--scenario", "s2", "--meta-steps", "40",
+            *TINY, "--checkpoint-every", "3"]
+    env = dict(os.environ, ANIL_FAST_OFFLINE="1")
+    full = tmp_path / "full"
+    subprocess.run([*args, "--out", str(full)], check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a checkpoint exists, mid-run
+        if (killed / "checkpoint.pt").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = load_checkpoint(killed)["step"]
+    assert 0 < step < 40, "the run was not interrupted mid-way"
+    subprocess.run([*args, "--out", str(killed), "--resume"], check=True, env=env,
+                   capture_output=True)
+    a, b = _final_weights(full), _final_weights(killed)
+    for part in ("body", "head"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), key
+    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
