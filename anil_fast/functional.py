@@ -18,6 +18,12 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "reference", "fused", "cpp", "triton")
 
 
+def _tracing_or_capturing(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def validate_head_inputs(support_features, support_labels, query_features, query_labels,
                          weight, bias, inner_lr, inner_steps) -> None:
     """Clear ValueError/TypeError naming the argument for every malformed input."""
@@ -73,7 +79,11 @@ def validate_head_inputs(support_features, support_labels, query_features, query
         raise TypeError(f"inner_lr must be a Python float, got {type(inner_lr).__name__}")
     if not math.isfinite(inner_lr):
         raise ValueError(f"inner_lr must be finite, got {inner_lr}")
-    # One small host sync: out-of-range labels would silently index the wrong class.
+    # One small host sync: out-of-range labels would silently index the wrong class. Skipped
+    # while torch.compile traces or a CUDA graph captures (no sync allowed there; the kernels
+    # mask out-of-range labels, so nothing is read out of bounds).
+    if _tracing_or_capturing(support_labels):
+        return
     for name, labels in (("support_labels", support_labels), ("query_labels", query_labels)):
         if labels.numel() and not bool(((labels >= 0) & (labels < ways)).all()):
             raise ValueError(f"{name} must lie in 0..{ways - 1} (ways = weight.shape[0])")

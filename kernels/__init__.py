@@ -1,0 +1,1 @@
+"""Triton kernels of anil-fast (installed as anil_fast.kernels)."""

@@ -1,0 +1,174 @@
+"""The fused head backends (C++, Triton under the interpreter, the batched-torch small loop)
+against the reference backend: values and all four gradients, first and second order."""
+import pytest
+import torch
+
+from anil_fast import ANIL, models, ops
+from anil_fast.functional import adapted_query_loss
+from helpers import grads_of, head_problem
+
+cpp_missing = ops.cpp_extension() is None
+needs_cpp = pytest.mark.skipif(cpp_missing, reason="C++ op could not be built here")
+triton_missing = not ops.triton_available(torch.device("cpu"))
+needs_triton = pytest.mark.skipif(triton_missing, reason="triton (interpreter) not available")
+
+# (tasks, support rows, query rows, feature dim, ways, inner steps): random, odd sizes and the
+# edges the op promises (0 steps, D = 1, one task, 64 ways, D = 1,025 / 2,304, 100 steps,
+# 20-way 5-shot).
+SHAPES = [
+    (3, 5, 7, 9, 4, 3), (1, 10, 3, 1, 5, 0), (2, 70, 13, 33, 64, 2), (2, 6, 5, 1025, 5, 5),
+    (1, 5, 25, 2304, 5, 5), (2, 8, 6, 12, 4, 100), (3, 100, 100, 64, 20, 5), (5, 3, 4, 7, 2, 1),
+]
+
+
+def compare(backend, shape, first_order, dtype, lr=0.37, atol=None, rtol=None, feature_dtype=None):
+    tasks, s_rows, q_rows, dim, ways, steps = shape
+    if steps == 100:
+        lr = 0.05
+    fs, ys, fq, yq, w, b = head_problem(tasks, s_rows, q_rows, dim, ways, dtype=torch.float64,
+                                        seed=sum(shape), scale=0.5)
+    ref = grads_of(lambda f, q, ww, bb: adapted_query_loss(
+        f, ys, q, yq, ww, bb, inner_lr=lr, inner_steps=steps, first_order=first_order,
+        backend="reference"), [fs, fq, w, b])
+    fdt = feature_dtype or dtype
+    got = grads_of(lambda f, q, ww, bb: adapted_query_loss(
+        f, ys, q, yq, ww, bb, inner_lr=lr, inner_steps=steps, first_order=first_order,
+        backend=backend), [fs.to(fdt), fq.to(fdt), w.to(dtype), b.to(dtype)])
+    tol = dict(atol=atol, rtol=rtol) if atol is not None else {}
+    names = ["losses", "logits"]
+    for name, a, r in zip(names, got[:2], ref[:2]):
+        torch.testing.assert_close(a.double(), r, msg=name, **tol)
+    for name, a, r in zip(["support_features", "query_features", "weight", "bias"], got[2], ref[2]):
+        torch.testing.assert_close(a.double(), r, msg=f"grad {name}", **tol)
+        assert a.dtype == (fdt if "features" in name else dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpp_float64(shape, first_order):
+    compare("cpp", shape, first_order, torch.float64)
+
+
+@needs_cpp
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:5])
+def test_cpp_float32(shape, first_order):
+    compare("cpp", shape, first_order, torch.float32, atol=2e-4, rtol=2e-4)
+
+
+@needs_cpp
+def test_cpp_gradcheck_float64():
+    fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3, seed=4)
+    inputs = [x.requires_grad_() for x in (fs, fq, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda f, q, ww, bb: ops.head_cpp(f, ys, q, yq, ww, bb, 0.4, 3, False)[:2], inputs)
+    torch.library.opcheck(ops.head_cpp, (fs, ys, fq, yq, w, b, 0.4, 3, False))
+
+
+@needs_triton
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[7], (2, 20, 17, 33, 5, 5),
+                                   (1, 12, 70, 9, 64, 2), (1, 130, 5, 7, 5, 2)])
+def test_triton_float32_interpreter(shape, first_order):
+    compare("triton", shape, first_order, torch.float32, atol=2e-4, rtol=2e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("feature_dtype", [torch.bfloat16, torch.float16])
+def test_triton_low_precision_features(feature_dtype):
+    compare("triton", (2, 5, 6, 40, 5, 3), False, torch.float32, feature_dtype=feature_dtype,
+            atol=5e-2, rtol=5e-2)
+
+
+def test_torch_small_loop_matches_reference():
+    from anil_fast.kernels import anil_head
+    fs, ys, fq, yq, w, b = head_problem(3, 9, 8, 11, 4, seed=1)
+    z0, kss, aq, kqs = ops._projections(fs, fq, w, b)
+    _, logits, losses = anil_head.torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, 0.3, 4)
+    ref_losses, ref_logits = adapted_query_loss(fs, ys, fq, yq, w, b, inner_lr=0.3, inner_steps=4,
+                                                first_order=False, backend="reference")
+    torch.testing.assert_close(losses, ref_losses)
+    torch.testing.assert_close(logits, ref_logits)
+
+
+@needs_cpp
+def test_non_contiguous_inputs():
+    fs, ys, fq, yq, w, b = head_problem(3, 6, 5, 8, 4, seed=8)
+    fs_nc = fs.transpose(0, 1).contiguous().transpose(0, 1)
+    w_nc = w.t().contiguous().t()
+    assert not fs_nc.is_contiguous() and not w_nc.is_contiguous()
+    a = adapted_query_loss(fs_nc, ys, fq, yq, w_nc, b, inner_lr=0.2, inner_steps=3,
+                           first_order=False, backend="cpp")
+    r = adapted_query_loss(fs, ys, fq, yq, w, b, inner_lr=0.2, inner_steps=3, first_order=False,
+                           backend="reference")
+    torch.testing.assert_close(a, r)
+
+
+@needs_cpp
+@pytest.mark.parametrize("backend", ["cpp", "fused", "auto"])
+def test_bad_input_is_caught_before_the_op(backend):
+    fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3, dtype=torch.float32)
+    kw = dict(inner_lr=0.1, inner_steps=2, first_order=True, backend=backend)
+    with pytest.raises(ValueError, match="support_labels"):
+        adapted_query_loss(fs, ys + 3, fq, yq, w, b, **kw)
+    with pytest.raises(ValueError, match="query_labels"):
+        adapted_query_loss(fs, ys, fq, yq - 4, w, b, **kw)
+    with pytest.raises(TypeError, match="query_features"):
+        adapted_query_loss(fs, ys, fq.double(), yq, w, b, **kw)
+    with pytest.raises(ValueError, match="weight"):
+        adapted_query_loss(fs, ys, fq, yq, w[:, :5], b, **kw)
+    with pytest.raises(ValueError, match="one device"):
+        adapted_query_loss(fs, ys, fq, yq.to("meta"), w, b, **kw)
+
+
+@needs_cpp
+def test_cpp_op_checks_labels_itself():
+    fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.head_cpp(fs, ys + 3, fq, yq, w, b, 0.1, 2, False)
+
+
+@needs_cpp
+def test_torch_compile_fullgraph_cpu():
+    fs, ys, fq, yq, w, b = head_problem(3, 5, 6, 8, 5, dtype=torch.float32)
+    w.requires_grad_()
+
+    def step(f, q, ww, bb):
+        losses, logits = adapted_query_loss(f, ys, q, yq, ww, bb, inner_lr=0.3, inner_steps=4,
+                                            first_order=False, backend="cpp")
+        return losses.mean() + 0.1 * logits.square().mean()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(fs, fq, w, b)
+    (grad,) = torch.autograd.grad(out, [w])
+    eager = step(fs, fq, w, b)
+    (eager_grad,) = torch.autograd.grad(eager, [w])
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_backend_resolution():
+    assert ops.resolve_backend("reference", "cpu") == "reference"
+    assert ops.resolve_backend("auto", "cpu") == ("reference" if cpp_missing else "cpp")
+    with pytest.raises(ValueError, match="cpp"):
+        ops.resolve_backend("cpp", "meta")
+
+
+@needs_cpp
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_fused_equals_reference(first_order, batched):
+    from test_anil import random_batch
+
+    def make(backend):
+        torch.manual_seed(0)
+        body, head = models.build("conv4", 4, 16)
+        return ANIL(body.double(), head.double(), inner_lr=0.3, inner_steps=3,
+                    first_order=first_order, backend=backend, batched_body=batched)
+    ref, fused = make("reference"), make("fused")
+    for step in range(2):
+        batch = random_batch(seed=step)
+        torch.testing.assert_close(fused.meta_train_step(batch)["loss"],
+                                   ref.meta_train_step(batch)["loss"])
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
