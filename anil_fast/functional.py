@@ -124,6 +124,25 @@ def reference_adapted_query_loss(support_features, support_labels, query_feature
     return losses, q_logits
 
 
+def per_task_adapted_query_loss(support_features, support_labels, query_features, query_labels,
+                                weight, bias, *, inner_lr, inner_steps, first_order):
+    """The ANIL head as the write-ups show it: a Python loop over tasks, autograd for every
+    inner step (create_graph for second order). Slow; the baseline the benchmarks beat."""
+    losses, logits = [], []
+    for t in range(support_features.shape[0]):
+        w, b = weight, bias
+        for _ in range(inner_steps):
+            loss = F.cross_entropy(support_features[t] @ w.T + b, support_labels[t])
+            gw, gb = torch.autograd.grad(loss, (w, b), create_graph=not first_order)
+            if first_order:
+                gw, gb = gw.detach(), gb.detach()
+            w, b = w - inner_lr * gw, b - inner_lr * gb
+        q = query_features[t] @ w.T + b
+        logits.append(q)
+        losses.append(F.cross_entropy(q, query_labels[t]))
+    return torch.stack(losses), torch.stack(logits)
+
+
 def adapted_query_loss(support_features, support_labels, query_features, query_labels, weight,
                        bias, *, inner_lr, inner_steps, first_order, backend="auto"):
     """Per task: `inner_steps` SGD steps of the head (weight [N,D], bias [N]) on the mean

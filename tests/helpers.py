@@ -1,6 +1,7 @@
 """Shared test helpers: random head problems and an explicit per-task loop."""
 import torch
-import torch.nn.functional as F
+
+from anil_fast.functional import per_task_adapted_query_loss
 
 
 def head_problem(tasks, s_rows, q_rows, dim, ways, dtype=torch.float64, seed=0, device="cpu",
@@ -17,19 +18,8 @@ def head_problem(tasks, s_rows, q_rows, dim, ways, dtype=torch.float64, seed=0, 
 
 def per_task_loop(fs, ys, fq, yq, w, b, inner_lr, inner_steps, first_order):
     """The ANIL head as the write-ups show it: one task at a time, autograd for each step."""
-    losses, logits = [], []
-    for t in range(fs.shape[0]):
-        wt, bt = w, b
-        for _ in range(inner_steps):
-            loss = F.cross_entropy(fs[t] @ wt.T + bt, ys[t])
-            gw, gb = torch.autograd.grad(loss, (wt, bt), create_graph=not first_order)
-            if first_order:
-                gw, gb = gw.detach(), gb.detach()
-            wt, bt = wt - inner_lr * gw, bt - inner_lr * gb
-        q = fq[t] @ wt.T + bt
-        logits.append(q)
-        losses.append(F.cross_entropy(q, yq[t]))
-    return torch.stack(losses), torch.stack(logits)
+    return per_task_adapted_query_loss(fs, ys, fq, yq, w, b, inner_lr=inner_lr,
+                                       inner_steps=inner_steps, first_order=first_order)
 
 
 def grads_of(fn, inputs, seed=0):
