@@ -1,0 +1,124 @@
+"""Shared pieces of the speed suites and the GPU check: problems, timed callables, memory and
+bandwidth measurements, and the table printer. Timings are reported, never asserted."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from anil_fast.functional import adapted_query_loss, per_task_adapted_query_loss
+
+# (ways, shots, queries per class) of the benchmarked task shapes
+TASK_SHAPES = {"5w1s": (5, 1, 5), "20w5s": (20, 5, 5)}
+
+
+def head_problem(tasks, ways, shots, queries, dim, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s_rows, q_rows = ways * shots, ways * queries
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float32).to(device, dtype)  # noqa: E731
+    fs, fq = make(tasks, s_rows, dim), make(tasks, q_rows, dim)
+    ys = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous().to(device)
+    yq = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous().to(device)
+    w = (torch.randn(ways, dim, generator=g) / dim ** 0.5).to(device)
+    b = torch.zeros(ways, device=device)
+    return fs, ys, fq, yq, w, b
+
+
+def forward_backward(method: str, problem, first_order: bool, inner_lr=0.01, inner_steps=5):
+    """A callable running the head's forward and backward with `method`: a backend of
+    adapted_query_loss, or "loop" (the per-task loop of the ANIL write-ups)."""
+    fs, ys, fq, yq, w, b = problem
+    leaves = [x.detach().clone().requires_grad_() for x in (fs, fq, w, b)]
+
+    def run():
+        f, q, ww, bb = leaves
+        if method == "loop":
+            losses, _ = per_task_adapted_query_loss(f, ys, q, yq, ww, bb, inner_lr=inner_lr,
+                                                    inner_steps=inner_steps, first_order=first_order)
+        else:
+            losses, _ = adapted_query_loss(f, ys, q, yq, ww, bb, inner_lr=inner_lr,
+                                           inner_steps=inner_steps, first_order=first_order,
+                                           backend=method)
+        return torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+    return run
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device, min_time=0.2, max_iters=200) -> float:
+    """Median seconds per call (after one warm-up call)."""
+    fn()
+    synchronize(device)
+    times = []
+    start_all = time.perf_counter()
+    while (time.perf_counter() - start_all < min_time or len(times) < 3) and len(times) < max_iters:
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for the backward while `fn` runs its forward."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def peak_memory_bytes(fn, device) -> int | None:
+    """Peak GPU memory allocated during one call (None on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def copy_bandwidth_gbs(device, megabytes=512) -> float | None:
+    """Device-to-device copy bandwidth (read + write bytes / time), measured now."""
+    if torch.device(device).type != "cuda":
+        return None
+    src = torch.empty(megabytes * 2 ** 20 // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def traffic_floor_bytes(problem, first_order: bool) -> int:
+    """What must move at least: every feature read once, every feature gradient written once
+    (support gradients only for second order)."""
+    fs, _, fq, _, _, _ = problem
+    read = (fs.numel() + fq.numel()) * fs.element_size()
+    write = (fq.numel() + (0 if first_order else fs.numel())) * fs.element_size()
+    return read + write
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
+    def fmt(v):
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns]
+    lines = [title] if title else []
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+    text = "\n".join(lines)
+    print(text)
+    return text

@@ -1,0 +1,150 @@
+"""One command for a GPU machine: is the Triton head right, and how fast is it?
+
+    PYTHONPATH=. python benches/gpu_check.py [--json PATH] [--quick]
+
+Needs torch and triton only (no install step, no C++ build, no network). It
+1. checks the Triton op against the float64 reference backend on random shapes, forward and
+   backward, first and second order;
+2. times the op's forward+backward against the reference backend and the per-task loop, with
+   achieved GB/s against the traffic floor and the copy bandwidth measured in the same run;
+3. times whole meta-steps (ANIL.meta_train_step) of the scenarios against the per-task loop;
+and prints a compact table last. Without a GPU (`--device cpu`, under TRITON_INTERPRET=1) it
+runs a tiny smoke version of the same code, which is how CI keeps it working.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import (copy_bandwidth_gbs, forward_backward, head_problem, peak_memory_bytes,  # noqa: E402
+                    print_table, time_call, traffic_floor_bytes)
+
+# (tasks, ways, shots, queries per class, dim, steps): random, odd and edge shapes
+CHECK_SHAPES = [(3, 5, 1, 5, 7, 5), (1, 64, 1, 2, 33, 2), (4, 20, 5, 5, 1025, 5),
+                (2, 5, 1, 15, 2304, 0), (7, 3, 2, 4, 1, 100), (300, 5, 1, 5, 64, 5),
+                (2, 7, 19, 1, 9, 3)]
+QUICK_CHECK = [(3, 5, 1, 5, 7, 5), (2, 7, 3, 2, 9, 3)]
+
+
+def check_correctness(device, shapes):
+    from anil_fast.functional import adapted_query_loss
+    rows, ok = [], True
+    for (tasks, ways, shots, queries, dim, steps) in shapes:
+        problem = head_problem(tasks, ways, shots, queries, dim, device, seed=dim + tasks)
+        fs, ys, fq, yq, w, b = problem
+        lr = 0.05 if steps > 20 else 0.4
+        for first_order in (False, True):
+            def run(backend, dtype):
+                leaves = [x.detach().to(dtype).requires_grad_() for x in (fs, fq, w, b)]
+                losses, logits = adapted_query_loss(leaves[0], ys, leaves[1], yq, leaves[2], leaves[3],
+                                                    inner_lr=lr, inner_steps=steps,
+                                                    first_order=first_order, backend=backend)
+                g = torch.Generator(device="cpu").manual_seed(1)
+                cl = torch.randn(losses.shape, generator=g).to(device, dtype)
+                cq = torch.randn(logits.shape, generator=g).to(device, dtype)
+                grads = torch.autograd.grad((losses * cl).sum() + (logits * cq).sum(), leaves,
+                                            allow_unused=True)
+                grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
+                return [losses, logits, *grads]
+            got = run("triton", torch.float32)
+            ref = run("reference", torch.float64)
+            errors = [((a.double() - r).abs().max() / (r.abs().max() + 1e-3)).item()
+                      for a, r in zip(got, ref)]
+            worst = max(errors)
+            passed = worst < 2e-3
+            ok &= passed
+            rows.append({"T": tasks, "ways": ways, "S": ways * shots, "Q": ways * queries, "D": dim,
+                         "steps": steps, "order": "first" if first_order else "second",
+                         "max rel err": worst, "ok": "yes" if passed else "NO"})
+    return rows, ok
+
+
+def time_head(device, quick):
+    from anil_fast import ops
+    fused = ops.resolve_backend("fused", device)
+    bandwidth = copy_bandwidth_gbs(device, 64 if quick else 1024)
+    grid = [(16, 64, "5w1s")] if quick else \
+        [(t, d, s) for s in ("5w1s", "20w5s") for t in (16, 256, 4096) for d in (64, 512, 2304)]
+    shapes = {"5w1s": (5, 1, 5), "20w5s": (20, 5, 5)}
+    rows = []
+    for tasks, dim, shape in grid:
+        ways, shots, queries = shapes[shape]
+        problem = head_problem(tasks, ways, shots, queries, dim, device)
+        feature_bytes = (problem[0].numel() + problem[2].numel()) * 4
+        times = {}
+        for order in ("second", "first"):
+            fo = order == "first"
+            row = {"T": tasks, "D": dim, "tasks": shape, "order": order}
+            fn = forward_backward(fused, problem, fo)
+            t_fused = time_call(fn, device, 0.05 if quick else 0.3)
+            times[order] = t_fused
+            row["fused ms"] = 1e3 * t_fused
+            row["peak MB"] = (peak_memory_bytes(fn, device) or 0) / 2 ** 20 or None
+            if feature_bytes < 2 ** 30:  # the reference needs several copies of the features
+                row["x ref"] = time_call(forward_backward("reference", problem, fo), device,
+                                         0.05 if quick else 0.3) / t_fused
+            if tasks <= 256:
+                row["x loop"] = time_call(forward_backward("loop", problem, fo), device,
+                                          0.05 if quick else 0.3, max_iters=10) / t_fused
+            if bandwidth:
+                floor = traffic_floor_bytes(problem, fo)
+                row["GB/s"] = floor / t_fused / 1e9
+                row["x floor"] = t_fused / (floor / (bandwidth * 1e9))
+            rows.append(row)
+        rows[-2]["2nd/1st"] = times["second"] / times["first"]
+    return rows, bandwidth
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write all results to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-steps", action="store_true", help="skip the meta-step table")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.quick = True
+    start = time.perf_counter()
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    print(f"gpu_check on {info['device']} (torch {info['torch']}, triton {info['triton']})")
+
+    check_rows, ok = check_correctness(device, QUICK_CHECK if args.quick else CHECK_SHAPES)
+    print_table(check_rows, list(check_rows[0]), "\n1. Triton op vs float64 reference")
+    head_rows, bandwidth = time_head(device, args.quick)
+    step_rows = []
+    if not args.skip_steps:
+        from bench_steps import time_meta_steps
+        step_rows = time_meta_steps(device, args.quick)
+    result = {"info": info, "correct": ok, "check": check_rows, "head": head_rows,
+              "copy_bandwidth_gbs": bandwidth, "steps": step_rows,
+              "seconds": time.perf_counter() - start}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\ncopy bandwidth: {bandwidth and round(bandwidth)} GB/s; correctness: "
+          f"{'all within 2e-3' if ok else 'FAILED'}; {result['seconds']:.0f} s")
+    if step_rows:
+        print_table(step_rows, list(dict.fromkeys(c for r in step_rows for c in r)),
+                    "\n3. Meta-steps per second (the fast path vs the per-task loop), same run")
+    print_table(head_rows, list(dict.fromkeys(c for r in head_rows for c in r)),
+                "\n2. Fused head forward+backward (x = baseline time / fused time)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Speed suite of the fused head (pytest-benchmark): forward+backward of the op against the
+reference backend and the per-task loop, in the same run.
+
+    make bench                                # everything that fits the machine
+    pytest benches/test_bench_head.py --benchmark-only -k "T256 and D2304"
+
+The ratio table (baseline time / fused time, saved-for-backward bytes, and on a GPU achieved
+GB/s against the traffic floor and the measured copy bandwidth) prints at the end of the run.
+"""
+import pytest
+import torch
+
+from anil_fast import ops
+from common import (TASK_SHAPES, copy_bandwidth_gbs, forward_backward, head_problem,
+                    peak_memory_bytes, saved_bytes, traffic_floor_bytes)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED = ops.resolve_backend("fused", DEVICE)
+CPU_FEATURE_BYTES_LIMIT = 256 * 2 ** 20  # the CPU runs only problems whose features fit this
+RESULTS: dict = {}
+
+
+def _problem_size_ok(tasks, ways, shots, queries, dim, method):
+    rows = ways * (shots + queries)
+    if DEVICE == "cpu" and tasks * rows * dim * 4 > CPU_FEATURE_BYTES_LIMIT:
+        return False
+    if method == "loop" and tasks > 256:  # minutes per call: the trend is clear by then
+        return False
+    return True
+
+
+@pytest.mark.parametrize("order", ["second", "first"])
+@pytest.mark.parametrize("shape", list(TASK_SHAPES))
+@pytest.mark.parametrize("dim", [64, 512, 2304], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("tasks", [16, 256, 4096], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("method", ["fused", "reference", "loop"])
+def test_head_forward_backward(benchmark, method, tasks, dim, shape, order):
+    ways, shots, queries = TASK_SHAPES[shape]
+    if not _problem_size_ok(tasks, ways, shots, queries, dim, method):
+        pytest.skip("too large for this machine / baseline")
+    if method == "fused" and FUSED == "reference":
+        pytest.skip("no fused backend here")
+    problem = head_problem(tasks, ways, shots, queries, dim, DEVICE)
+    first_order = order == "first"
+    fn = forward_backward(FUSED if method == "fused" else method, problem, first_order)
+
+    def synced():
+        out = fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+    benchmark.group = f"T{tasks} D{dim} {shape} {order}"
+    benchmark.pedantic(synced, rounds=5 if tasks < 4096 else 3, warmup_rounds=1)
+    key = (tasks, dim, shape, order)
+    entry = RESULTS.setdefault(key, {"problem": problem})
+    entry[method] = benchmark.stats.stats.median
+    entry[f"{method}_saved_MB"] = saved_bytes(fn) / 2 ** 20
+    entry[f"{method}_peak_MB"] = (peak_memory_bytes(fn, DEVICE) or 0) / 2 ** 20 or None
+    benchmark.extra_info.update({"backend": FUSED if method == "fused" else method,
+                                 "device": DEVICE, "saved_MB": entry[f"{method}_saved_MB"]})
+
+
+def summary_rows():
+    bandwidth = copy_bandwidth_gbs(DEVICE) if RESULTS else None
+    rows = []
+    for (tasks, dim, shape, order), e in sorted(RESULTS.items()):
+        fused = e.get("fused")
+        row = {"T": tasks, "D": dim, "tasks": shape, "order": order, "fused ms": fused and 1e3 * fused,
+               "x reference": fused and e.get("reference") and e["reference"] / fused,
+               "x loop": fused and e.get("loop") and e["loop"] / fused,
+               "saved MB fused/ref": f"{e.get('fused_saved_MB', 0):.1f}/{e.get('reference_saved_MB', 0):.1f}"}
+        if bandwidth and fused:
+            floor = traffic_floor_bytes(e["problem"], order == "first")
+            row["GB/s"] = floor / fused / 1e9
+            row["x floor"] = fused / (floor / (bandwidth * 1e9))
+            row["copy GB/s"] = bandwidth
+        rows.append(row)
+    return rows
