@@ -66,25 +66,51 @@ class RunningStats:
         self.records.clear()
 
 
-def _grouped_forward(bn, groups: int, sink: RunningStats | None):
-    def forward(x):
-        shape = x.shape
-        rows, channels = shape[0] // groups, shape[1]
-        # Put the groups into the channel dimension, [B, G*C, ...], so that one native
-        # batch_norm call computes per-(group, channel) statistics (a copy each way, but far
-        # faster than composing the normalisation from elementwise autograd ops).
-        xt = x.reshape(groups, rows, channels, -1).transpose(0, 1).reshape(rows, groups * channels, -1)
-        weight = bn.weight.repeat(groups) if bn.affine else None
-        bias = bn.bias.repeat(groups) if bn.affine else None
-        record = sink is not None and bn.track_running_stats
-        # momentum=1 turns the scratch buffers into this call's mean and unbiased variance.
-        mean = torch.zeros(groups * channels, device=x.device, dtype=x.dtype) if record else None
-        var = torch.ones(groups * channels, device=x.device, dtype=x.dtype) if record else None
-        y = F.batch_norm(xt, mean, var, weight, bias, True, 1.0, bn.eps)
-        if record:
-            sink.record(bn, mean.view(groups, channels), var.view(groups, channels))
-        return y.reshape(rows, groups, channels, -1).transpose(0, 1).reshape(shape)
-    return forward
+def _grouped_batch_norm(bn, x, groups: int, sink: RunningStats | None):
+    shape = x.shape
+    rows, channels = shape[0] // groups, shape[1]
+    # Put the groups into the channel dimension, [B, G*C, ...], so that one native batch_norm
+    # call computes per-(group, channel) statistics (a copy each way, but far faster than
+    # composing the normalisation from elementwise autograd ops).
+    xt = x.reshape(groups, rows, channels, -1).transpose(0, 1).reshape(rows, groups * channels, -1)
+    weight = bn.weight.repeat(groups) if bn.affine else None
+    bias = bn.bias.repeat(groups) if bn.affine else None
+    record = sink is not None and bn.track_running_stats
+    # momentum=1 turns the scratch buffers into this call's mean and unbiased variance.
+    mean = torch.zeros(groups * channels, device=x.device, dtype=x.dtype) if record else None
+    var = torch.ones(groups * channels, device=x.device, dtype=x.dtype) if record else None
+    y = F.batch_norm(xt, mean, var, weight, bias, True, 1.0, bn.eps)
+    if record:
+        sink.record(bn, mean.view(groups, channels), var.view(groups, channels))
+    return y.reshape(rows, groups, channels, -1).transpose(0, 1).reshape(shape)
+
+
+class _GroupedBatchNormMixin:
+    """Added to a BatchNorm layer's class once: with `_anil_groups` set (inside
+    grouped_batchnorm) and in training mode it normalises per group; otherwise it is the
+    layer's own forward. A fixed method (not a per-call patch) so torch.compile traces it."""
+    _anil_groups = 0
+    _anil_sink = None
+
+    def forward(self, x):
+        if self._anil_groups and self.training:
+            return _grouped_batch_norm(self, x, self._anil_groups, self._anil_sink)
+        return super().forward(x)
+
+
+_grouped_classes: dict[type, type] = {}
+
+
+def enable_grouping(body: nn.Module) -> None:
+    """Give every BatchNorm layer of `body` the grouped forward (behaviour unchanged until
+    grouped_batchnorm() switches it on). Idempotent; state dicts are unaffected."""
+    for bn in batchnorm_layers(body):
+        cls = type(bn)
+        if issubclass(cls, _GroupedBatchNormMixin):
+            continue
+        if cls not in _grouped_classes:
+            _grouped_classes[cls] = type(f"Grouped{cls.__name__}", (_GroupedBatchNormMixin, cls), {})
+        bn.__class__ = _grouped_classes[cls]
 
 
 @contextmanager
@@ -93,16 +119,15 @@ def grouped_batchnorm(body: nn.Module, groups: int, sink: RunningStats | None = 
     per-group batch statistics (groups = consecutive equal chunks of the batch) and records
     them in `sink` (or leaves running statistics untouched when sink is None). Layers in eval
     mode keep using their running statistics."""
-    patched = []
-    for bn in batchnorm_layers(body):
-        if bn.training:
-            bn.forward = _grouped_forward(bn, groups, sink)
-            patched.append(bn)
+    enable_grouping(body)
+    layers = batchnorm_layers(body)
+    for bn in layers:
+        bn._anil_groups, bn._anil_sink = groups, sink
     try:
         yield
     finally:
-        for bn in patched:
-            del bn.forward  # back to the class's forward
+        for bn in layers:
+            bn._anil_groups, bn._anil_sink = 0, None
 
 
 @contextmanager

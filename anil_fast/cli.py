@@ -16,7 +16,7 @@ OVERRIDES = {
     "bn_mode": str, "checkpoint_every": int, "log_every": int, "precision": str,
     "data_root": str,
 }
-FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile")
+FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "capture")
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:

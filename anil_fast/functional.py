@@ -6,7 +6,8 @@ score the query features.
 - "cpp": the C++ CPU op (csrc/), analytic backward;
 - "triton": the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
 - "fused": Triton for CUDA tensors, C++ for CPU tensors;
-- "auto": "fused" where it is available for the tensors' device, else "reference".
+- "auto": "fused" where it is available for the tensors' device, else "reference";
+- "loop": the per-task Python loop of the ANIL write-ups (the benchmarks' baseline).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "reference", "fused", "cpp", "triton")
+BACKENDS = ("auto", "reference", "fused", "cpp", "triton", "loop")
 
 
 def _tracing_or_capturing(t: torch.Tensor) -> bool:
@@ -159,9 +160,12 @@ def adapted_query_loss(support_features, support_labels, query_features, query_l
                          weight, bias, inner_lr, inner_steps)
     if not isinstance(first_order, bool):
         raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+    args = (support_features, support_labels, query_features, query_labels, weight, bias)
+    if backend == "loop":
+        return per_task_adapted_query_loss(*args, inner_lr=float(inner_lr),
+                                           inner_steps=inner_steps, first_order=first_order)
     from . import ops  # the fused ops; imported lazily (triton and the C++ build are optional)
     chosen = ops.resolve_backend(backend, support_features.device)
-    args = (support_features, support_labels, query_features, query_labels, weight, bias)
     if chosen == "reference":
         return reference_adapted_query_loss(*args, inner_lr=float(inner_lr),
                                             inner_steps=inner_steps, first_order=first_order)

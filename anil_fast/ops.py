@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 _cpp_module = None
@@ -87,8 +86,9 @@ def resolve_backend(backend: str, device) -> str:
 def _query_logit_adjoint(grad_losses, grad_logits, logits, yq):
     """Adjoint of the query logits: upstream gradient plus that of the mean cross-entropy."""
     q_rows, ways = logits.shape[1], logits.shape[2]
-    zq_bar = (logits.softmax(-1) - F.one_hot(yq.long(), ways).to(logits.dtype)) \
-        * (grad_losses.view(-1, 1, 1) / q_rows)
+    # one-hot by comparison: F.one_hot checks its input on the host (a sync under CUDA graphs)
+    onehot = (yq.unsqueeze(-1) == torch.arange(ways, device=yq.device)).to(logits.dtype)
+    zq_bar = (logits.softmax(-1) - onehot) * (grad_losses.view(-1, 1, 1) / q_rows)
     return zq_bar + grad_logits
 
 

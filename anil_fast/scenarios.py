@@ -54,9 +54,10 @@ class Config:
     device: str = "cpu"
     backend: str = "auto"
     checkpoint_every: int = 25
-    log_every: int = 1
+    log_every: int = 10  # metrics are read back from the device every N steps
     precision: str = "fp32"
     compile: bool = False
+    capture: bool = False  # whole-step CUDA graph (CUDA only; see capture.py)
     data_root: str | None = None
     notes: list = field(default_factory=list)
 

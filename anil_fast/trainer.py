@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from . import models
 from .anil import ANIL
+from .capture import MetaStepRunner
 from .data import TaskSampler, load_split
 from .metrics import GPUMonitor, mean_ci95, peak_memory, reset_peak_memory
 from .scenarios import Config, body_lr_multipliers, validate_config
@@ -22,7 +23,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 # Fields that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"meta_steps", "device", "checkpoint_every", "log_every", "notes", "backend"}
+RESUMABLE_CHANGES = {"meta_steps", "device", "checkpoint_every", "log_every", "notes", "backend",
+                     "compile", "capture"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,7 +53,7 @@ def build_anil(config: Config, device) -> ANIL:
                 freeze_body=config.freeze_body, first_order=config.first_order,
                 body_lr_multipliers=body_lr_multipliers(config, body),
                 warmup_steps=config.warmup_steps, backend=config.backend,
-                precision=config.precision)
+                precision=config.precision, compile=config.compile)
     return anil
 
 
@@ -184,9 +186,10 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
 
     step_of_checkpoint = [step]
     base_elapsed, loop_start = elapsed, time.perf_counter()
+    runner = MetaStepRunner(anil, capture=config.capture)
     with GPUMonitor(device) as monitor:
         while step < total:
-            result = anil.meta_train_step(sampler.sample())
+            result = runner(sampler.sample())
             step += 1
             elapsed = base_elapsed + time.perf_counter() - loop_start
             pending.append((step, result["loss"], result["accuracy"]))

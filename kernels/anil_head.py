@@ -161,10 +161,15 @@ def inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
     return z0bar, kssbar
 
 
+def _one_hot(labels, ways, dtype):
+    # by comparison: F.one_hot checks its input on the host (a sync under CUDA graphs)
+    return (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(dtype)
+
+
 # -- the same loops in batched torch: any shape and dtype; the kernels' test oracle -----------
 def torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
     s_rows, ways = z0.shape[1], z0.shape[2]
-    y = F.one_hot(ys.long(), ways).to(z0.dtype)
+    y = _one_hot(ys, ways, z0.dtype)
     h = torch.zeros_like(z0)
     for _ in range(steps):
         h = h + ((z0 - lr * torch.bmm(kss, h)).softmax(-1) - y) / s_rows
@@ -175,7 +180,7 @@ def torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
 
 def torch_inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
     s_rows, ways = z0.shape[1], z0.shape[2]
-    y = F.one_hot(ys.long(), ways).to(z0.dtype)
+    y = _one_hot(ys, ways, z0.dtype)
     history, h = [], torch.zeros_like(z0)
     for _ in range(steps):
         history.append(h)

@@ -156,3 +156,47 @@ def test_bf16_autocast_trains_on_cpu(background28):
 def test_bad_anil_arguments(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
         make(**kwargs)
+
+
+def test_compile_changes_no_result():
+    eager = make(inner_lr=0.3, inner_steps=2, batched_body=True)
+    compiled = make(inner_lr=0.3, inner_steps=2, batched_body=True, compile="aot_eager")
+    for step in range(3):
+        batch = random_batch(seed=step)
+        torch.testing.assert_close(compiled.meta_train_step(batch)["loss"],
+                                   eager.meta_train_step(batch)["loss"])
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_capturable_optimizer_changes_no_result():
+    plain = make(inner_lr=0.3, inner_steps=2, warmup_steps=1,
+                 body_lr_multipliers={"0.": 0.5, "default": 1.0})
+    capturable = make(inner_lr=0.3, inner_steps=2, warmup_steps=1,
+                      body_lr_multipliers={"0.": 0.5, "default": 1.0})
+    capturable.make_capturable()
+    for step in range(3):
+        batch = random_batch(seed=step)
+        plain.meta_train_step(batch)
+        capturable.meta_train_step(batch)
+    for (name, p), q in zip(plain.named_parameters(), capturable.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_changes_no_result():
+    from anil_fast.capture import MetaStepRunner
+    eager = make(inner_lr=0.3, inner_steps=2, batched_body=True, backend="fused")
+    graphed = make(inner_lr=0.3, inner_steps=2, batched_body=True, backend="fused")
+    eager.float().cuda()
+    graphed.float().cuda()
+    eager.optimizer = eager._build_optimizer()
+    graphed.optimizer = graphed._build_optimizer()
+    runner = MetaStepRunner(graphed, capture=True)
+    for step in range(4):
+        batch = random_batch(seed=step, dtype=torch.float32).to("cuda")
+        a = eager.meta_train_step(batch)["loss"]
+        b = runner(batch)["loss"]
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert runner.graph is not None

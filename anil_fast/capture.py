@@ -1,0 +1,83 @@
+"""Whole meta-steps as one CUDA graph.
+
+`MetaStepRunner(anil, capture=True)` runs `anil`'s meta-steps. On CUDA with capture=True the
+first call records the step (body, fused head, backward, Adam with capturable=True) into a
+CUDA graph on static input buffers; every later call copies the new batch into those buffers
+and replays the graph: one launch from the host, no host synchronisation inside a step (the
+returned metrics are device tensors; read them back every N steps). The sampler runs outside
+the graph on the device, asynchronously. Static shapes: every batch must have the first
+batch's shapes. Elsewhere (CPU, or capture=False) it is the plain eager step.
+
+Warm-up iterations (required before capture) run on a side stream and are undone afterwards,
+so captured training computes exactly what eager training computes.
+"""
+from __future__ import annotations
+
+from dataclasses import astuple
+
+import torch
+
+from .anil import ANIL
+from .data import TaskBatch
+
+
+class MetaStepRunner:
+    def __init__(self, anil: ANIL, capture: bool = True, warmup_iterations: int = 3):
+        self.anil = anil
+        self.capture = capture
+        self.warmup_iterations = warmup_iterations
+        self.graph = None
+        self.static_batch = None
+        self.static_out = None
+
+    def __call__(self, batch: TaskBatch) -> dict:
+        if not (self.capture and batch.support_x.is_cuda):
+            return self.anil.meta_train_step(batch)
+        if self.graph is None:
+            self._record(batch)
+        for static, new in zip(astuple(self.static_batch), astuple(batch)):
+            if static.shape != new.shape:
+                raise ValueError(f"batch: a captured meta-step needs static shapes; got "
+                                 f"{tuple(new.shape)}, captured {tuple(static.shape)}")
+            static.copy_(new, non_blocking=True)
+        self.anil.train_mode()
+        self.anil._set_group_lrs()  # fills the lr tensors the graph reads (warmup schedule)
+        self.graph.replay()
+        self.anil.outer_steps += 1
+        return {k: v.clone() for k, v in self.static_out.items()}
+
+    def _state_tensors(self):
+        anil = self.anil
+        tensors = list(anil.parameters()) + list(anil.buffers())
+        return [t for t in tensors if t is not None]
+
+    def _record(self, batch: TaskBatch) -> None:
+        anil = self.anil
+        anil.make_capturable()
+        anil.train_mode()
+        anil._set_group_lrs()
+        self.static_batch = TaskBatch(*(t.clone() for t in astuple(batch)))
+        saved = [t.detach().clone() for t in self._state_tensors()]
+        had_state = {p for p in anil.optimizer.state}
+        saved_opt = {p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                     for p, s in anil.optimizer.state.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_iterations):
+                anil.step_tensors(self.static_batch)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # undo the warm-up updates
+            for t, s in zip(self._state_tensors(), saved):
+                t.copy_(s)
+            for p, state in anil.optimizer.state.items():
+                for k, v in state.items():
+                    if not isinstance(v, torch.Tensor):
+                        continue
+                    if p in had_state:
+                        v.copy_(saved_opt[p][k])
+                    else:
+                        v.zero_()  # fresh state: zero moments, step 0
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = anil.step_tensors(self.static_batch)
