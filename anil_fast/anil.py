@@ -264,25 +264,37 @@ class ANIL(nn.Module):
         losses, logits = self._head_loss(fs, batch, fq, self.inner_steps, self.first_order)
         return (losses.mean(), logits) if return_logits else losses.mean()
 
-    def meta_train_step(self, batch: TaskBatch) -> dict:
+    def meta_train_step(self, batch: TaskBatch, total_tasks: int | None = None,
+                        all_reduce=None) -> dict:
         """One Adam update of the outer loop. Returns detached 0-dim tensors (no host sync):
-        loss and query accuracy after adaptation."""
+        loss and query accuracy after adaptation. (total_tasks/all_reduce: data-parallel
+        training, see step_tensors.)"""
         self.train_mode()
         self._set_group_lrs()
-        out = self.step_tensors(batch)
+        out = self.step_tensors(batch, total_tasks, all_reduce)
         self.outer_steps += 1
         return out
 
-    def step_tensors(self, batch: TaskBatch) -> dict:
+    def step_tensors(self, batch: TaskBatch, total_tasks: int | None = None,
+                     all_reduce=None) -> dict:
         """The device work of one meta-step (what a CUDA graph captures): gradients, Adam
-        update, metrics as device tensors. No host synchronisation, no Python-side state."""
+        update, metrics as device tensors. No host synchronisation, no Python-side state.
+
+        Data parallel (see distributed.py): `batch` is this rank's share of a meta-batch of
+        `total_tasks` tasks, and `all_reduce(values)` sums the gradients and `values` over
+        ranks, so every rank takes the step one process would take on all tasks."""
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast(batch.support_x.device):
-            loss, logits = self.meta_loss(batch, return_logits=True)
-        loss.backward()
+            fs, fq = self.features(batch, "train")
+            losses, logits = self._head_loss(fs, batch, fq, self.inner_steps, self.first_order)
+        total = total_tasks or batch.num_tasks
+        (losses.sum() / total).backward()  # = the mean over all tasks
+        correct = (logits.detach().argmax(-1) == batch.query_y).float().mean(1)
+        sums = torch.stack([losses.detach().sum(), correct.sum()]).float()
+        if all_reduce is not None:
+            sums = all_reduce(sums)
         self.optimizer.step()
-        accuracy = (logits.detach().argmax(-1) == batch.query_y).float().mean()
-        return {"loss": loss.detach(), "accuracy": accuracy}
+        return {"loss": sums[0] / total, "accuracy": sums[1] / total}
 
     @torch.no_grad()
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None,

@@ -22,8 +22,10 @@ from .data import TaskBatch
 
 
 class MetaStepRunner:
-    def __init__(self, anil: ANIL, capture: bool = True, warmup_iterations: int = 3):
+    def __init__(self, anil: ANIL, capture: bool = True, warmup_iterations: int = 3,
+                 total_tasks: int | None = None, all_reduce=None):
         self.anil = anil
+        self.step_kwargs = {"total_tasks": total_tasks, "all_reduce": all_reduce}
         self.capture = capture
         self.warmup_iterations = warmup_iterations
         self.graph = None
@@ -32,7 +34,7 @@ class MetaStepRunner:
 
     def __call__(self, batch: TaskBatch) -> dict:
         if not (self.capture and batch.support_x.is_cuda):
-            return self.anil.meta_train_step(batch)
+            return self.anil.meta_train_step(batch, **self.step_kwargs)
         if self.graph is None:
             self._record(batch)
         for static, new in zip(astuple(self.static_batch), astuple(batch)):
@@ -65,7 +67,7 @@ class MetaStepRunner:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup_iterations):
-                anil.step_tensors(self.static_batch)
+                anil.step_tensors(self.static_batch, **self.step_kwargs)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():  # undo the warm-up updates
             for t, s in zip(self._state_tensors(), saved):
@@ -80,4 +82,4 @@ class MetaStepRunner:
                         v.zero_()  # fresh state: zero moments, step 0
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_out = anil.step_tensors(self.static_batch)
+            self.static_out = anil.step_tensors(self.static_batch, **self.step_kwargs)

@@ -69,41 +69,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_eval(result: dict) -> None:
-    print(f"test tasks: {result['tasks']} (BatchNorm: {result['bn_mode']})")
-    print(f"accuracy before adaptation: {100 * result['accuracy_before']:.2f}% "
-          f"± {100 * result['ci95_before']:.2f}")
-    print(f"accuracy after adaptation:  {100 * result['accuracy_after']:.2f}% "
-          f"± {100 * result['ci95']:.2f}")
+def _print_eval(result: dict, out=print) -> None:
+    out(f"test tasks: {result['tasks']} (BatchNorm: {result['bn_mode']})")
+    out(f"accuracy before adaptation: {100 * result['accuracy_before']:.2f}% "
+        f"± {100 * result['ci95_before']:.2f}")
+    out(f"accuracy after adaptation:  {100 * result['accuracy_after']:.2f}% "
+        f"± {100 * result['ci95']:.2f}")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
     from .trainer import TrainingDiverged, evaluate_checkpoint, train
+    # Under torchrun: join the process group; only rank 0 prints.
+    info = distributed.init_from_env(getattr(args, "device", None) or "auto")
+    out = print if info.is_main else (lambda *a, **k: None)
     try:
         if args.command == "train":
             from .scenarios import scenario_config
             config = scenario_config(args.scenario, **_overrides(args))
             for note in config.notes:
-                print(note)
+                out(note)
             summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
-            print(f"{config.scenario}: {summary['meta_steps']} meta-steps in "
-                  f"{summary['train_time_s']:.1f} s ({summary['it_s']:.2f} it/s) on "
-                  f"{summary['device']}, final loss {summary['final_loss']:.3f}")
-            _print_eval(summary["evaluation"])
+            ranks = f" x {info.world_size} ranks" if info.active else ""
+            out(f"{config.scenario}: {summary['meta_steps']} meta-steps in "
+                f"{summary['train_time_s']:.1f} s ({summary['it_s']:.2f} it/s) on "
+                f"{summary['device']}{ranks}, final loss {summary['final_loss']:.3f}")
+            _print_eval(summary["evaluation"], out)
         elif args.command == "eval":
             result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
                                          progress=not args.json)
             if args.json:
-                print(json.dumps(result))
+                out(json.dumps(result))
             else:
-                _print_eval(result)
+                _print_eval(result, out)
         else:
             from .compare import compare
             names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
             rows = compare(names, args.out, _overrides(args), progress=not args.no_progress)
-            print(open(f"{args.out}/comparison.md").read())
-            print(f"wrote {args.out}/comparison.{{md,csv,json}}, loss_curves.png, accuracy.png "
+            out(open(f"{args.out}/comparison.md").read())
+            out(f"wrote {args.out}/comparison.{{md,csv,json}}, loss_curves.png, accuracy.png "
                   f"({len(rows)} scenarios)")
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -111,6 +116,8 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

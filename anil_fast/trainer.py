@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import models
+from . import distributed, models
 from .anil import ANIL
 from .capture import MetaStepRunner
 from .data import TaskSampler, load_split
@@ -72,17 +72,29 @@ def test_sampler(config: Config, device, tasks: int, batch: int = 50) -> TaskSam
 
 def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "transductive",
              inner_steps: int | None = None, progress: bool = False) -> dict:
-    """Mean query accuracy before and after adaptation over `tasks` tasks, with 95% CIs."""
+    """Mean query accuracy before and after adaptation over `tasks` tasks, with 95% CIs.
+    Under torch.distributed each rank adapts its share of every batch and the per-task
+    accuracies are gathered in task order: the same numbers as one process."""
+    info = distributed.current()
+    distributed.average_running_stats(anil.body)
     before, after = [], []
     done = 0
-    bar = tqdm(total=tasks, desc="eval", unit="task", disable=not progress, leave=False)
+    bar = tqdm(total=tasks, desc="eval", unit="task", disable=not (progress and info.is_main),
+               leave=False)
     while done < tasks:
         indices = sampler.next_indices()[: tasks - done]
-        result = anil.evaluate(sampler.materialise(indices), inner_steps, bn_mode)
-        before.append(result["per_task_before"])
-        after.append(result["per_task_after"])
-        done += indices.characters.shape[0]
-        bar.update(indices.characters.shape[0])
+        count = indices.characters.shape[0]
+        share = distributed.shard(count, info)
+        if share.stop > share.start:
+            result = anil.evaluate(sampler.materialise(indices[share]), inner_steps, bn_mode)
+            per_before, per_after = result["per_task_before"], result["per_task_after"]
+        else:  # more ranks than tasks in this batch
+            per_before = per_after = torch.zeros(0)
+        device = indices.characters.device
+        before.append(distributed.gather_tensor(per_before.to(device)).cpu())
+        after.append(distributed.gather_tensor(per_after.to(device)).cpu())
+        done += count
+        bar.update(count)
     bar.close()
     before_t, after_t = torch.cat(before), torch.cat(after)
     mean_b, ci_b = mean_ci95(before_t.numpy())
@@ -125,11 +137,18 @@ def load_checkpoint(path) -> dict:
 
 def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
           evaluate_at_end: bool = True) -> dict:
-    """Meta-train one scenario into `out_dir`; return its summary (also results.json)."""
+    """Meta-train one scenario into `out_dir`; return its summary (also results.json).
+
+    Under torchrun (torch.distributed initialised) every rank runs this with the same
+    config: ranks share each meta-batch's tasks, rank 0 writes the files (distributed.py)."""
     validate_config(config)
+    info = distributed.current()
+    if info.active and config.meta_batch < info.world_size:
+        raise ValueError(f"meta_batch ({config.meta_batch}) must be at least the number of "
+                         f"ranks ({info.world_size})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    device = resolve_device(distributed.rank_device(info, config.device))
     anil = build_anil(config, device)
     sampler = train_sampler(config, device)
     step, elapsed = 0, 0.0
@@ -146,23 +165,27 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
         sampler.load_state_dict(ckpt["sampler"])
         _set_rng_state(ckpt["rng"])
         step, elapsed = ckpt["step"], ckpt["elapsed_s"]
-        _truncate_metrics(out / METRICS, step)
-    elif (out / METRICS).exists():
+        if info.is_main:
+            _truncate_metrics(out / METRICS, step)
+    elif info.is_main and (out / METRICS).exists():
         (out / METRICS).unlink()
+    distributed.barrier()  # nobody starts before rank 0 has tidied the run folder
     total = config.total_meta_steps
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     def checkpoint():
-        _atomic_save({"format": 1, "config": config.to_dict(), "anil": anil.state(),
-                      "sampler": sampler.state_dict(), "rng": _rng_state(), "step": step,
-                      "elapsed_s": elapsed}, ckpt_path)
+        distributed.average_running_stats(anil.body)  # one set of BatchNorm statistics
+        if info.is_main:
+            _atomic_save({"format": 1, "config": config.to_dict(), "anil": anil.state(),
+                          "sampler": sampler.state_dict(), "rng": _rng_state(), "step": step,
+                          "elapsed_s": elapsed, "world_size": info.world_size}, ckpt_path)
 
     pending = []  # (step, loss, accuracy) tensors, read back every log_every steps
-    losses_seen = []
     reset_peak_memory(device)
     bar = tqdm(total=total, initial=step, desc=f"train {config.scenario}", unit="it",
-               disable=not progress, dynamic_ncols=True)
-    metrics_file = open(out / METRICS, "a")
+               disable=not (progress and info.is_main), dynamic_ncols=True)
+    metrics_file = open(out / METRICS, "a") if info.is_main else None
 
     def flush():
         if not pending:
@@ -170,26 +193,34 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
         values = torch.stack([torch.stack([p[1], p[2]]) for p in pending]).tolist()  # one sync
         for (s, _, _), (loss, acc) in zip(pending, values):
             if not math.isfinite(loss):
-                metrics_file.close()
+                if metrics_file:
+                    metrics_file.close()
                 kept = (f"the last good checkpoint ({ckpt_path}, step {step_of_checkpoint[0]}) "
                         f"is kept" if step_of_checkpoint[0] else "no checkpoint was written yet")
                 raise TrainingDiverged(
                     f"the meta-loss became {loss} at step {s}; training stopped and {kept}. "
                     f"Lower --outer-lr or --inner-lr, then resume or restart")
-            losses_seen.append(loss)
-            metrics_file.write(json.dumps({"step": s, "loss": loss, "accuracy": acc,
-                                           "elapsed_s": round(elapsed, 4),
-                                           "it_s": round(s / elapsed, 3) if elapsed else None}) + "\n")
-        metrics_file.flush()
+            if metrics_file:
+                metrics_file.write(json.dumps({"step": s, "loss": loss, "accuracy": acc,
+                                               "elapsed_s": round(elapsed, 4),
+                                               "it_s": round(s / elapsed, 3) if elapsed else None}) + "\n")
+        if metrics_file:
+            metrics_file.flush()
         bar.set_postfix(loss=f"{values[-1][0]:.3f}", acc=f"{values[-1][1]:.3f}")
         pending.clear()
 
     step_of_checkpoint = [step]
     base_elapsed, loop_start = elapsed, time.perf_counter()
-    runner = MetaStepRunner(anil, capture=config.capture)
+    share = distributed.shard(config.meta_batch, info)
+    all_reduce = distributed.gradient_all_reduce(anil.parameters()) if info.active else None
+    runner = MetaStepRunner(anil, capture=config.capture, total_tasks=config.meta_batch,
+                            all_reduce=all_reduce)
+    start_step = step
     with GPUMonitor(device) as monitor:
         while step < total:
-            result = runner(sampler.sample())
+            # every rank draws the same indices and materialises only its share
+            batch = sampler.materialise(sampler.next_indices()[share])
+            result = runner(batch)
             step += 1
             elapsed = base_elapsed + time.perf_counter() - loop_start
             pending.append((step, result["loss"], result["accuracy"]))
@@ -202,24 +233,31 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = base_elapsed + time.perf_counter() - loop_start
+    session_s = time.perf_counter() - loop_start
     bar.close()
-    metrics_file.close()
+    if metrics_file:
+        metrics_file.close()
+    rank_it_s = distributed.gather_values((step - start_step) / session_s if session_s else 0.0)
+    counts = parameter_counts(anil)
     summary = {"scenario": config.scenario, "model": config.model, "notes": config.notes,
                "meta_steps": total, "train_time_s": elapsed,
                "it_s": total / elapsed if elapsed else None,
+               "world_size": info.world_size, "per_rank_it_s": rank_it_s,
                "gpu_utilization": monitor.average_utilization, **peak_memory(device),
-               "device": str(device), **parameter_counts(anil),
-               "parameters_per_training_task": (parameter_counts(anil)["trainable_parameters"]
-                                                / config.tasks) if config.tasks else None,
+               "device": str(device), **counts,
+               "parameters_per_training_task": (counts["trainable_parameters"] / config.tasks)
+               if config.tasks else None,
                "param_groups": [{k: v for k, v in g.items() if k != "names"}
                                 for g in anil.param_groups_report]}
+    distributed.barrier()
     summary.update(loss_summary(out / METRICS))
     if evaluate_at_end:
         test = test_sampler(config, device, config.test_tasks)
         summary["evaluation"] = evaluate(anil, test, config.test_tasks, config.bn_mode,
                                          config.eval_inner_steps)
         summary["evaluation"].pop("per_task_after")
-    (out / RESULTS).write_text(json.dumps(summary, indent=1))
+    if info.is_main:
+        (out / RESULTS).write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -254,7 +292,7 @@ def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str = "transductive",
     fields = {k: v for k, v in ckpt["config"].items()}
     config = Config(**fields)
     config.device = device
-    dev = resolve_device(device)
+    dev = resolve_device(distributed.rank_device(distributed.current(), device))
     anil = build_anil(config, dev)
     anil.load_state(ckpt["anil"])
     result = evaluate(anil, test_sampler(config, dev, tasks), tasks, bn_mode,

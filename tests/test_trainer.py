@@ -85,8 +85,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     original = ANIL.meta_train_step
     calls = []
 
-    def diverging(self, batch):  # a loss that turns NaN at the 5th step
-        out = original(self, batch)
+    def diverging(self, batch, **kwargs):  # a loss that turns NaN at the 5th step
+        out = original(self, batch, **kwargs)
         calls.append(1)
         if len(calls) >= 5:
             with torch.no_grad():
