@@ -20,7 +20,7 @@ demo: install
 		--queries 15 --meta-steps 200 --test-tasks 200 --out runs/demo
 
 test: install
-	$(PY) -m pytest -q tests
+	ANIL_FAST_REQUIRE_CPP=1 $(PY) -m pytest -q tests
 
 bench: install
 	$(PY) -m pytest -q benches --benchmark-only

@@ -14,7 +14,8 @@ COLUMNS = [
     ("trainable_parameters", "trainable params"), ("body_parameters", "body params"),
     ("head_parameters", "head params"), ("batchnorm_parameters", "BatchNorm params"),
     ("initial_loss", "initial loss"), ("final_loss", "final loss"), ("min_loss", "min loss"),
-    ("train_time_s", "train time (s)"), ("it_s", "it/s"), ("gpu_utilization", "GPU util (%)"),
+    ("train_time_s", "train time (s)"), ("it_s", "it/s"), ("world_size", "ranks"),
+    ("per_rank_it_s", "it/s per rank"), ("gpu_utilization", "GPU util (%)"),
     ("peak_memory", "peak memory"), ("accuracy_before", "acc before"),
     ("accuracy_after", "acc after"), ("ci95", "±CI95"), ("gain", "gain"),
     ("parameters_per_training_task", "params / training task"),
@@ -28,6 +29,7 @@ def row_of(summary: dict) -> dict:
     else:
         peak = f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
     row = {k: summary.get(k) for k, _ in COLUMNS}
+    row["per_rank_it_s"] = " / ".join(f"{v:.3g}" for v in summary.get("per_rank_it_s", []))
     row.update({"peak_memory": peak, "accuracy_before": ev.get("accuracy_before"),
                 "accuracy_after": ev.get("accuracy_after"), "ci95": ev.get("ci95"),
                 "gain": ev.get("gain")})

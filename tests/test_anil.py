@@ -200,3 +200,10 @@ def test_cuda_graph_capture_changes_no_result():
         b = runner(batch)["loss"]
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert runner.graph is not None
+
+
+def test_checkpoint_of_another_model_is_a_value_error():
+    conv4 = make()
+    other = make(ways=5)
+    with pytest.raises(ValueError, match="checkpoint"):
+        conv4.load_state(other.state())
