@@ -124,11 +124,6 @@ def head_cpp(fs: Tensor, ys: Tensor, fq: Tensor, yq: Tensor, w: Tensor, b: Tenso
     return tuple(cpp_extension().forward(fs, ys, fq, yq, w, b, lr, steps))
 
 
-@head_cpp.register_fake
-def _(fs, ys, fq, yq, w, b, lr, steps, first_order):
-    return _fake_outputs(fs, fq, w)
-
-
 @torch.library.custom_op("anil_fast::head_cpp_backward", mutates_args=())
 def head_cpp_backward(grad_losses: Tensor, grad_logits: Tensor, fs: Tensor, ys: Tensor,
                       fq: Tensor, yq: Tensor, w: Tensor, logits: Tensor, z0: Tensor, kss: Tensor,
@@ -138,19 +133,6 @@ def head_cpp_backward(grad_losses: Tensor, grad_logits: Tensor, fs: Tensor, ys: 
                                           z0, kss, kqs, h, lr, steps, first_order))
 
 
-@head_cpp_backward.register_fake
-def _(grad_losses, grad_logits, fs, ys, fq, yq, w, logits, z0, kss, kqs, h, lr, steps, first_order):
-    return torch.empty_like(fs), torch.empty_like(fq), torch.empty_like(w), w.new_empty(w.shape[0])
-
-
-def _head_cpp_autograd(ctx, grad_losses, grad_logits, *_):
-    grad_losses, grad_logits = _grads_or_zeros(ctx, grad_losses, grad_logits)
-    g_fs, g_fq, g_w, g_b = head_cpp_backward(grad_losses, grad_logits, *ctx.saved_tensors,
-                                             ctx.lr, ctx.steps, ctx.first_order)
-    return g_fs, None, g_fq, None, g_w, g_b, None, None, None
-
-
-head_cpp.register_autograd(_head_cpp_autograd, setup_context=_setup_context)
 
 
 # -- Triton ------------------------------------------------------------------------------------
@@ -171,11 +153,6 @@ def head_triton(fs: Tensor, ys: Tensor, fq: Tensor, yq: Tensor, w: Tensor, b: Te
     h, logits, losses = inner_loop_forward(z0, kss, ys.contiguous(), aq, kqs, yq.contiguous(),
                                            lr, steps)
     return losses, logits, z0, kss, kqs, h
-
-
-@head_triton.register_fake
-def _(fs, ys, fq, yq, w, b, lr, steps, first_order):
-    return _fake_outputs(fs, fq, w)
 
 
 @torch.library.custom_op("anil_fast::head_triton_backward", mutates_args=())
@@ -201,20 +178,29 @@ def head_triton_backward(grad_losses: Tensor, grad_logits: Tensor, fs: Tensor, y
     return g_fs, g_fq, g_w, g_b
 
 
-@head_triton_backward.register_fake
-def _(grad_losses, grad_logits, fs, ys, fq, yq, w, logits, z0, kss, kqs, h, lr, steps, first_order):
-    return torch.empty_like(fs), torch.empty_like(fq), torch.empty_like(w), w.new_empty(w.shape[0])
+
+def _register(forward_op, backward_op) -> None:
+    """Fake (meta) implementations and autograd for a (forward, backward) pair of ops."""
+    @forward_op.register_fake
+    def _(fs, ys, fq, yq, w, b, lr, steps, first_order):
+        return _fake_outputs(fs, fq, w)
+
+    @backward_op.register_fake
+    def _(grad_losses, grad_logits, fs, ys, fq, yq, w, logits, z0, kss, kqs, h, lr, steps,
+          first_order):
+        return torch.empty_like(fs), torch.empty_like(fq), torch.empty_like(w), w.new_empty(w.shape[0])
+
+    def backward(ctx, grad_losses, grad_logits, *_):
+        grad_losses, grad_logits = _grads_or_zeros(ctx, grad_losses, grad_logits)
+        g_fs, g_fq, g_w, g_b = backward_op(grad_losses, grad_logits, *ctx.saved_tensors,
+                                           ctx.lr, ctx.steps, ctx.first_order)
+        return g_fs, None, g_fq, None, g_w, g_b, None, None, None
+
+    forward_op.register_autograd(backward, setup_context=_setup_context)
 
 
-def _head_triton_autograd(ctx, grad_losses, grad_logits, *_):
-    grad_losses, grad_logits = _grads_or_zeros(ctx, grad_losses, grad_logits)
-    g_fs, g_fq, g_w, g_b = head_triton_backward(grad_losses, grad_logits, *ctx.saved_tensors,
-                                                ctx.lr, ctx.steps, ctx.first_order)
-    return g_fs, None, g_fq, None, g_w, g_b, None, None, None
-
-
-head_triton.register_autograd(_head_triton_autograd, setup_context=_setup_context)
-
+_register(head_cpp, head_cpp_backward)
+_register(head_triton, head_triton_backward)
 _OPS = {"cpp": head_cpp, "triton": head_triton}
 
 

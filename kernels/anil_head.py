@@ -42,6 +42,20 @@ if HAVE_TRITON:
         return e / tl.sum(e, 1)[:, None]
 
     @triton.jit
+    def _load_task(Z0, KSS, YS, t, S, N, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One task's Z0 [BS,BN], Kss [BS,BS] and one-hot support labels, zero-padded."""
+        rs = tl.arange(0, BLOCK_S)
+        rn = tl.arange(0, BLOCK_N)
+        s_ok = rs < S
+        sn_ok = s_ok[:, None] & (rn < N)[None, :]
+        z0 = tl.load(Z0 + t * S * N + rs[:, None] * N + rn[None, :], mask=sn_ok, other=0.0).to(tl.float32)
+        kss = tl.load(KSS + t * S * S + rs[:, None] * S + rs[None, :],
+                      mask=s_ok[:, None] & s_ok[None, :], other=0.0).to(tl.float32)
+        ys = tl.load(YS + t * S + rs, mask=s_ok, other=-1)
+        y = (ys[:, None] == rn[None, :]).to(tl.float32)
+        return z0, kss, y
+
+    @triton.jit
     def _inner_loop_fwd_kernel(Z0, KSS, YS, AQ, KQS, YQ, H_OUT, LOGITS, LOSSES,
                                S, Q, N, steps, lr,
                                BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -52,11 +66,7 @@ if HAVE_TRITON:
         s_ok = rs < S
         n_ok = rn < N
         sn_ok = s_ok[:, None] & n_ok[None, :]
-        z0 = tl.load(Z0 + t * S * N + rs[:, None] * N + rn[None, :], mask=sn_ok, other=0.0).to(tl.float32)
-        kss = tl.load(KSS + t * S * S + rs[:, None] * S + rs[None, :],
-                      mask=s_ok[:, None] & s_ok[None, :], other=0.0).to(tl.float32)
-        ys = tl.load(YS + t * S + rs, mask=s_ok, other=-1)
-        y = (ys[:, None] == rn[None, :]).to(tl.float32)
+        z0, kss, y = _load_task(Z0, KSS, YS, t, S, N, BLOCK_S, BLOCK_N)
         h = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
         for _ in range(steps):
             z = z0 - lr * tl.dot(kss, h, input_precision="ieee")
@@ -92,10 +102,7 @@ if HAVE_TRITON:
         n_ok = rn < N
         sn_ok = s_ok[:, None] & n_ok[None, :]
         ss_ok = s_ok[:, None] & s_ok[None, :]
-        z0 = tl.load(Z0 + t * S * N + rs[:, None] * N + rn[None, :], mask=sn_ok, other=0.0).to(tl.float32)
-        kss = tl.load(KSS + t * S * S + rs[:, None] * S + rs[None, :], mask=ss_ok, other=0.0).to(tl.float32)
-        ys = tl.load(YS + t * S + rs, mask=s_ok, other=-1)
-        y = (ys[:, None] == rn[None, :]).to(tl.float32)
+        z0, kss, y = _load_task(Z0, KSS, YS, t, S, N, BLOCK_S, BLOCK_N)
         block = rs[:, None] * BLOCK_N + rn[None, :]
         hist = HIST + t * steps * BLOCK_S * BLOCK_N
         # Recompute the forward loop, keeping every step's H_k (the heads are cheap here).
