@@ -136,13 +136,18 @@ def head_cpp_backward(grad_losses: Tensor, grad_logits: Tensor, fs: Tensor, ys: 
 
 
 # -- Triton ------------------------------------------------------------------------------------
+def _stacked_rows(fs, w):
+    """R = [W; F_t] for every task, [T, N+S, D]: one GEMM operand for the head's rows and the
+    support rows, so each pass reads the (large) query features once."""
+    return torch.cat([w.unsqueeze(0).expand(fs.shape[0], -1, -1), fs], dim=1)
+
+
 def _projections(fs, fq, w, b):
-    """One pass over the features: Z0, Kss, Aq, Kqs (fp32 or fp64)."""
-    z0 = torch.matmul(fs, w.t()) + b
-    kss = torch.bmm(fs, fs.transpose(1, 2)) + 1
-    aq = torch.matmul(fq, w.t()) + b
-    kqs = torch.bmm(fq, fs.transpose(1, 2)) + 1
-    return z0, kss, aq, kqs
+    """Z0 = F Wᵀ + b, Kss = F Fᵀ + 1, Aq = Fq Wᵀ + b, Kqs = Fq Fᵀ + 1, from two GEMMs."""
+    ways = w.shape[0]
+    rows_t = _stacked_rows(fs, w).transpose(1, 2)
+    zs, zq = torch.bmm(fs, rows_t), torch.bmm(fq, rows_t)
+    return zs[..., :ways] + b, zs[..., ways:] + 1, zq[..., :ways] + b, zq[..., ways:] + 1
 
 
 @torch.library.custom_op("anil_fast::head_triton", mutates_args=())
@@ -164,7 +169,8 @@ def head_triton_backward(grad_losses: Tensor, grad_logits: Tensor, fs: Tensor, y
     zq_bar = _query_logit_adjoint(grad_losses, grad_logits, logits, yq)
     # query logits = Fq W^T + b - lr (Fq F^T + 1) H
     kqs_bar = -lr * torch.bmm(zq_bar, h.transpose(1, 2))
-    g_fq = torch.matmul(zq_bar, w) + torch.bmm(kqs_bar, fs)
+    rows = _stacked_rows(fs, w)
+    g_fq = torch.bmm(torch.cat([zq_bar, kqs_bar], -1), rows)  # Zq_bar W + Kqs_bar F, one pass
     g_w = zq_bar.flatten(0, 1).t() @ fq.flatten(0, 1)
     g_b = zq_bar.sum((0, 1))
     if first_order:  # the inner loop's gradients are constants: no support-feature gradient
@@ -173,10 +179,10 @@ def head_triton_backward(grad_losses: Tensor, grad_logits: Tensor, fs: Tensor, y
     z0_bar, kss_bar = inner_loop_reverse(z0, kss, ys.contiguous(), hbar.contiguous(), lr, steps)
     g_w = g_w + z0_bar.flatten(0, 1).t() @ fs.flatten(0, 1)
     g_b = g_b + z0_bar.sum((0, 1))
-    g_fs = (torch.matmul(z0_bar, w) + torch.bmm(kss_bar + kss_bar.transpose(1, 2), fs)
-            + torch.bmm(kqs_bar.transpose(1, 2), fq))
+    # Z0_bar W + (Kss_bar + Kss_barᵀ) F + Kqs_barᵀ Fq
+    g_fs = torch.baddbmm(torch.bmm(torch.cat([z0_bar, kss_bar + kss_bar.transpose(1, 2)], -1), rows),
+                         kqs_bar.transpose(1, 2), fq)
     return g_fs, g_fq, g_w, g_b
-
 
 
 def _register(forward_op, backward_op) -> None:

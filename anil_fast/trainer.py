@@ -244,8 +244,8 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
                "world_size": info.world_size, "per_rank_it_s": rank_it_s,
                "gpu_utilization": monitor.average_utilization, **peak_memory(device),
                "device": str(device), **counts,
-               "parameters_per_training_task": (counts["trainable_parameters"] / config.tasks)
-               if config.tasks else None,
+               "training_tasks": training_tasks(config),
+               "parameters_per_training_task": counts["trainable_parameters"] / training_tasks(config),
                "param_groups": [{k: v for k, v in g.items() if k != "names"}
                                 for g in anil.param_groups_report]}
     distributed.barrier()
@@ -258,6 +258,12 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
     if info.is_main:
         (out / RESULTS).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def training_tasks(config: Config) -> int:
+    """Distinct training tasks a run sees: its pool, or every task it draws (endless)."""
+    drawn = config.total_meta_steps * config.meta_batch
+    return min(config.tasks, drawn) if config.tasks else drawn
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
