@@ -41,10 +41,11 @@ class ANIL(nn.Module):
     outer loop updates body and head with Adam from the mean query loss.
 
     backend: "reference" runs the body once per task and per set (support, then query) and
-    the plain-autograd head; any other backend runs the body once per set for all tasks with
-    per-task BatchNorm statistics (see batchnorm.py) and the chosen head backend
-    ("auto", "fused", "cpp", "triton"). batched_body forces either body path (None: batched
-    on CUDA, per-task on the CPU); both give the same numbers.
+    the plain-autograd head; "loop" is the per-task loop of the ANIL write-ups (the speed
+    baseline). The fast backends ("auto", "fused", "cpp", "triton") use the fused head and run
+    the body either once per set for all tasks, with per-task BatchNorm statistics
+    (batchnorm.py), or per task: batched_body=None picks batched on CUDA and per task on the
+    CPU (faster there); both give the same numbers.
     """
 
     def __init__(self, body: nn.Module, head: nn.Linear, inner_lr: float = 0.01,

@@ -170,18 +170,21 @@ def head_triton_backward(grad_losses: Tensor, grad_logits: Tensor, fs: Tensor, y
     # query logits = Fq W^T + b - lr (Fq F^T + 1) H
     kqs_bar = -lr * torch.bmm(zq_bar, h.transpose(1, 2))
     rows = _stacked_rows(fs, w)
-    g_fq = torch.bmm(torch.cat([zq_bar, kqs_bar], -1), rows)  # Zq_bar W + Kqs_bar F, one pass
-    g_w = zq_bar.flatten(0, 1).t() @ fq.flatten(0, 1)
+    adj_q = torch.cat([zq_bar, kqs_bar], -1)
+    g_fq = torch.bmm(adj_q, rows)  # Zq_bar W + Kqs_bar F, one pass
     g_b = zq_bar.sum((0, 1))
     if first_order:  # the inner loop's gradients are constants: no support-feature gradient
-        return torch.zeros_like(fs), g_fq, g_w, g_b
+        return torch.zeros_like(fs), g_fq, zq_bar.flatten(0, 1).t() @ fq.flatten(0, 1), g_b
+    # one read of Fq for both [Zq_bar | Kqs_bar]ᵀ Fq products: the weight's and the support's
+    fq_products = torch.bmm(adj_q.transpose(1, 2), fq)  # [T, N+S, D]
     hbar = -lr * torch.bmm(kqs.transpose(1, 2), zq_bar)
     z0_bar, kss_bar = inner_loop_reverse(z0, kss, ys.contiguous(), hbar.contiguous(), lr, steps)
-    g_w = g_w + z0_bar.flatten(0, 1).t() @ fs.flatten(0, 1)
+    ways = w.shape[0]
+    g_w = fq_products[:, :ways].sum(0) + z0_bar.flatten(0, 1).t() @ fs.flatten(0, 1)
     g_b = g_b + z0_bar.sum((0, 1))
     # Z0_bar W + (Kss_bar + Kss_barᵀ) F + Kqs_barᵀ Fq
-    g_fs = torch.baddbmm(torch.bmm(torch.cat([z0_bar, kss_bar + kss_bar.transpose(1, 2)], -1), rows),
-                         kqs_bar.transpose(1, 2), fq)
+    g_fs = torch.baddbmm(fq_products[:, ways:],
+                         torch.cat([z0_bar, kss_bar + kss_bar.transpose(1, 2)], -1), rows)
     return g_fs, g_fq, g_w, g_b
 
 
