@@ -86,8 +86,12 @@ def time_meta_steps(device, quick=False):
             fn()
             row["loop peak MB"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         for name, precision, capture in variants:
-            fn, _, _ = step_callable(case, "fast", device, precision=precision, capture=capture)
-            fast_s = time_call(fn, device, min_time, max_iters=500)
+            try:  # one failing variant (e.g. capture on an unusual setup) must not end the run
+                fn, _, _ = step_callable(case, "fast", device, precision=precision, capture=capture)
+                fast_s = time_call(fn, device, min_time, max_iters=500)
+            except Exception as exc:
+                row[f"{name} it/s"] = f"error: {type(exc).__name__}: {str(exc)[:80]}"
+                continue
             row[f"{name} it/s"] = 1 / fast_s
             row[f"{name} x loop"] = loop_s / fast_s
             if cuda:

@@ -6,10 +6,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # `from common import ...` in the
 
 def pytest_terminal_summary(terminalreporter):
     from common import print_table
-    for module in ("test_bench_head", "test_bench_step"):
-        mod = sys.modules.get(module)
-        if mod is None or not getattr(mod, "RESULTS", None):
-            continue
+    suites = {m.__name__.rsplit(".", 1)[-1]: m for m in list(sys.modules.values())
+              if getattr(m, "__name__", "").rsplit(".", 1)[-1] in ("test_bench_head", "test_bench_step")
+              and getattr(m, "RESULTS", None)}
+    for module, mod in sorted(suites.items()):
         rows = mod.summary_rows()
         terminalreporter.write_line("")
         columns = list(dict.fromkeys(c for r in rows for c in r))

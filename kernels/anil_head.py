@@ -34,6 +34,11 @@ def _block(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())  # tl.dot needs every dim >= 16
 
 
+def _warps(block_s: int, block_n: int) -> int:
+    """More warps for the larger register tiles (Kss is BLOCK_S x BLOCK_S)."""
+    return 4 if block_s * max(block_s, block_n) <= 64 * 64 else 8
+
+
 if HAVE_TRITON:
     @triton.jit
     def _softmax_rows(z, col_ok):
@@ -144,7 +149,8 @@ def inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
     block_q = min(64, _block(q_rows))
     _inner_loop_fwd_kernel[(tasks,)](
         z0, kss, ys, aq, kqs, yq, h, logits, losses, s_rows, q_rows, ways, steps, lr,
-        BLOCK_S=_block(s_rows), BLOCK_N=_block(ways), BLOCK_Q=block_q)
+        BLOCK_S=_block(s_rows), BLOCK_N=_block(ways), BLOCK_Q=block_q,
+        num_warps=_warps(_block(s_rows), _block(ways)))
     return h, logits, losses
 
 
@@ -164,7 +170,7 @@ def inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
         _inner_loop_bwd_kernel[(end - start,)](
             z0[start:end], kss[start:end], ys[start:end], hbar[start:end], hist,
             z0bar[start:end], kssbar[start:end], s_rows, ways, steps, lr,
-            BLOCK_S=bs, BLOCK_N=bn)
+            BLOCK_S=bs, BLOCK_N=bn, num_warps=_warps(bs, bn))
     return z0bar, kssbar
 
 
