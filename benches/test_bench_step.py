@@ -1,6 +1,8 @@
-"""Speed suite of whole meta-steps (pytest-benchmark): the fast path against the per-task loop
-of the ANIL write-ups, same run. On the CPU the fast path is the C++ head with the body per
-task (batched_body=None picks the faster body path per device); on a GPU, the batched body.
+"""Speed suite of whole meta-steps (pytest-benchmark): the fast path (fp32 and bf16) against the
+per-task loop of the ANIL write-ups (fp32), same run. On the CPU the fast path is the C++ head
+with the body per task in channels_last (batched_body=None picks the faster body path per
+device; bf16 uses oneDNN's AVX-512 BF16 kernels where the CPU has them); on a GPU, the batched
+body and a whole-step CUDA graph.
 
     pytest benches/test_bench_step.py --benchmark-only
 """
@@ -15,11 +17,13 @@ CPU_CASES = ["s2 conv4 28px", "s1 conv4 28px", "s2 conv4 105px"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("method", ["fast", "loop"])
+@pytest.mark.parametrize("method", ["fast", "fast-bf16", "loop"])
 def test_meta_step(benchmark, method, case):
     if DEVICE == "cpu" and case not in CPU_CASES:
         pytest.skip("GPU-sized case")
-    fn, anil, _ = step_callable(case, method, DEVICE, capture=DEVICE == "cuda")
+    precision = "bf16" if method == "fast-bf16" else "fp32"
+    fn, anil, _ = step_callable(case, method.split("-")[0], DEVICE, precision=precision,
+                                capture=DEVICE == "cuda")
 
     def synced():
         fn()
@@ -34,7 +38,8 @@ def test_meta_step(benchmark, method, case):
 def summary_rows():
     rows = []
     for case, e in RESULTS.items():
-        fast, loop = e.get("fast"), e.get("loop")
-        rows.append({"case": case, "fast it/s": fast and 1 / fast, "loop it/s": loop and 1 / loop,
-                     "x loop": fast and loop and loop / fast})
+        fast, bf16, loop = e.get("fast"), e.get("fast-bf16"), e.get("loop")
+        rows.append({"case": case, "loop it/s": loop and 1 / loop,
+                     "fast fp32 it/s": fast and 1 / fast, "x loop": fast and loop and loop / fast,
+                     "fast bf16 it/s": bf16 and 1 / bf16, "bf16 x loop": bf16 and loop and loop / bf16})
     return rows
