@@ -156,6 +156,14 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(grad, eager_grad)
 
 
+def test_auto_picks_the_reference_where_it_is_faster():
+    from anil_fast.functional import _reference_is_faster
+    assert _reference_is_faster(100, 64, first_order=False)       # 20-way 5-shot, small D
+    assert _reference_is_faster(100, 512, first_order=True)
+    assert not _reference_is_faster(5, 2304, first_order=False)   # 5-way 1-shot, conv4 105 px
+    assert not _reference_is_faster(5, 64, first_order=True)      # conv4 28 px
+
+
 def test_backend_resolution():
     assert ops.resolve_backend("reference", "cpu") == "reference"
     assert ops.resolve_backend("auto", "cpu") == ("reference" if cpp_missing else "cpp")
