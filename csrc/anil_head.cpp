@@ -6,7 +6,7 @@
 // gradients. So the support logits are Z_k = Z_0 - lr * Kss H_k with Kss = F F^T + 1, and the
 // whole inner loop runs in the small S x N space after one pass over the features:
 //   Z_0 = F W^T + b, Kss = F F^T + 1, Aq = Fq W^T + b, Kqs = Fq F^T + 1   (GEMMs)
-//   for k: P = softmax(Z_0 - lr Kss H); H += (P - Y) / S                 (small, per task)
+//   for k: P = softmax(Z_0 - lr Kss H); H += (P - Y) / S                 (small: S x N per task)
 //   query logits = Aq - lr Kqs H; loss = mean cross-entropy.
 // The backward reverses the small loop (softmax Jacobian-vector products) and maps the
 // adjoints of Z_0, Kss, Kqs and Aq back to W, b, F and Fq with GEMMs.
@@ -16,11 +16,7 @@
 // use R = [W; F] per task as one operand, so each pass reads the query features once.
 #include <torch/extension.h>
 
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
+#include <utility>
 #include <vector>
 
 namespace {
