@@ -29,7 +29,7 @@ from common import (copy_bandwidth_gbs, forward_backward, head_problem, peak_mem
 # (tasks, ways, shots, queries per class, dim, steps): random, odd and edge shapes
 CHECK_SHAPES = [(3, 5, 1, 5, 7, 5), (1, 64, 1, 2, 33, 2), (4, 20, 5, 5, 1025, 5),
                 (2, 5, 1, 15, 2304, 0), (7, 3, 2, 4, 1, 100), (300, 5, 1, 5, 64, 5),
-                (2, 7, 19, 1, 9, 3)]
+                (2, 7, 19, 1, 9, 3), (2, 10, 64, 2, 257, 3)]  # last: 640 support rows (tiled)
 QUICK_CHECK = [(3, 5, 1, 5, 7, 5), (2, 7, 3, 2, 9, 3)]
 
 

@@ -9,9 +9,11 @@ and the query logits are Aq - lr Kqs H. `inner_loop_forward` runs all steps and 
 for every task in one launch (one program per task); `inner_loop_reverse` runs the analytic
 backward of the loop (softmax Jacobian-vector products, in reverse step order) in one launch.
 
-Shapes the kernels take: S <= 128 support rows, N <= 64 ways (any Q, chunked). Larger support
-sets use the exact batched-torch versions below (`torch_inner_loop_*`), which are also the
-kernels' own test oracle. All accumulation is fp32 (or the inputs' dtype when float64).
+Shapes: N <= 64 ways, any Q (chunked). Up to 128 support rows a task's Kss and H sit in
+registers; larger support sets (e.g. 640) use the tiled kernels, which keep H in a per-task
+scratch buffer and multiply by Kss in 32 x 32 tiles. float64 inputs use the exact batched-torch
+versions below (`torch_inner_loop_*`), which are also the kernels' test oracle. All
+accumulation is fp32.
 """
 from __future__ import annotations
 
@@ -133,8 +135,133 @@ if HAVE_TRITON:
         tl.store(KSSBAR + t * S * S + rs[:, None] * S + rs[None, :], kb, mask=ss_ok)
 
 
+    # -- support sets larger than one register tile: H lives in a per-task scratch buffer and
+    # every product with Kss runs over (ROWS x ROWS) tiles; same maths as the kernels above.
+    @triton.jit
+    def _kss_rows_times(KSS, t, rows, S, M, rn, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Kss[rows, :] @ M for one task, M a zero-padded [S_pad, BLOCK_N] scratch matrix."""
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for c0 in range(0, S, ROWS):
+            cols = c0 + tl.arange(0, ROWS)
+            k = tl.load(KSS + t * S * S + rows[:, None] * S + cols[None, :],
+                        mask=(rows < S)[:, None] & (cols < S)[None, :], other=0.0).to(tl.float32)
+            m = tl.load(M + cols[:, None] * BLOCK_N + rn[None, :])
+            acc += tl.dot(k, m, input_precision="ieee")
+        return acc
+
+    @triton.jit
+    def _tiled_step(Z0, KSS, YS, SRC, DST, t, S, N, lr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """DST = SRC + (softmax(Z0 - lr Kss SRC) - Y) / S, row block by row block."""
+        rn = tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        for r0 in range(0, S, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            rn_ok = (rows < S)[:, None] & n_ok[None, :]
+            acc = _kss_rows_times(KSS, t, rows, S, SRC, rn, ROWS, BLOCK_N)
+            z0 = tl.load(Z0 + t * S * N + rows[:, None] * N + rn[None, :], mask=rn_ok, other=0.0).to(tl.float32)
+            p = _softmax_rows(z0 - lr * acc, n_ok[None, :])
+            ys = tl.load(YS + t * S + rows, mask=rows < S, other=-1)
+            y = (ys[:, None] == rn[None, :]).to(tl.float32)
+            block = rows[:, None] * BLOCK_N + rn[None, :]
+            h = tl.load(SRC + block)
+            tl.store(DST + block, h + tl.where(rn_ok, (p - y) / S, 0.0))
+
+    @triton.jit
+    def _tiled_fwd_kernel(Z0, KSS, YS, AQ, KQS, YQ, SCR, H_OUT, LOGITS, LOSSES,
+                          S, Q, N, S_PAD, steps, lr,
+                          ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        rn = tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        plane = S_PAD * BLOCK_N
+        scr = SCR + t * 2 * plane  # two zeroed [S_PAD, BLOCK_N] buffers, used in turn
+        for k in range(steps):
+            _tiled_step(Z0, KSS, YS, scr + (k % 2) * plane, scr + ((k + 1) % 2) * plane, t, S, N,
+                        lr, ROWS, BLOCK_N)
+            tl.debug_barrier()  # the next step reads rows other threads wrote
+        h = scr + (steps % 2) * plane
+        for r0 in range(0, S, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            tl.store(H_OUT + t * S * N + rows[:, None] * N + rn[None, :],
+                     tl.load(h + rows[:, None] * BLOCK_N + rn[None, :]),
+                     mask=(rows < S)[:, None] & n_ok[None, :])
+        loss = tl.sum(tl.zeros([BLOCK_Q], dtype=tl.float32), 0)
+        for q0 in range(0, Q, BLOCK_Q):
+            rq = q0 + tl.arange(0, BLOCK_Q)
+            q_ok = rq < Q
+            qn_ok = q_ok[:, None] & n_ok[None, :]
+            acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+            for c0 in range(0, S, ROWS):
+                cols = c0 + tl.arange(0, ROWS)
+                kq = tl.load(KQS + t * Q * S + rq[:, None] * S + cols[None, :],
+                             mask=q_ok[:, None] & (cols < S)[None, :], other=0.0).to(tl.float32)
+                acc += tl.dot(kq, tl.load(h + cols[:, None] * BLOCK_N + rn[None, :]),
+                              input_precision="ieee")
+            aq = tl.load(AQ + t * Q * N + rq[:, None] * N + rn[None, :], mask=qn_ok, other=0.0).to(tl.float32)
+            zq = aq - lr * acc
+            tl.store(LOGITS + t * Q * N + rq[:, None] * N + rn[None, :], zq, mask=qn_ok)
+            zm = tl.where(n_ok[None, :], zq, -float("inf"))
+            mx = tl.max(zm, 1)
+            lse = mx + tl.log(tl.sum(tl.exp(zm - mx[:, None]), 1))
+            yq = tl.load(YQ + t * Q + rq, mask=q_ok, other=-1)
+            picked = tl.sum(tl.where(yq[:, None] == rn[None, :], zq, 0.0), 1)
+            loss += tl.sum(tl.where(q_ok, lse - picked, 0.0), 0)
+        tl.store(LOSSES + t, loss / Q)
+
+    @triton.jit
+    def _tiled_bwd_kernel(Z0, KSS, YS, HIST, HB, ZB, Z0BAR, KSSBAR, S, N, S_PAD, steps, lr,
+                          ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        rn = tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        plane = S_PAD * BLOCK_N
+        hist = HIST + t * (steps + 1) * plane  # hist[k] = H_k; hist[0] is zero
+        hb = HB + t * plane                     # adjoint of H, zero-padded
+        zb = ZB + t * plane
+        for k in range(steps):  # recompute the forward, keeping every H_k
+            _tiled_step(Z0, KSS, YS, hist + k * plane, hist + (k + 1) * plane, t, S, N, lr,
+                        ROWS, BLOCK_N)
+            tl.debug_barrier()
+        for i in range(steps):
+            hk = hist + (steps - 1 - i) * plane
+            for r0 in range(0, S, ROWS):  # adjoint of Z_k: the softmax JVP, row by row
+                rows = r0 + tl.arange(0, ROWS)
+                rn_ok = (rows < S)[:, None] & n_ok[None, :]
+                acc = _kss_rows_times(KSS, t, rows, S, hk, rn, ROWS, BLOCK_N)
+                z0 = tl.load(Z0 + t * S * N + rows[:, None] * N + rn[None, :], mask=rn_ok, other=0.0).to(tl.float32)
+                p = _softmax_rows(z0 - lr * acc, n_ok[None, :])
+                block = rows[:, None] * BLOCK_N + rn[None, :]
+                hbr = tl.load(hb + block)
+                zbr = tl.where(rn_ok, p * (hbr - tl.sum(p * hbr, 1)[:, None]) / S, 0.0)
+                tl.store(zb + block, zbr)
+                out = Z0BAR + t * S * N + rows[:, None] * N + rn[None, :]
+                tl.store(out, tl.load(out, mask=rn_ok, other=0.0) + zbr, mask=rn_ok)
+            tl.debug_barrier()
+            for r0 in range(0, S, ROWS):  # pass it on to Kss and to H_k
+                rows = r0 + tl.arange(0, ROWS)
+                zbr = tl.load(zb + rows[:, None] * BLOCK_N + rn[None, :])
+                acc = _kss_rows_times(KSS, t, rows, S, zb, rn, ROWS, BLOCK_N)
+                for c0 in range(0, S, ROWS):
+                    cols = c0 + tl.arange(0, ROWS)
+                    hkc = tl.load(hk + cols[:, None] * BLOCK_N + rn[None, :])
+                    rc_ok = (rows < S)[:, None] & (cols < S)[None, :]
+                    kb = KSSBAR + t * S * S + rows[:, None] * S + cols[None, :]
+                    update = lr * tl.dot(zbr, tl.trans(hkc), input_precision="ieee")
+                    tl.store(kb, tl.load(kb, mask=rc_ok, other=0.0) - update, mask=rc_ok)
+                block = rows[:, None] * BLOCK_N + rn[None, :]
+                tl.store(hb + block, tl.load(hb + block) - lr * acc)  # Kss is symmetric
+            tl.debug_barrier()
+
+
 def kernel_supports(support_rows: int, ways: int) -> bool:
-    return HAVE_TRITON and support_rows <= MAX_SUPPORT_ROWS and ways <= MAX_WAYS
+    return HAVE_TRITON and ways <= MAX_WAYS
+
+
+TILE_ROWS = 32  # row/column tile of the large-support kernels
+
+
+def _padded(rows: int) -> int:
+    return -(-rows // TILE_ROWS) * TILE_ROWS
 
 
 def inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
@@ -147,6 +274,13 @@ def inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
     logits = torch.empty_like(aq)
     losses = torch.empty(tasks, device=z0.device, dtype=z0.dtype)
     block_q = min(64, _block(q_rows))
+    if s_rows > MAX_SUPPORT_ROWS:  # tiles over a scratch copy of H
+        bn, s_pad = _block(ways), _padded(s_rows)
+        scratch = torch.zeros(tasks, 2, s_pad, bn, device=z0.device, dtype=torch.float32)
+        _tiled_fwd_kernel[(tasks,)](
+            z0, kss, ys, aq, kqs, yq, scratch, h, logits, losses, s_rows, q_rows, ways, s_pad,
+            steps, lr, ROWS=TILE_ROWS, BLOCK_N=bn, BLOCK_Q=min(block_q, 32), num_warps=4)
+        return h, logits, losses
     _inner_loop_fwd_kernel[(tasks,)](
         z0, kss, ys, aq, kqs, yq, h, logits, losses, s_rows, q_rows, ways, steps, lr,
         BLOCK_S=_block(s_rows), BLOCK_N=_block(ways), BLOCK_Q=block_q,
@@ -159,6 +293,8 @@ def inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
     tasks, s_rows, ways = z0.shape
     if not kernel_supports(s_rows, ways) or z0.dtype == torch.float64:
         return torch_inner_loop_reverse(z0, kss, ys, hbar, lr, steps)
+    if s_rows > MAX_SUPPORT_ROWS:
+        return _tiled_reverse(z0, kss, ys, hbar, lr, steps)
     bs, bn = _block(s_rows), _block(ways)
     z0bar = torch.empty_like(z0)
     kssbar = torch.empty_like(kss)
@@ -171,6 +307,25 @@ def inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
             z0[start:end], kss[start:end], ys[start:end], hbar[start:end], hist,
             z0bar[start:end], kssbar[start:end], s_rows, ways, steps, lr,
             BLOCK_S=bs, BLOCK_N=bn, num_warps=_warps(bs, bn))
+    return z0bar, kssbar
+
+
+def _tiled_reverse(z0, kss, ys, hbar, lr: float, steps: int):
+    tasks, s_rows, ways = z0.shape
+    bn, s_pad = _block(ways), _padded(s_rows)
+    z0bar, kssbar = torch.zeros_like(z0), torch.zeros_like(kss)  # the kernel accumulates
+    hb = torch.zeros(tasks, s_pad, bn, device=z0.device, dtype=torch.float32)
+    hb[:, :s_rows, :ways] = hbar
+    zb = torch.zeros_like(hb)
+    chunk = max(1, min(tasks, SCRATCH_BYTES // ((steps + 1) * s_pad * bn * 4)))
+    hist = torch.zeros(chunk, steps + 1, s_pad, bn, device=z0.device, dtype=torch.float32)
+    for start in range(0, tasks, chunk):  # one launch unless the scratch would exceed 1 GiB
+        end = min(tasks, start + chunk)
+        hist[:, 0].zero_()
+        _tiled_bwd_kernel[(end - start,)](
+            z0[start:end], kss[start:end], ys[start:end], hist, hb[start:end], zb[start:end],
+            z0bar[start:end], kssbar[start:end], s_rows, ways, s_pad, steps, lr,
+            ROWS=TILE_ROWS, BLOCK_N=bn, num_warps=4)
     return z0bar, kssbar
 
 

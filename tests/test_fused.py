@@ -84,6 +84,23 @@ def test_triton_float32_interpreter(shape, first_order):
 
 
 @needs_triton
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("shape", [(2, 160, 9, 13, 7, 3), (1, 200, 70, 5, 64, 2), (3, 150, 4, 1, 2, 0)])
+def test_triton_large_support_sets(shape, first_order):
+    # more than 128 support rows: the tiled kernels (H in scratch, 32 x 32 tiles of Kss)
+    compare("triton", shape, first_order, torch.float32, atol=2e-4, rtol=2e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("support_rows", [20, 140])
+def test_triton_reverse_in_chunks(monkeypatch, support_rows):
+    # a small scratch budget makes the backward launch over chunks of tasks
+    from anil_fast.kernels import anil_head
+    monkeypatch.setattr(anil_head, "SCRATCH_BYTES", 1)
+    compare("triton", (3, support_rows, 6, 11, 5, 2), False, torch.float32, atol=2e-4, rtol=2e-4)
+
+
+@needs_triton
 @pytest.mark.parametrize("feature_dtype", [torch.bfloat16, torch.float16])
 def test_triton_low_precision_features(feature_dtype):
     compare("triton", (2, 5, 6, 40, 5, 3), False, torch.float32, feature_dtype=feature_dtype,
