@@ -49,6 +49,22 @@ if HAVE_TRITON:
         return e / tl.sum(e, 1)[:, None]
 
     @triton.jit
+    def _query_rows(AQ, YQ, LOGITS, t, rq, Q, N, rn, kqs_h, lr):
+        """Query logits Aq - lr Kqs H of rows rq (kqs_h = Kqs H) stored; their CE sum returned."""
+        q_ok = rq < Q
+        n_ok = rn < N
+        qn_ok = q_ok[:, None] & n_ok[None, :]
+        aq = tl.load(AQ + t * Q * N + rq[:, None] * N + rn[None, :], mask=qn_ok, other=0.0).to(tl.float32)
+        zq = aq - lr * kqs_h
+        tl.store(LOGITS + t * Q * N + rq[:, None] * N + rn[None, :], zq, mask=qn_ok)
+        zm = tl.where(n_ok[None, :], zq, -float("inf"))
+        mx = tl.max(zm, 1)
+        lse = mx + tl.log(tl.sum(tl.exp(zm - mx[:, None]), 1))
+        yq = tl.load(YQ + t * Q + rq, mask=q_ok, other=-1)
+        picked = tl.sum(tl.where(yq[:, None] == rn[None, :], zq, 0.0), 1)
+        return tl.sum(tl.where(q_ok, lse - picked, 0.0), 0)
+
+    @triton.jit
     def _load_task(Z0, KSS, YS, t, S, N, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
         """One task's Z0 [BS,BN], Kss [BS,BS] and one-hot support labels, zero-padded."""
         rs = tl.arange(0, BLOCK_S)
@@ -84,18 +100,10 @@ if HAVE_TRITON:
         for q0 in range(0, Q, BLOCK_Q):
             rq = q0 + tl.arange(0, BLOCK_Q)
             q_ok = rq < Q
-            qn_ok = q_ok[:, None] & n_ok[None, :]
-            aq = tl.load(AQ + t * Q * N + rq[:, None] * N + rn[None, :], mask=qn_ok, other=0.0).to(tl.float32)
             kqs = tl.load(KQS + t * Q * S + rq[:, None] * S + rs[None, :],
                           mask=q_ok[:, None] & s_ok[None, :], other=0.0).to(tl.float32)
-            zq = aq - lr * tl.dot(kqs, h, input_precision="ieee")
-            tl.store(LOGITS + t * Q * N + rq[:, None] * N + rn[None, :], zq, mask=qn_ok)
-            zm = tl.where(n_ok[None, :], zq, -float("inf"))
-            mx = tl.max(zm, 1)
-            lse = mx + tl.log(tl.sum(tl.exp(zm - mx[:, None]), 1))
-            yq = tl.load(YQ + t * Q + rq, mask=q_ok, other=-1)
-            picked = tl.sum(tl.where(yq[:, None] == rn[None, :], zq, 0.0), 1)
-            loss += tl.sum(tl.where(q_ok, lse - picked, 0.0), 0)
+            loss += _query_rows(AQ, YQ, LOGITS, t, rq, Q, N, rn,
+                                tl.dot(kqs, h, input_precision="ieee"), lr)
         tl.store(LOSSES + t, loss / Q)
 
     @triton.jit
@@ -189,7 +197,6 @@ if HAVE_TRITON:
         for q0 in range(0, Q, BLOCK_Q):
             rq = q0 + tl.arange(0, BLOCK_Q)
             q_ok = rq < Q
-            qn_ok = q_ok[:, None] & n_ok[None, :]
             acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
             for c0 in range(0, S, ROWS):
                 cols = c0 + tl.arange(0, ROWS)
@@ -197,15 +204,7 @@ if HAVE_TRITON:
                              mask=q_ok[:, None] & (cols < S)[None, :], other=0.0).to(tl.float32)
                 acc += tl.dot(kq, tl.load(h + cols[:, None] * BLOCK_N + rn[None, :]),
                               input_precision="ieee")
-            aq = tl.load(AQ + t * Q * N + rq[:, None] * N + rn[None, :], mask=qn_ok, other=0.0).to(tl.float32)
-            zq = aq - lr * acc
-            tl.store(LOGITS + t * Q * N + rq[:, None] * N + rn[None, :], zq, mask=qn_ok)
-            zm = tl.where(n_ok[None, :], zq, -float("inf"))
-            mx = tl.max(zm, 1)
-            lse = mx + tl.log(tl.sum(tl.exp(zm - mx[:, None]), 1))
-            yq = tl.load(YQ + t * Q + rq, mask=q_ok, other=-1)
-            picked = tl.sum(tl.where(yq[:, None] == rn[None, :], zq, 0.0), 1)
-            loss += tl.sum(tl.where(q_ok, lse - picked, 0.0), 0)
+            loss += _query_rows(AQ, YQ, LOGITS, t, rq, Q, N, rn, acc, lr)
         tl.store(LOSSES + t, loss / Q)
 
     @triton.jit
