@@ -80,9 +80,13 @@ def validate_head_inputs(support_features, support_labels, query_features, query
         raise TypeError(f"inner_lr must be a Python float, got {type(inner_lr).__name__}")
     if not math.isfinite(inner_lr):
         raise ValueError(f"inner_lr must be finite, got {inner_lr}")
-    # One small host sync: out-of-range labels would silently index the wrong class. Skipped
-    # while torch.compile traces or a CUDA graph captures (no sync allowed there; the kernels
-    # mask out-of-range labels, so nothing is read out of bounds).
+
+
+def check_label_values(support_labels, query_labels, ways: int) -> None:
+    """Labels outside 0..ways-1 would silently index the wrong class: a ValueError. A host
+    sync, so it is skipped where a sync is not allowed (torch.compile tracing, CUDA graph
+    capture) and on the fused CUDA path, whose kernels turn such labels into a NaN loss
+    instead (and never read out of bounds)."""
     if _tracing_or_capturing(support_labels):
         return
     for name, labels in (("support_labels", support_labels), ("query_labels", query_labels)):
@@ -170,6 +174,7 @@ def adapted_query_loss(support_features, support_labels, query_features, query_l
         raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
     args = (support_features, support_labels, query_features, query_labels, weight, bias)
     if backend == "loop":
+        check_label_values(support_labels, query_labels, weight.shape[0])
         return per_task_adapted_query_loss(*args, inner_lr=float(inner_lr),
                                            inner_steps=inner_steps, first_order=first_order)
     from . import ops  # the fused ops; imported lazily (triton and the C++ build are optional)
@@ -177,6 +182,8 @@ def adapted_query_loss(support_features, support_labels, query_features, query_l
     if backend == "auto" and chosen != "reference" and _reference_is_faster(
             support_features.shape[1], support_features.shape[2], first_order):
         chosen = "reference"
+    if not (chosen == "triton" and support_features.is_cuda):  # no host sync in a CUDA step
+        check_label_values(support_labels, query_labels, weight.shape[0])
     if chosen == "reference":
         return reference_adapted_query_loss(*args, inner_lr=float(inner_lr),
                                             inner_steps=inner_steps, first_order=first_order)

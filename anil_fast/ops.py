@@ -157,6 +157,11 @@ def head_triton(fs: Tensor, ys: Tensor, fq: Tensor, yq: Tensor, w: Tensor, b: Te
     z0, kss, aq, kqs = _projections(fs, fq, w, b)
     h, logits, losses = inner_loop_forward(z0, kss, ys.contiguous(), aq, kqs, yq.contiguous(),
                                            lr, steps)
+    # Out-of-range labels (not checked on the host on CUDA: no sync) make the loss NaN, never a
+    # silently wrong number; the kernels mask them, so nothing is read out of bounds.
+    ways = w.shape[0]
+    bad = ((ys < 0) | (ys >= ways)).any() | ((yq < 0) | (yq >= ways)).any()
+    losses = torch.where(bad, torch.full_like(losses, float("nan")), losses)
     return losses, logits, z0, kss, kqs, h
 
 

@@ -198,7 +198,8 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
                         f"is kept" if step_of_checkpoint[0] else "no checkpoint was written yet")
                 raise TrainingDiverged(
                     f"the meta-loss became {loss} at step {s}; training stopped and {kept}. "
-                    f"Lower --outer-lr or --inner-lr, then resume or restart")
+                    f"Lower --outer-lr or --inner-lr, then resume or restart (on the fused "
+                    f"CUDA path, labels outside 0..ways-1 also give a NaN loss)")
             if metrics_file:
                 metrics_file.write(json.dumps({"step": s, "loss": loss, "accuracy": acc,
                                                "elapsed_s": round(elapsed, 4),

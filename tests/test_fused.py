@@ -148,6 +148,16 @@ def test_bad_input_is_caught_before_the_op(backend):
         adapted_query_loss(fs, ys, fq, yq.to("meta"), w, b, **kw)
 
 
+@needs_triton
+def test_triton_op_turns_bad_labels_into_nan():
+    # on CUDA the host-side label check is skipped (no sync in a step): the op itself flags them
+    fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3, dtype=torch.float32)
+    losses, _, *_ = ops.head_triton(fs, ys, fq, yq + 3, w, b, 0.1, 2, False)
+    assert torch.isnan(losses).all()
+    losses, _, *_ = ops.head_triton(fs, ys, fq, yq, w, b, 0.1, 2, False)
+    assert torch.isfinite(losses).all()
+
+
 @needs_cpp
 def test_cpp_op_checks_labels_itself():
     fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3)
