@@ -258,12 +258,16 @@ class ANIL(nn.Module):
                 inner_lr=self.inner_lr, inner_steps=inner_steps, first_order=first_order,
                 backend=self.backend)
 
-    def meta_loss(self, batch: TaskBatch, return_logits: bool = False):
+    def _task_losses(self, batch: TaskBatch):
+        """Per-task query losses [T] and query logits after adapting the head (training)."""
+        with self._autocast(batch.support_x.device):
+            fs, fq = self.features(batch, "train")
+            return self._head_loss(fs, batch, fq, self.inner_steps, self.first_order)
+
+    def meta_loss(self, batch: TaskBatch):
         """Mean query loss over the tasks after adapting the head; differentiable to body and
         head. Call train_mode() first (meta_train_step does)."""
-        fs, fq = self.features(batch, "train")
-        losses, logits = self._head_loss(fs, batch, fq, self.inner_steps, self.first_order)
-        return (losses.mean(), logits) if return_logits else losses.mean()
+        return self._task_losses(batch)[0].mean()
 
     def meta_train_step(self, batch: TaskBatch, total_tasks: int | None = None,
                         all_reduce=None) -> dict:
@@ -285,9 +289,7 @@ class ANIL(nn.Module):
         `total_tasks` tasks, and `all_reduce(values)` sums the gradients and `values` over
         ranks, so every rank takes the step one process would take on all tasks."""
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast(batch.support_x.device):
-            fs, fq = self.features(batch, "train")
-            losses, logits = self._head_loss(fs, batch, fq, self.inner_steps, self.first_order)
+        losses, logits = self._task_losses(batch)
         total = total_tasks or batch.num_tasks
         (losses.sum() / total).backward()  # = the mean over all tasks
         correct = (logits.detach().argmax(-1) == batch.query_y).float().mean(1)

@@ -1,6 +1,8 @@
 """Shared test helpers: random head problems and an explicit per-task loop."""
 import torch
 
+from anil_fast import ANIL, models
+from anil_fast.data import TaskBatch
 from anil_fast.functional import per_task_adapted_query_loss
 
 
@@ -33,3 +35,28 @@ def grads_of(fn, inputs, seed=0):
     grads = torch.autograd.grad(total, inputs, allow_unused=True)
     grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
     return losses.detach(), logits.detach(), grads
+
+
+def random_batch(tasks=3, ways=4, shots=2, queries=3, size=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s, q = ways * shots, ways * queries
+    return TaskBatch(torch.rand(tasks, s, 1, size, size, generator=g, dtype=dtype),
+                     torch.randint(0, ways, (tasks, s), generator=g),
+                     torch.rand(tasks, q, 1, size, size, generator=g, dtype=dtype),
+                     torch.randint(0, ways, (tasks, q), generator=g))
+
+
+def make(name="conv4", size=16, ways=4, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    body, head = models.build(name, ways, size)
+    return ANIL(body.double(), head.double(), **kwargs)
+
+
+def assert_trains_alike(expected, actual, steps=2):
+    """Two ANIL instances take the same meta-steps: equal losses, then equal weights."""
+    for step in range(steps):
+        batch = random_batch(seed=step)
+        torch.testing.assert_close(actual.meta_train_step(batch)["loss"],
+                                   expected.meta_train_step(batch)["loss"])
+    for (name, p), q in zip(expected.named_parameters(), actual.parameters()):
+        torch.testing.assert_close(q, p, msg=name)

@@ -5,23 +5,7 @@ import torch
 
 from anil_fast import ANIL, models
 from anil_fast.batchnorm import batchnorm_layers
-from anil_fast.data import TaskBatch
-from helpers import per_task_loop
-
-
-def random_batch(tasks=3, ways=4, shots=2, queries=3, size=16, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    s, q = ways * shots, ways * queries
-    return TaskBatch(torch.rand(tasks, s, 1, size, size, generator=g, dtype=dtype),
-                     torch.randint(0, ways, (tasks, s), generator=g),
-                     torch.rand(tasks, q, 1, size, size, generator=g, dtype=dtype),
-                     torch.randint(0, ways, (tasks, q), generator=g))
-
-
-def make(name="conv4", size=16, ways=4, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    body, head = models.build(name, ways, size)
-    return ANIL(body.double(), head.double(), **kwargs)
+from helpers import assert_trains_alike, make, per_task_loop, random_batch
 
 
 @pytest.mark.parametrize("first_order", [True, False])
@@ -161,12 +145,7 @@ def test_bad_anil_arguments(kwargs, word):
 def test_compile_changes_no_result():
     eager = make(inner_lr=0.3, inner_steps=2, batched_body=True)
     compiled = make(inner_lr=0.3, inner_steps=2, batched_body=True, compile="aot_eager")
-    for step in range(3):
-        batch = random_batch(seed=step)
-        torch.testing.assert_close(compiled.meta_train_step(batch)["loss"],
-                                   eager.meta_train_step(batch)["loss"])
-    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(q, p, msg=name)
+    assert_trains_alike(eager, compiled, steps=3)
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from anil_fast import ANIL, distributed, models
 from anil_fast.data import TaskSampler
-from test_anil import random_batch
+from helpers import random_batch
 
 TIMEOUT_S = 120
 

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from anil_fast import ANIL, models, ops
+from anil_fast import ops
 from anil_fast.functional import adapted_query_loss
-from helpers import grads_of, head_problem
+from helpers import assert_trains_alike, grads_of, head_problem, make
 
 cpp_missing = ops.cpp_extension() is None
 
@@ -202,17 +202,5 @@ def test_backend_resolution():
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_anil_fused_equals_reference(first_order, batched):
-    from test_anil import random_batch
-
-    def make(backend):
-        torch.manual_seed(0)
-        body, head = models.build("conv4", 4, 16)
-        return ANIL(body.double(), head.double(), inner_lr=0.3, inner_steps=3,
-                    first_order=first_order, backend=backend, batched_body=batched)
-    ref, fused = make("reference"), make("fused")
-    for step in range(2):
-        batch = random_batch(seed=step)
-        torch.testing.assert_close(fused.meta_train_step(batch)["loss"],
-                                   ref.meta_train_step(batch)["loss"])
-    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q, p, msg=name)
+    kwargs = dict(inner_lr=0.3, inner_steps=3, first_order=first_order, batched_body=batched)
+    assert_trains_alike(make(backend="reference", **kwargs), make(backend="fused", **kwargs))
