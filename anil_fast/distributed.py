@@ -155,5 +155,11 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank tearing down while a peer still talks to it
+    can abort the peer (seen with gloo)."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a peer is already gone: nothing left to wait for
+            pass
         dist.destroy_process_group()
