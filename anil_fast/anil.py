@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import re
+import warnings
+from contextlib import contextmanager, nullcontext
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,6 +18,61 @@ from .functional import BACKENDS, adapted_query_loss
 
 BN_MODES = ("transductive", "running")
 PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_learning_rates(inner_lr, outer_lr) -> list[str]:
+    """ValueError for learning rates that cannot make sense; the warnings for odd ones."""
+    for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if inner_lr < 0:
+        raise ValueError(f"inner_lr must be >= 0, got {inner_lr}: a negative inner learning rate "
+                         f"climbs the support loss instead of descending it")
+    if outer_lr < 0:
+        raise ValueError(f"outer_lr must be >= 0, got {outer_lr}")
+    if outer_lr > 1e3:  # Adam's step is about lr per parameter: float32 overflows near 3e38
+        raise ValueError(f"outer_lr must be at most 1e3, got {outer_lr:g}: Adam moves every "
+                         f"parameter by about the learning rate each step")
+    odd = []
+    if outer_lr > 1:
+        odd.append(f"outer_lr {outer_lr:g} is very large for Adam (usual: 1e-4..1e-2); "
+                   f"expect divergence")
+    if inner_lr > 10:
+        odd.append(f"inner_lr {inner_lr:g} is very large for the head's SGD (usual: 0.01..1); "
+                   f"expect divergence")
+    return odd
+
+
+@lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (x86 AVX-512 BF16 or AMX, Arm BF16); None when
+    its flags cannot be read. Without it, bf16 convolutions are emulated and slow."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.M):
+        flags.update(line.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def prefers_channels_last(device, precision: str, backend: str) -> bool:
+    """Where channels_last is faster: bf16 on CUDA (tensor cores) and the fast path on the CPU
+    (oneDNN convolutions; measured 1.5x on conv4). The same numbers either way."""
+    device = torch.device(device)
+    return (precision == "bf16" and device.type == "cuda") or (
+        device.type == "cpu" and backend not in ("reference", "loop"))
+
+
+def _require_batch(batch) -> None:
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"batch must be a TaskBatch (e.g. TaskSampler.sample()), got "
+                        f"{type(batch).__name__}")
 
 
 def _bn_parameter_names(body: nn.Module) -> set[str]:
@@ -52,17 +111,15 @@ class ANIL(nn.Module):
                  outer_lr: float = 0.001, inner_steps: int = 5, freeze_body: bool = False,
                  first_order: bool = True, body_lr_multipliers: dict | None = None,
                  warmup_steps: int = 0, backend: str = "auto", batched_body: bool | None = None,
-                 precision: str = "fp32", compile: bool | str = False):
+                 precision: str = "fp32", compile: bool | str = False,
+                 channels_last: bool = False):
         super().__init__()
         if not isinstance(body, nn.Module):
             raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
         if not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
-        for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
+        for message in check_learning_rates(inner_lr, outer_lr):
+            warnings.warn(message, stacklevel=2)
         for name, value in (("inner_steps", inner_steps), ("warmup_steps", warmup_steps)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -90,6 +147,11 @@ class ANIL(nn.Module):
         self.warmup_steps, self.backend = warmup_steps, backend
         self.batched_body = batched_body
         self.precision = precision
+        # channels_last: the body's weights are converted here, once, in place (the caller
+        # asked for it); inputs are converted per call. Nothing else changes the body's layout.
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.body.to(memory_format=torch.channels_last)
         # torch.compile'd forward of the body (True: default backend, or a backend name). Kept
         # outside the module tree so state dicts keep the body's own names.
         self.__dict__["_body_forward"] = self.body if not compile else torch.compile(
@@ -175,28 +237,33 @@ class ANIL(nn.Module):
             for bn in batchnorm_layers(self.body):
                 bn.train()
 
-    def _autocast(self, device: torch.device):
-        """bf16: autocast the body (the head op accumulates in fp32); tf32: TF32 matmuls."""
+    @contextmanager
+    def precision_context(self, device: torch.device):
+        """bf16: autocast the body (the head op accumulates in fp32); tf32: TF32 matmuls and
+        convolutions. The global TF32 flags are restored on exit."""
         if self.precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        if self.precision == "tf32" and device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        return nullcontext()
+            if device.type == "cpu" and cpu_has_native_bf16() is False:
+                warnings.warn("precision='bf16' on a CPU without native bf16 (no AVX-512 BF16, "
+                              "AMX or Arm BF16) runs many times slower than fp32", stacklevel=3)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+            return
+        if self.precision != "tf32":
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     def _fast_path(self) -> bool:
         return self.backend not in ("reference", "loop")
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        """channels_last where it is faster: bf16 on CUDA (tensor cores) and the fast path on
-        the CPU (oneDNN convolutions; measured 1.5x on conv4). Same numbers either way."""
-        wanted = (self.precision == "bf16" and x.is_cuda) or (x.device.type == "cpu" and self._fast_path())
-        if not wanted or x.dim() != 4:
-            return x
-        if not getattr(self, "_channels_last", False):
-            self.body.to(memory_format=torch.channels_last)
-            self._channels_last = True
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last) if (
+            self.channels_last and x.dim() == 4) else x
 
     # -- features ----------------------------------------------------------------------------
     def features(self, batch: TaskBatch, bn_mode: str = "train"):
@@ -205,8 +272,7 @@ class ANIL(nn.Module):
         bn_mode "train": BatchNorm statistics of each task's set, running statistics updated as
         a per-task loop does; "transductive": the same statistics without updating running
         statistics; "running": running statistics (BatchNorm in eval mode)."""
-        if not isinstance(batch, TaskBatch):
-            raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
+        _require_batch(batch)
         tasks, s_rows = batch.support_y.shape
         q_rows = batch.query_y.shape[1]
         # First order: the support features get no gradient, so compute them without autograd.
@@ -260,13 +326,14 @@ class ANIL(nn.Module):
 
     def _task_losses(self, batch: TaskBatch):
         """Per-task query losses [T] and query logits after adapting the head (training)."""
-        with self._autocast(batch.support_x.device):
+        with self.precision_context(batch.support_x.device):
             fs, fq = self.features(batch, "train")
             return self._head_loss(fs, batch, fq, self.inner_steps, self.first_order)
 
     def meta_loss(self, batch: TaskBatch):
         """Mean query loss over the tasks after adapting the head; differentiable to body and
         head. Call train_mode() first (meta_train_step does)."""
+        _require_batch(batch)
         return self._task_losses(batch)[0].mean()
 
     def meta_train_step(self, batch: TaskBatch, total_tasks: int | None = None,
@@ -274,6 +341,7 @@ class ANIL(nn.Module):
         """One Adam update of the outer loop. Returns detached 0-dim tensors (no host sync):
         loss and query accuracy after adaptation. (total_tasks/all_reduce: data-parallel
         training, see step_tensors.)"""
+        _require_batch(batch)
         self.train_mode()
         self._set_group_lrs()
         out = self.step_tensors(batch, total_tasks, all_reduce)
@@ -304,6 +372,7 @@ class ANIL(nn.Module):
                  bn_mode: str = "transductive") -> dict:
         """Query accuracy before and after adapting the head on each task's support set.
         Returns accuracy_before / accuracy_after (means) and per-task tensors [T]."""
+        _require_batch(batch)
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         steps = self.inner_steps if inner_steps is None else inner_steps
@@ -312,7 +381,7 @@ class ANIL(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with self._autocast(batch.support_x.device):
+            with self.precision_context(batch.support_x.device):
                 fs, fq = self.features(batch, bn_mode)
             fs, fq = fs.float(), fq.float()
             _, before = self._head_loss(fs, batch, fq, 0, True)

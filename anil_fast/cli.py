@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--scenario", default="s2", choices=sorted(PRESETS))
     train.add_argument("--out", required=True, help="run folder (checkpoint, metrics, results)")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in an --out that holds a run (deletes its run files)")
     train.add_argument("--no-progress", action="store_true")
     _add_overrides(train)
 
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="train several scenarios and compare them")
     cmp.add_argument("--scenarios", default="s1,s2,s3,s4,s5")
     cmp.add_argument("--out", required=True)
+    cmp.add_argument("--resume", action="store_true",
+                     help="continue each scenario's run in --out (finished ones are re-evaluated)")
+    cmp.add_argument("--overwrite", action="store_true",
+                     help="start every scenario's run over")
     cmp.add_argument("--no-progress", action="store_true")
     _add_overrides(cmp)
     return parser
@@ -90,7 +96,8 @@ def main(argv=None) -> int:
             config = scenario_config(args.scenario, **_overrides(args))
             for note in config.notes:
                 out(note)
-            summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+            summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.no_progress)
             ranks = f" x {info.world_size} ranks" if info.active else ""
             out(f"{config.scenario}: {summary['meta_steps']} meta-steps in "
                 f"{summary['train_time_s']:.1f} s ({summary['it_s']:.2f} it/s) on "
@@ -106,14 +113,15 @@ def main(argv=None) -> int:
         else:
             from .compare import compare
             names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-            rows = compare(names, args.out, _overrides(args), progress=not args.no_progress)
+            rows = compare(names, args.out, _overrides(args), progress=not args.no_progress,
+                           resume=args.resume, overwrite=args.overwrite)
             out(open(f"{args.out}/comparison.md").read())
             out(f"wrote {args.out}/comparison.{{md,csv,json}}, loss_curves.png, accuracy.png "
                   f"({len(rows)} scenarios)")
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: files, folders, the disk
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

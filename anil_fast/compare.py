@@ -6,8 +6,10 @@ import csv
 import json
 from pathlib import Path
 
+from . import distributed
+from .runfolder import METRICS, read_metrics
 from .scenarios import scenario_config
-from .trainer import METRICS, train
+from .trainer import train
 
 COLUMNS = [
     ("scenario", "scenario"), ("model", "body"), ("total_parameters", "total params"),
@@ -63,7 +65,7 @@ def write_plots(run_dirs: dict, rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, run_dir in run_dirs.items():
-        records = [json.loads(ln) for ln in (Path(run_dir) / METRICS).read_text().splitlines() if ln]
+        records = read_metrics(Path(run_dir) / METRICS)
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=name)
     ax.set_xlabel("meta-step")
     ax.set_ylabel("meta-training query loss")
@@ -93,16 +95,18 @@ def write_plots(run_dirs: dict, rows: list[dict], out: Path) -> None:
 
 
 def compare(scenarios: list[str], out_dir, overrides: dict | None = None,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, resume: bool = False, overwrite: bool = False) -> list[dict]:
+    """Train each scenario into out_dir/<scenario> (resume/overwrite as for train), then write
+    the tables and plots (rank 0 only under torchrun)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     configs = [scenario_config(name, **(overrides or {})) for name in scenarios]  # fail early
     rows, run_dirs = [], {}
     for config in configs:
         run_dir = out / config.scenario
-        summary = train(config, run_dir, progress=progress)
+        summary = train(config, run_dir, progress=progress, resume=resume, overwrite=overwrite)
         rows.append(row_of(summary))
         run_dirs[config.scenario] = run_dir
-    write_tables(rows, out)
-    write_plots(run_dirs, rows, out)
+    if distributed.current().is_main:
+        write_tables(rows, out)
+        write_plots(run_dirs, rows, out)
     return rows

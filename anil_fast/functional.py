@@ -133,6 +133,11 @@ def per_task_adapted_query_loss(support_features, support_labels, query_features
                                 weight, bias, *, inner_lr, inner_steps, first_order):
     """The ANIL head as the write-ups show it: a Python loop over tasks, autograd for every
     inner step (create_graph for second order). Slow; the baseline the benchmarks beat."""
+    # the same dtype rules as the reference: compute in the promoted dtype, int64 labels
+    dtype = torch.promote_types(weight.dtype, support_features.dtype)
+    support_features, query_features = support_features.to(dtype), query_features.to(dtype)
+    weight, bias = weight.to(dtype), bias.to(dtype)
+    support_labels, query_labels = support_labels.long(), query_labels.long()
     losses, logits = [], []
     for t in range(support_features.shape[0]):
         w, b = weight, bias

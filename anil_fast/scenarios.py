@@ -22,8 +22,10 @@ import os
 from dataclasses import dataclass, field, fields
 
 from . import models
+from .anil import check_learning_rates
 
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
 @dataclass
@@ -148,8 +150,14 @@ def validate_config(c: Config) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     for name in ("inner_lr", "outer_lr"):
-        if not math.isfinite(getattr(c, name)):
-            raise ValueError(f"{name} must be finite, got {getattr(c, name)}")
+        if isinstance(getattr(c, name), int) and not isinstance(getattr(c, name), bool):
+            setattr(c, name, float(getattr(c, name)))
+    check_learning_rates(c.inner_lr, c.outer_lr)  # raises; the warnings come from ANIL
+    if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in 0..2**63-1, got {c.seed!r}")
+    if c.eval_inner_steps is not None and (isinstance(c.eval_inner_steps, bool) or not isinstance(
+            c.eval_inner_steps, int) or c.eval_inner_steps < 0):
+        raise ValueError(f"eval_inner_steps must be an int >= 0, got {c.eval_inner_steps!r}")
     if c.shots + c.queries > 20:
         raise ValueError(f"shots + queries must be at most 20, got {c.shots} + {c.queries}")
     if c.tasks is not None and c.tasks < 1:

@@ -1,29 +1,45 @@
-"""Training and evaluation runs: data, model, the meta-training loop with metrics, atomic
-checkpoints and exact resume, and evaluation with 95% confidence intervals."""
+"""Training and evaluation runs: data, model, the meta-training loop with metrics, safe run
+folders (runfolder.py: lock, atomic checkpoints, refusal to clobber) and exact resume, and
+evaluation with 95% confidence intervals.
+
+train() is a short sequence of named steps: _set_up (model, data, resume or a fresh folder),
+_train_steps (meta-steps, with _log and _checkpoint), _summary, then the evaluation."""
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed, models
-from .anil import ANIL
+from .anil import ANIL, cpu_has_native_bf16, prefers_channels_last
 from .capture import MetaStepRunner
 from .data import TaskSampler, load_split
 from .metrics import GPUMonitor, mean_ci95, peak_memory, reset_peak_memory
-from .scenarios import Config, body_lr_multipliers, validate_config
+from .runfolder import (CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, METRICS, RESULTS, RunFolder,
+                        RunFolderError, load_checkpoint, read_metrics, truncate_metrics,
+                        weights_are_sane)
+from .scenarios import MAX_SEED, Config, body_lr_multipliers, validate_config
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-RESULTS = "results.json"
 # Fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"meta_steps", "device", "checkpoint_every", "log_every", "notes", "backend",
-                     "compile", "capture"}
+                     "compile", "capture", "inner_lr", "outer_lr", "test_tasks",
+                     "eval_inner_steps", "bn_mode"}
+# Of those, the ones that change what is computed: a resume records them (results.json).
+RECORDED_CHANGES = {"inner_lr", "outer_lr", "meta_steps", "backend", "test_tasks",
+                    "eval_inner_steps", "bn_mode"}
+# A checkpoint is only written while every parameter is finite and at most this large: no
+# network this toolkit trains has weights near it, a diverging one passes it long before NaN.
+SANE_WEIGHT_LIMIT = 1e6
+
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "load_checkpoint", "TrainingDiverged",
+           "RunFolderError"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,16 +59,26 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_anil(config: Config, device) -> ANIL:
-    """The model of a run, initialised from config.seed."""
+    """The model of a run, initialised from config.seed. bf16 on a CPU without native bf16
+    (AVX-512 BF16, AMX, Arm BF16) is many times slower than fp32: such a run uses fp32 and
+    says so."""
+    precision = config.precision
+    device = torch.device(device)
+    if precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("--precision bf16: this CPU has no native bf16 (no AVX-512 BF16, AMX or "
+                      "Arm BF16), where bf16 runs many times slower than fp32; training in fp32",
+                      stacklevel=2)
+        precision = "fp32"
     torch.manual_seed(config.seed)
     body, head = models.build(config.model, config.ways, config.image_size,
                               pretrained=config.pretrained)
+    channels_last = prefers_channels_last(device, precision, config.backend)
     anil = ANIL(body.to(device), head.to(device), inner_lr=config.inner_lr,
                 outer_lr=config.outer_lr, inner_steps=config.inner_steps,
                 freeze_body=config.freeze_body, first_order=config.first_order,
                 body_lr_multipliers=body_lr_multipliers(config, body),
                 warmup_steps=config.warmup_steps, backend=config.backend,
-                precision=config.precision, compile=config.compile)
+                precision=precision, compile=config.compile, channels_last=channels_last)
     return anil
 
 
@@ -66,7 +92,8 @@ def test_sampler(config: Config, device, tasks: int, batch: int = 50) -> TaskSam
     """A fixed pool of `tasks` test tasks: the same tasks for every scenario of one seed."""
     images = load_split(config.protocol, "test", config.image_size, config.data_root, device)
     return TaskSampler(images, config.ways, config.shots, config.queries, min(batch, tasks),
-                       rotations=config.rotations, seed=10_000 + config.seed, num_tasks=tasks)
+                       rotations=config.rotations, seed=(10_000 + config.seed) % (MAX_SEED + 1),
+                       num_tasks=tasks)
 
 
 def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "transductive",
@@ -103,12 +130,6 @@ def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "trans
             "per_task_after": after_t.tolist()}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a killed process leaves the previous checkpoint intact
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -122,142 +143,209 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise ValueError(f"checkpoint: no checkpoint file at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"checkpoint: {path} is unreadable ({exc})") from exc
+def _own_rng(device: torch.device):
+    """The caller's global RNG states are restored when a run returns: train() and
+    evaluate_checkpoint() seed their own."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+@dataclass
+class _Run:
+    """What one training run holds while it runs (train() drives it step by step)."""
+    config: Config
+    folder: RunFolder
+    info: distributed.DistInfo
+    device: torch.device
+    anil: ANIL
+    sampler: TaskSampler
+    test: TaskSampler | None
+    step: int = 0
+    elapsed: float = 0.0  # training seconds, over every session of the run
+    checkpoint_step: int = 0  # the step of the last checkpoint written (kept on divergence)
+    history: list = field(default_factory=list)  # resumes that changed settings
+    pending: list = field(default_factory=list)  # (step, elapsed, loss, accuracy) to log
+
+
+def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overwrite: bool,
+            evaluate_at_end: bool) -> _Run:
+    """Everything that can fail before the first step fails here, before the folder changes."""
+    present = folder.holds_run() if info.is_main else []
+    if present and not (resume or overwrite):
+        raise RunFolderError(f"--out {folder.path} already holds a run ({', '.join(present)}); "
+                             f"pass --resume to continue it or --overwrite to start it over")
+    anil = build_anil(config, device)
+    sampler = train_sampler(config, device)
+    # the test split is checked now (ways, shots + queries), not after training
+    test = test_sampler(config, device, config.test_tasks) if evaluate_at_end else None
+    run = _Run(config, folder, info, device, anil, sampler, test)
+    checkpoint = folder.path / CHECKPOINT
+    if resume and checkpoint.exists():
+        _resume(run, load_checkpoint(checkpoint))
+    elif info.is_main:
+        folder.clear()  # --overwrite, or --resume with nothing to resume: start from step 0
+    distributed.barrier()  # nobody starts before rank 0 has tidied the run folder
+    if info.is_main:
+        folder.write_json(CONFIG, config.to_dict())
+    return run
+
+
+def _resume(run: _Run, ckpt: dict) -> None:
+    stored, config = ckpt["config"], run.config
+    wanted = config.to_dict()
+    differ = {k for k, v in wanted.items() if k not in RESUMABLE_CHANGES and stored.get(k) != v}
+    if differ:
+        raise ValueError(f"resume: the checkpoint in {run.folder.path} was made with other "
+                         f"settings ({', '.join(sorted(differ))}); use another --out or the same "
+                         f"settings (these may change: {', '.join(sorted(RESUMABLE_CHANGES))})")
+    if ckpt["step"] > config.total_meta_steps:
+        raise ValueError(f"resume: the checkpoint in {run.folder.path} is at step {ckpt['step']}, "
+                         f"past the {config.total_meta_steps} meta-steps asked for; ask for at "
+                         f"least {ckpt['step']} (or evaluate it with anil-fast eval)")
+    run.anil.load_state(ckpt["anil"])
+    run.sampler.load_state_dict(ckpt["sampler"])
+    _set_rng_state(ckpt["rng"])
+    run.step = run.checkpoint_step = ckpt["step"]
+    run.elapsed = ckpt["elapsed_s"]
+    changes = {k: [stored.get(k), v] for k, v in wanted.items()
+               if k in RECORDED_CHANGES and stored.get(k) != v}
+    run.history = list(ckpt.get("history", [])) + (
+        [{"step": run.step, "changes": changes}] if changes else [])
+    if run.info.is_main:
+        truncate_metrics(run.folder.path / METRICS, run.step)
+
+
+def _log(run: _Run, metrics_file, bar) -> None:
+    """Read the pending metrics back (one host sync) and append them to metrics.jsonl; a NaN
+    or inf loss stops the run."""
+    if not run.pending:
+        return
+    values = torch.stack([torch.stack([p[2], p[3]]) for p in run.pending]).tolist()
+    for (step, elapsed, _, _), (loss, acc) in zip(run.pending, values):
+        if not math.isfinite(loss):
+            _diverged(run, f"the meta-loss became {loss} at step {step}")
+        if metrics_file:
+            metrics_file.write(json.dumps({"step": step, "loss": loss, "accuracy": acc,
+                                           "elapsed_s": round(elapsed, 4),
+                                           "it_s": round(step / elapsed, 3) if elapsed else None}) + "\n")
+    if metrics_file:
+        metrics_file.flush()
+    bar.set_postfix(loss=f"{values[-1][0]:.3f}", acc=f"{values[-1][1]:.3f}")
+    run.pending.clear()
+
+
+def _diverged(run: _Run, what: str):
+    ckpt = run.folder.path / CHECKPOINT
+    kept = (f"the last good checkpoint ({ckpt}, step {run.checkpoint_step}) is kept"
+            if run.checkpoint_step else "no checkpoint was written yet")
+    raise TrainingDiverged(
+        f"{what}; training stopped and {kept}. Lower --outer-lr or --inner-lr and continue "
+        f"with --resume (learning rates may change on resume; results.json records it), or "
+        f"start over with --overwrite (on the fused CUDA path, labels outside 0..ways-1 also "
+        f"give a NaN loss)")
+
+
+def _checkpoint(run: _Run) -> None:
+    distributed.average_running_stats(run.anil.body)  # one set of BatchNorm statistics
+    sane, largest = weights_are_sane(run.anil.parameters(), SANE_WEIGHT_LIMIT)
+    if not sane:  # finite losses can hide weights that are already lost
+        _diverged(run, f"a parameter reached |w| = {largest:.3g} at step {run.step} (more than "
+                       f"{SANE_WEIGHT_LIMIT:g} or not finite)")
+    if run.info.is_main:
+        run.folder.save_checkpoint({
+            "format": CHECKPOINT_FORMAT, "config": run.config.to_dict(), "anil": run.anil.state(),
+            "sampler": run.sampler.state_dict(), "rng": _rng_state(), "step": run.step,
+            "elapsed_s": run.elapsed, "world_size": run.info.world_size, "history": run.history})
+    run.checkpoint_step = run.step
+
+
+def _train_steps(run: _Run, progress: bool) -> float:
+    """Meta-steps until the configured end; returns this session's seconds."""
+    config, info = run.config, run.info
+    total = config.total_meta_steps
+    share = distributed.shard(config.meta_batch, info)
+    all_reduce = distributed.gradient_all_reduce(run.anil.parameters()) if info.active else None
+    runner = MetaStepRunner(run.anil, capture=config.capture, total_tasks=config.meta_batch,
+                            all_reduce=all_reduce)
+    bar = tqdm(total=total, initial=run.step, desc=f"train {config.scenario}", unit="it",
+               disable=not (progress and info.is_main), dynamic_ncols=True)
+    base_elapsed, start = run.elapsed, time.perf_counter()
+    with ExitStack() as stack:
+        stack.callback(bar.close)
+        metrics_file = (stack.enter_context(open(run.folder.path / METRICS, "a"))
+                        if info.is_main else None)
+        while run.step < total:
+            # every rank draws the same indices and materialises only its share
+            batch = run.sampler.materialise(run.sampler.next_indices()[share])
+            result = runner(batch)
+            run.step += 1
+            run.elapsed = base_elapsed + time.perf_counter() - start
+            run.pending.append((run.step, run.elapsed, result["loss"], result["accuracy"]))
+            bar.update(1)
+            due_checkpoint = run.step % config.checkpoint_every == 0 or run.step == total
+            if run.step % config.log_every == 0 or due_checkpoint:
+                _log(run, metrics_file, bar)
+            if due_checkpoint:
+                _checkpoint(run)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    session = time.perf_counter() - start
+    run.elapsed = base_elapsed + session
+    return session
+
+
+def _summary(run: _Run, session_steps: int, session_s: float) -> dict:
+    config, anil = run.config, run.anil
+    rank_it_s = distributed.gather_values(session_steps / session_s if session_s else 0.0)
+    counts = parameter_counts(anil)
+    total = config.total_meta_steps
+    return {"scenario": config.scenario, "model": config.model, "notes": config.notes,
+            "meta_steps": total, "train_time_s": run.elapsed,
+            "it_s": total / run.elapsed if run.elapsed else None,
+            "world_size": run.info.world_size, "per_rank_it_s": rank_it_s,
+            "precision": anil.precision, "device": str(run.device), **counts,
+            "training_tasks": training_tasks(config),
+            "parameters_per_training_task": counts["trainable_parameters"] / training_tasks(config),
+            "param_groups": [{k: v for k, v in g.items() if k != "names"}
+                             for g in anil.param_groups_report],
+            "resumes_with_changes": run.history}
 
 
 def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
-          evaluate_at_end: bool = True) -> dict:
-    """Meta-train one scenario into `out_dir`; return its summary (also results.json).
+          evaluate_at_end: bool = True, overwrite: bool = False) -> dict:
+    """Meta-train one scenario into the run folder `out_dir`; return its summary (also
+    results.json). A folder that already holds a run is refused unless `resume` (continue
+    from its checkpoint) or `overwrite` (delete its run files and start over).
 
     Under torchrun (torch.distributed initialised) every rank runs this with the same
     config: ranks share each meta-batch's tasks, rank 0 writes the files (distributed.py)."""
     validate_config(config)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
     info = distributed.current()
     if info.active and config.meta_batch < info.world_size:
         raise ValueError(f"meta_batch ({config.meta_batch}) must be at least the number of "
                          f"ranks ({info.world_size})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out_dir)
+    if info.is_main:
+        folder.create()
     device = resolve_device(distributed.rank_device(info, config.device))
-    anil = build_anil(config, device)
-    sampler = train_sampler(config, device)
-    step, elapsed = 0, 0.0
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        stored = ckpt["config"]
-        differ = {k for k, v in config.to_dict().items()
-                  if k not in RESUMABLE_CHANGES and stored.get(k) != v}
-        if differ:
-            raise ValueError(f"resume: the checkpoint in {out} was made with other settings "
-                             f"({', '.join(sorted(differ))}); use another --out or the same settings")
-        anil.load_state(ckpt["anil"])
-        sampler.load_state_dict(ckpt["sampler"])
-        _set_rng_state(ckpt["rng"])
-        step, elapsed = ckpt["step"], ckpt["elapsed_s"]
+    with folder.locked(info.is_main), _own_rng(device):
+        run = _set_up(config, folder, device, info, resume, overwrite, evaluate_at_end)
+        reset_peak_memory(device)
+        start_step = run.step
+        with GPUMonitor(device) as monitor:
+            session_s = _train_steps(run, progress)
+        summary = _summary(run, run.step - start_step, session_s)
+        summary.update({"gpu_utilization": monitor.average_utilization, **peak_memory(device)})
+        distributed.barrier()
+        summary.update(loss_summary(folder.path / METRICS))
+        if evaluate_at_end:
+            summary["evaluation"] = evaluate(run.anil, run.test, config.test_tasks,
+                                             config.bn_mode, config.eval_inner_steps)
+            summary["evaluation"].pop("per_task_after")
         if info.is_main:
-            _truncate_metrics(out / METRICS, step)
-    elif info.is_main and (out / METRICS).exists():
-        (out / METRICS).unlink()
-    distributed.barrier()  # nobody starts before rank 0 has tidied the run folder
-    total = config.total_meta_steps
-    if info.is_main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-
-    def checkpoint():
-        distributed.average_running_stats(anil.body)  # one set of BatchNorm statistics
-        if info.is_main:
-            _atomic_save({"format": 1, "config": config.to_dict(), "anil": anil.state(),
-                          "sampler": sampler.state_dict(), "rng": _rng_state(), "step": step,
-                          "elapsed_s": elapsed, "world_size": info.world_size}, ckpt_path)
-
-    pending = []  # (step, loss, accuracy) tensors, read back every log_every steps
-    reset_peak_memory(device)
-    bar = tqdm(total=total, initial=step, desc=f"train {config.scenario}", unit="it",
-               disable=not (progress and info.is_main), dynamic_ncols=True)
-    metrics_file = open(out / METRICS, "a") if info.is_main else None
-
-    def flush():
-        if not pending:
-            return
-        values = torch.stack([torch.stack([p[1], p[2]]) for p in pending]).tolist()  # one sync
-        for (s, _, _), (loss, acc) in zip(pending, values):
-            if not math.isfinite(loss):
-                if metrics_file:
-                    metrics_file.close()
-                kept = (f"the last good checkpoint ({ckpt_path}, step {step_of_checkpoint[0]}) "
-                        f"is kept" if step_of_checkpoint[0] else "no checkpoint was written yet")
-                raise TrainingDiverged(
-                    f"the meta-loss became {loss} at step {s}; training stopped and {kept}. "
-                    f"Lower --outer-lr or --inner-lr, then resume or restart (on the fused "
-                    f"CUDA path, labels outside 0..ways-1 also give a NaN loss)")
-            if metrics_file:
-                metrics_file.write(json.dumps({"step": s, "loss": loss, "accuracy": acc,
-                                               "elapsed_s": round(elapsed, 4),
-                                               "it_s": round(s / elapsed, 3) if elapsed else None}) + "\n")
-        if metrics_file:
-            metrics_file.flush()
-        bar.set_postfix(loss=f"{values[-1][0]:.3f}", acc=f"{values[-1][1]:.3f}")
-        pending.clear()
-
-    step_of_checkpoint = [step]
-    base_elapsed, loop_start = elapsed, time.perf_counter()
-    share = distributed.shard(config.meta_batch, info)
-    all_reduce = distributed.gradient_all_reduce(anil.parameters()) if info.active else None
-    runner = MetaStepRunner(anil, capture=config.capture, total_tasks=config.meta_batch,
-                            all_reduce=all_reduce)
-    start_step = step
-    with GPUMonitor(device) as monitor:
-        while step < total:
-            # every rank draws the same indices and materialises only its share
-            batch = sampler.materialise(sampler.next_indices()[share])
-            result = runner(batch)
-            step += 1
-            elapsed = base_elapsed + time.perf_counter() - loop_start
-            pending.append((step, result["loss"], result["accuracy"]))
-            bar.update(1)
-            if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == total:
-                flush()
-            if step % config.checkpoint_every == 0 or step == total:
-                checkpoint()
-                step_of_checkpoint[0] = step
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = base_elapsed + time.perf_counter() - loop_start
-    session_s = time.perf_counter() - loop_start
-    bar.close()
-    if metrics_file:
-        metrics_file.close()
-    rank_it_s = distributed.gather_values((step - start_step) / session_s if session_s else 0.0)
-    counts = parameter_counts(anil)
-    summary = {"scenario": config.scenario, "model": config.model, "notes": config.notes,
-               "meta_steps": total, "train_time_s": elapsed,
-               "it_s": total / elapsed if elapsed else None,
-               "world_size": info.world_size, "per_rank_it_s": rank_it_s,
-               "gpu_utilization": monitor.average_utilization, **peak_memory(device),
-               "device": str(device), **counts,
-               "training_tasks": training_tasks(config),
-               "parameters_per_training_task": counts["trainable_parameters"] / training_tasks(config),
-               "param_groups": [{k: v for k, v in g.items() if k != "names"}
-                                for g in anil.param_groups_report]}
-    distributed.barrier()
-    summary.update(loss_summary(out / METRICS))
-    if evaluate_at_end:
-        test = test_sampler(config, device, config.test_tasks)
-        summary["evaluation"] = evaluate(anil, test, config.test_tasks, config.bn_mode,
-                                         config.eval_inner_steps)
-        summary["evaluation"].pop("per_task_after")
-    if info.is_main:
-        (out / RESULTS).write_text(json.dumps(summary, indent=1))
+            folder.write_json(RESULTS, summary)
     return summary
 
 
@@ -267,16 +355,8 @@ def training_tasks(config: Config) -> int:
     return min(config.tasks, drawn) if config.tasks else drawn
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines logged after the checkpoint a run resumes from."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
-
-
 def loss_summary(path: Path) -> dict:
-    losses = [json.loads(ln)["loss"] for ln in Path(path).read_text().splitlines() if ln]
+    losses = [r["loss"] for r in read_metrics(path)]
     if not losses:
         return {"initial_loss": None, "final_loss": None, "min_loss": None}
     return {"initial_loss": losses[0], "final_loss": losses[-1], "min_loss": min(losses)}
@@ -294,15 +374,26 @@ def parameter_counts(anil: ANIL) -> dict:
 
 def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str = "transductive",
                         device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was)."""
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise ValueError(f"tasks must be a positive int, got {tasks!r}")
+    if bn_mode not in ("transductive", "running"):
+        raise ValueError(f"bn_mode must be 'transductive' or 'running', got {bn_mode!r}")
     ckpt = load_checkpoint(path)
-    fields = {k: v for k, v in ckpt["config"].items()}
+    fields = dict(ckpt["config"])
+    unknown = set(fields) - {f for f in Config.__dataclass_fields__}
+    if unknown:
+        raise ValueError(f"checkpoint: {path} was written with settings this anil-fast does not "
+                         f"know ({', '.join(sorted(unknown))})")
     config = Config(**fields)
     config.device = device
+    validate_config(config)
     dev = resolve_device(distributed.rank_device(distributed.current(), device))
-    anil = build_anil(config, dev)
-    anil.load_state(ckpt["anil"])
-    result = evaluate(anil, test_sampler(config, dev, tasks), tasks, bn_mode,
-                      config.eval_inner_steps, progress=progress)
+    with _own_rng(dev):
+        anil = build_anil(config, dev)
+        anil.load_state(ckpt["anil"])
+        result = evaluate(anil, test_sampler(config, dev, tasks), tasks, bn_mode,
+                          config.eval_inner_steps, progress=progress)
     result.pop("per_task_after")
     result.update({"scenario": config.scenario, "model": config.model, "step": ckpt["step"]})
     return result

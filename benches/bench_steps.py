@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from anil_fast import ANIL, models
+from anil_fast.anil import prefers_channels_last
 from anil_fast.capture import MetaStepRunner
 from anil_fast.data import TaskBatch
 from common import time_call
@@ -42,7 +43,8 @@ def build(case, method, device, precision="fp32"):
         kwargs = dict(backend="loop", batched_body=False)
     else:
         kwargs = dict(backend="fused", batched_body=torch.device(device).type == "cuda",
-                      precision=precision)
+                      precision=precision,
+                      channels_last=prefers_channels_last(device, precision, "fused"))
     return ANIL(body.to(device), head.to(device), inner_lr=0.01, inner_steps=5,
                 first_order=first_order, freeze_body=freeze, **kwargs)
 

@@ -186,3 +186,54 @@ def test_checkpoint_of_another_model_is_a_value_error():
     other = make(ways=5)
     with pytest.raises(ValueError, match="checkpoint"):
         conv4.load_state(other.state())
+
+
+# -- bad input and side effects ------------------------------------------------------------------
+
+def test_anil_leaves_the_bodys_memory_format_alone():
+    anil = make(inner_lr=0.2, inner_steps=1)  # fast path on the CPU
+    anil.meta_train_step(random_batch())
+    conv = next(p for p in anil.body.parameters() if p.dim() == 4)
+    assert conv.is_contiguous()  # not converted behind the caller's back
+    asked = make(inner_lr=0.2, inner_steps=1, channels_last=True)  # converted when asked
+    conv = next(p for p in asked.body.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    twin = make(inner_lr=0.2, inner_steps=1, channels_last=True)
+    plain = make(inner_lr=0.2, inner_steps=1)
+    batch = random_batch(seed=4)
+    torch.testing.assert_close(twin.meta_train_step(batch)["loss"],
+                               plain.meta_train_step(batch)["loss"])
+
+
+def test_tf32_flags_are_restored():
+    anil = make(precision="tf32")
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with anil.precision_context(torch.device("cuda")):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+    anil.meta_train_step(random_batch())
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
+@pytest.mark.parametrize("kwargs, word", [(dict(inner_lr=-0.1), "inner_lr"),
+                                          (dict(outer_lr=-1e-3), "outer_lr"),
+                                          (dict(outer_lr=1e38), "outer_lr")])
+def test_learning_rates_that_make_no_sense_are_refused(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        make(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, word", [(dict(inner_lr=50.0), "inner_lr"),
+                                          (dict(outer_lr=5.0), "outer_lr")])
+def test_odd_learning_rates_warn(kwargs, word):
+    with pytest.warns(UserWarning, match=word):
+        make(**kwargs)
+
+
+def test_a_batch_that_is_not_a_task_batch_is_named():
+    anil = make()
+    batch = random_batch()
+    as_tuple = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    for call in (anil.meta_train_step, anil.meta_loss, anil.evaluate):
+        with pytest.raises(TypeError, match="TaskBatch"):
+            call(as_tuple)

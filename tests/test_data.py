@@ -1,3 +1,4 @@
+import os
 import time
 import zipfile
 
@@ -66,14 +67,16 @@ def test_zip_folder_and_torchvision_layouts(small_archive, omniglot_dir, tmp_pat
         for info in src.infolist():
             dst.writestr(info.filename.replace("images_background_small1", "images_background"),
                          src.read(info))
-    om = Omniglot("background", 105, root=zroot, download=False)
+    with pytest.raises(ValueError, match="25 whole alphabets"):  # 5 of the 30 alphabets
+        Omniglot("background", 105, root=zroot, download=False)
+    om = Omniglot("background", 105, root=zroot, download=False, partial=True)
     assert om.source.name == "images_background.zip"
     assert torch.equal(om.images[:, :, 0], reference[om.character_ids - 1])
     # unpacked folder in torchvision's omniglot-py/ layout
     froot = tmp_path / "folder"
     with zipfile.ZipFile(zroot / "images_background.zip") as z:
         z.extractall(froot / "omniglot-py")
-    om2 = Omniglot("background", 28, root=froot, download=False)
+    om2 = Omniglot("background", 28, root=froot, download=False, partial=True)
     assert om2.source == froot / "omniglot-py" / "images_background"
     assert len(om2) == 136 and om2.alphabets == om.alphabets
 
@@ -218,3 +221,88 @@ def test_bad_sampler_arguments(background28, kwargs, word):
     args.update(kwargs)
     with pytest.raises(ValueError, match=word):
         TaskSampler(background28.images, **args)
+
+
+# -- untrusted sources: content-keyed, verified cache; incomplete splits named ------------------
+
+def test_cache_is_keyed_on_content_not_size_and_mtime(omniglot_dir, tmp_path, isolated_cache):
+    """A different npz with the same size and mtime (as cp -p or rsync -a leave it) is decoded
+    anew, not served from the cache of the old one."""
+    with np.load(omniglot_dir / "images_evaluation.npz") as arrays:
+        images, labels = arrays["images"], arrays["labels"]
+    path = tmp_path / "images_evaluation.npz"
+    np.savez(path, images=images, labels=labels)  # uncompressed: the size depends on shapes only
+    first = Omniglot("evaluation", 20, root=tmp_path, download=False)
+    stat = path.stat()
+    np.savez(path, images=images[::-1].copy(), labels=labels)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    second = Omniglot("evaluation", 20, root=tmp_path, download=False)
+    assert torch.equal(second.images, first.images.flip(0))
+
+
+def test_changed_png_in_a_folder_is_not_served_stale(small_archive, tmp_path, isolated_cache):
+    folder = tmp_path / "data" / "images_background"
+    folder.parent.mkdir()
+    with zipfile.ZipFile(small_archive) as z:
+        z.extractall(tmp_path / "unpacked")
+    (tmp_path / "unpacked" / "images_background_small1").rename(folder)
+    first = Omniglot("background", 28, root=folder.parent, download=False, partial=True)
+    pngs = sorted(folder.rglob("*.png"))
+    a, b = pngs[0], pngs[-1]  # swap two drawings of different characters
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    second = Omniglot("background", 28, root=folder.parent, download=False, partial=True)
+    assert torch.equal(second.images[0, 0], first.images[-1, -1])
+    assert torch.equal(second.images[-1, -1], first.images[0, 0])
+    b.unlink()  # a deleted drawing: an error naming the character, not the old images
+    with pytest.raises(ValueError, match="drawings"):
+        Omniglot("background", 28, root=folder.parent, download=False, partial=True)
+
+
+def test_corrupted_cache_entry_is_rebuilt(omniglot_dir, isolated_cache):
+    first = Omniglot("evaluation", 22, root=omniglot_dir, download=False)
+    (entry,) = (isolated_cache / "omniglot" / "decoded").glob("evaluation_22_*.npy")
+    array = np.load(entry)
+    array[:10] = np.nan  # a valid .npy with bad values: today served as NaN images
+    np.save(entry, array)
+    second = Omniglot("evaluation", 22, root=omniglot_dir, download=False)
+    assert torch.equal(second.images, first.images)
+    assert torch.isfinite(second.images).all()
+
+
+def test_incomplete_official_data_is_named(small_archive, omniglot_dir, tmp_path, isolated_cache):
+    # an official-layout zip that lacks one character folder
+    zroot = tmp_path / "zip"
+    zroot.mkdir()
+    with zipfile.ZipFile(small_archive) as src, \
+            zipfile.ZipFile(zroot / "images_background.zip", "w") as dst:
+        for info in src.infolist():
+            if "/Korean/character05/" not in info.filename:
+                dst.writestr(info.filename, src.read(info))
+    with pytest.raises(ValueError, match="Korean/character05"):
+        Omniglot("background", 28, root=zroot, download=False, partial=True)
+    # an npz of 100 characters offered as the background set
+    with np.load(omniglot_dir / "images_background.npz") as arrays:
+        np.savez(tmp_path / "images_background.npz", images=arrays["images"][:100],
+                 labels=arrays["labels"][:100])
+    with pytest.raises(ValueError, match="holds 100 characters; the background set has 964"):
+        Omniglot("background", 28, root=tmp_path, download=False)
+    # the evaluation set filed as the background set
+    ev = tmp_path / "ev"
+    with zipfile.ZipFile(small_archive) as z:
+        z.extractall(ev)
+    (ev / "images_background_small1").rename(ev / "images_evaluation")
+    with pytest.raises(ValueError, match="outside the evaluation set"):
+        Omniglot("evaluation", 28, root=ev, download=False, partial=True)
+
+
+@pytest.mark.parametrize("images, rotations, error, word", [
+    (torch.zeros(10, 20, 1, 28, 28, dtype=torch.uint8), False, TypeError, "floating-point"),
+    (torch.zeros(10, 20, 1, 28, 30), True, ValueError, "square"),
+])
+def test_sampler_refuses_images_it_cannot_use(images, rotations, error, word):
+    with pytest.raises(error, match=word):
+        TaskSampler(images, 5, 1, 5, 4, rotations=rotations)
+    TaskSampler(images.float(), 5, 1, 5, 4, rotations=False)  # fine without rotations, as floats

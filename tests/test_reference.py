@@ -110,3 +110,14 @@ def _bad(**changes):
 def test_bad_input(changes, error, word):
     with pytest.raises(error, match=word):
         adapted_query_loss(**_bad(**changes))
+
+
+def test_loop_backend_takes_what_the_reference_takes():
+    """int32 labels and fp16 features: the per-task loop computes what the reference does."""
+    fs, ys, fq, yq, w, b = head_problem(3, 7, 9, 13, 4, dtype=torch.float32, seed=5)
+    args = (fs.half(), ys.int(), fq.half(), yq.int(), w.requires_grad_(), b.requires_grad_())
+    kwargs = dict(inner_lr=0.3, inner_steps=2, first_order=False)
+    ref_loss, ref_logits = adapted_query_loss(*args, backend="reference", **kwargs)
+    loop_loss, loop_logits = adapted_query_loss(*args, backend="loop", **kwargs)
+    torch.testing.assert_close(loop_loss, ref_loss)
+    torch.testing.assert_close(loop_logits, ref_logits)

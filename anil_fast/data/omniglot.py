@@ -18,7 +18,9 @@ import io
 import json
 import os
 import re
+import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,19 +72,34 @@ def find_source(split: str, root=None) -> tuple[Path | None, list[Path]]:
     return None, tried
 
 
-def _check_sha256(path: Path) -> None:
-    """Verify `path` against a SHA256SUMS file beside it, when that file lists it."""
+def _check_sha256(path: Path, digest: str | None = None) -> str:
+    """Verify `path` against a SHA256SUMS file beside it, when that file lists it; returns the
+    file's SHA-256 (`digest`, when the caller has computed it already)."""
+    digest = digest or hashlib.sha256(path.read_bytes()).hexdigest()
     sums = path.parent / "SHA256SUMS"
     if not sums.is_file():
-        return
+        return digest
     for line in sums.read_text().splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1] == path.name:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if digest != parts[0]:
                 raise ValueError(f"Omniglot file {path} is corrupt: its SHA-256 does not match "
                                  f"{sums}; replace the file")
-            return
+            break
+    return digest
+
+
+def source_fingerprint(source: Path) -> str:
+    """What the decode cache is keyed on: the SHA-256 of a file's bytes (checked against
+    SHA256SUMS where it is listed), or for an unpacked folder a hash of every PNG's relative
+    path, size and modification time. A changed source never meets an old cache entry."""
+    if source.is_file():
+        return _check_sha256(source)
+    digest = hashlib.sha256()
+    for png in sorted(source.rglob("*.png")):
+        st = png.stat()
+        digest.update(f"{png.relative_to(source)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def load_npz(path: Path) -> np.ndarray:
@@ -172,13 +189,55 @@ def load_folder(path: Path):
     return _assemble(entries(), path)
 
 
+def _official_table(split: str) -> list[dict]:
+    return json.loads((Path(__file__).parent / "omniglot_alphabets.json").read_text())[split]
+
+
 def packaged_alphabets(split: str) -> list[str]:
     """Alphabet name of every character of an official split (from alphabets.json)."""
-    table = json.loads((Path(__file__).parent / "omniglot_alphabets.json").read_text())[split]
     names = []
-    for entry in table:
+    for entry in _official_table(split):
         names += [entry["alphabet"]] * (entry["last_id"] - entry["first_id"] + 1)
     return names
+
+
+def check_complete(ids, alphabets, split: str, source: Path, partial: bool = False) -> None:
+    """The characters read from `source` against the official split: ids in its range, each
+    under its official alphabet, none missing. partial=True admits whole alphabets missing
+    (e.g. the official images_background_small1 archive), never part of one."""
+    first, count = FIRST_ID[split], SPLITS[split]
+    ids = [int(i) for i in ids]
+    outside = [i for i in ids if not first <= i < first + count]
+    if outside:
+        raise ValueError(f"Omniglot source {source} holds character ids {outside[0]}..{outside[-1]}, "
+                         f"outside the {split} set's {first}..{first + count - 1}: is it the other "
+                         f"split?")
+    official = packaged_alphabets(split)
+    wrong = [(i, a) for i, a in zip(ids, alphabets) if a and a != official[i - first]]
+    if wrong:
+        i, a = wrong[0]
+        raise ValueError(f"Omniglot source {source}: character id {i} is filed under {a!r}, but "
+                         f"belongs to {official[i - first]!r} ({len(wrong)} such characters)")
+    present = set(ids)
+    whole, characters = [], []  # alphabets missing entirely; characters missing from the rest
+    for entry in _official_table(split):
+        span = range(entry["first_id"], entry["last_id"] + 1)
+        absent = [i for i in span if i not in present]
+        if len(absent) == len(span):
+            whole.append(entry["alphabet"])
+        else:
+            characters += [f"{entry['alphabet']}/character{i - entry['first_id'] + 1:02d} (id {i})"
+                           for i in absent]
+    if characters or (whole and not partial):
+        parts = []
+        if characters:
+            parts.append(", ".join(characters[:8]) +
+                         (f" and {len(characters) - 8} more characters" if len(characters) > 8 else ""))
+        if whole and not partial:
+            parts.append(f"{len(whole)} whole alphabets ({', '.join(whole[:5])}"
+                         f"{', ...' if len(whole) > 5 else ''}; partial=True admits those)")
+        raise ValueError(f"Omniglot source {source} is incomplete: the {split} set has {count} "
+                         f"characters, {len(present)} were found; missing: {'; '.join(parts)}")
 
 
 def resize_ink(ink: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -207,10 +266,12 @@ class Omniglot:
 
     Attributes: `images` float32 [characters, 20, 1, H, W] (ink 1.0, paper 0.0), `alphabets`
     (the alphabet of every character), `character_ids` (official ids), `source` (file read).
+    Every character of the official split must be there (an error names the missing ones);
+    `partial=True` admits whole alphabets missing, e.g. for images_background_small1.zip.
     """
 
     def __init__(self, split: str, image_size: int = 28, root=None, device="cpu",
-                 download: bool = True):
+                 download: bool = True, partial: bool = False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if isinstance(image_size, bool) or not isinstance(image_size, int):
@@ -223,6 +284,7 @@ class Omniglot:
             source = self._download_or_explain(split, tried, download)
         self.source = source
         images, ids, alphabets = self._load_cached(source, split, image_size)
+        check_complete(ids, alphabets, split, source, partial)
         self.images = images.to(device)
         self.character_ids = ids
         self.alphabets = alphabets
@@ -253,40 +315,69 @@ class Omniglot:
 
     @staticmethod
     def _load_cached(source: Path, split: str, image_size: int):
-        stat = source.stat()
-        key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|v1".encode())
-        cache = user_cache_dir() / "omniglot" / "decoded" / f"{split}_{image_size}_{key.hexdigest()[:16]}"
-        images_file, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
-        if images_file.exists() and meta_file.exists():
-            try:
-                meta = json.loads(meta_file.read_text())
-                array = np.load(images_file, mmap_mode="r")
-                images = torch.from_numpy(np.array(array))  # one copy out of the memory map
-                if image_size == ORIGINAL_SIZE:  # cached as the uint8 ink mask
-                    images = resize_ink(images, image_size)
-                return images, np.array(meta["character_ids"]), meta["alphabets"]
-            except Exception:  # a broken cache is rebuilt, never trusted
-                pass
+        key = hashlib.sha256(f"{source_fingerprint(source)}|{split}|{image_size}|v2".encode())
+        cache = user_cache_dir() / "omniglot" / "decoded" / f"{split}_{image_size}_{key.hexdigest()[:24]}"
+        cached = _read_cache(cache, image_size)
+        if cached is not None:
+            return cached
         if source.suffix == ".npz":
             ink = load_npz(source)
+            if ink.shape[0] != SPLITS[split]:
+                raise ValueError(f"Omniglot file {source} holds {ink.shape[0]} characters; the "
+                                 f"{split} set has {SPLITS[split]}")
             ids = np.arange(ink.shape[0]) + FIRST_ID[split]
             alphabets = packaged_alphabets(split)
-            if len(alphabets) != ink.shape[0]:
-                alphabets = [""] * ink.shape[0]
         elif source.suffix == ".zip":
             ink, ids, alphabets = load_zip(source)
         else:
             ink, ids, alphabets = load_folder(source)
-        ink_t = torch.from_numpy(ink)
-        images = resize_ink(ink_t, image_size)
-        try:  # write then rename, so a killed process never leaves a half-written cache
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            stored = ink.astype(np.uint8) if image_size == ORIGINAL_SIZE else images.numpy()
-            tmp = images_file.with_suffix(".tmp.npy")
-            np.save(tmp, stored)
-            os.replace(tmp, images_file)
-            meta_file.write_text(json.dumps({"character_ids": [int(i) for i in ids],
-                                             "alphabets": list(alphabets), "source": str(source)}))
-        except OSError:
-            pass  # a read-only home only costs the next load its decoding time
+        images = resize_ink(torch.from_numpy(ink), image_size)
+        stored = ink.astype(np.uint8) if image_size == ORIGINAL_SIZE else images.numpy()
+        _write_cache(cache, stored, {"character_ids": [int(i) for i in ids],
+                                     "alphabets": list(alphabets), "source": str(source)})
         return images, np.asarray(ids), list(alphabets)
+
+
+def _checksum(array: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def _read_cache(cache: Path, image_size: int):
+    """A cached decode, verified (shape, dtype, checksum, value range) before it is served;
+    None when there is none or it fails a check (it is then rebuilt)."""
+    images_file, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
+    if not (images_file.exists() and meta_file.exists()):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        array = np.load(images_file, allow_pickle=False)
+        if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
+                or _checksum(array) != meta["crc32"]
+                or len(meta["character_ids"]) != array.shape[0]
+                or not (array.size == 0 or (0 <= array.min() and array.max() <= 1))):
+            raise ValueError("cache entry does not match its record")
+    except Exception:  # a broken or tampered cache entry is rebuilt, never trusted
+        return None
+    images = torch.from_numpy(array)
+    if image_size == ORIGINAL_SIZE:  # cached as the uint8 ink mask
+        images = resize_ink(images, image_size)
+    return images, np.array(meta["character_ids"]), meta["alphabets"]
+
+
+def _write_cache(cache: Path, array: np.ndarray, meta: dict) -> None:
+    """Write the array, then its record (shape, dtype, checksum), each to a unique temporary
+    name then renamed: a killed or concurrent process never leaves a half-written entry."""
+    meta = {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "crc32": _checksum(array)}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for suffix, write in ((".npy", lambda f: np.save(f, array)),
+                              (".json", lambda f: f.write(json.dumps(meta).encode()))):
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                os.replace(tmp, cache.with_suffix(suffix))
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only or full cache folder only costs the next load its decoding time

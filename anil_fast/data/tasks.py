@@ -88,6 +88,12 @@ class TaskSampler:
             images = images.images
         if not isinstance(images, torch.Tensor) or images.dim() != 5:
             raise TypeError("images must be a tensor [characters, drawings, C, H, W]")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor (e.g. values in 0..1), got "
+                            f"{images.dtype}; convert with images.float() / 255 for 8-bit data")
+        if rotations and images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"rotations=True needs square images, got {images.shape[-2]}x"
+                             f"{images.shape[-1]} (a quarter turn would change their shape)")
         _check_int("ways", ways, 2)
         _check_int("shots", shots, 1)
         _check_int("queries", queries, 1)

@@ -1,0 +1,187 @@
+"""A run folder: the files of one training run, and the rules that keep them safe.
+
+- One process at a time: `RunFolder.locked()` takes an exclusive lock (flock on `.lock`, which
+  holds the owner's PID); a second run into the same folder gets a clear error naming it.
+- A folder that holds a run is never started over by accident: `train` refuses it unless it
+  resumes or is told to overwrite (and then deletes only the files a run writes).
+- Every file is written under a unique temporary name, then renamed over the old one: a kill
+  or a full disk leaves the previous version intact, and a failed write removes its partial file.
+- Checkpoints load with `torch.load(weights_only=True)`: tensors and plain containers only, so
+  a crafted file cannot run code; the format version and the keys are checked.
+- metrics.jsonl is read line by line; a torn last line (a kill mid-write) is skipped with a
+  warning that names the file.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+CONFIG = "config.json"
+LOCK = ".lock"
+RUN_FILES = (CHECKPOINT, METRICS, RESULTS, CONFIG)  # what a run writes (and --overwrite deletes)
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("format", "config", "anil", "sampler", "rng", "step", "elapsed_s")
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (held by another run, holds a run, unwritable)."""
+
+
+class RunFolder:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def create(self) -> None:
+        """Make the folder (and its parents), with a clear error where that is impossible."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"--out {self.path} is a file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent is a file, read-only file system, permissions
+            raise RunFolderError(f"--out {self.path} cannot be created ({exc.strerror or exc})") from exc
+
+    def holds_run(self) -> list[str]:
+        """The run files present in the folder (empty: no run here)."""
+        return [name for name in RUN_FILES if (self.path / name).exists()]
+
+    def clear(self) -> None:
+        """Delete the files a run writes (--overwrite); nothing else in the folder is touched."""
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+
+    @contextmanager
+    def locked(self, enabled: bool = True):
+        """Hold the folder's exclusive lock for the block (no-op when not enabled, e.g. on the
+        ranks other than 0, which write nothing)."""
+        if not enabled:
+            yield
+            return
+        import fcntl
+        lock_path = self.path / LOCK
+        try:
+            handle = open(lock_path, "a+")
+        except OSError as exc:
+            raise RunFolderError(f"--out {self.path} is not writable ({exc.strerror or exc})") from exc
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "unknown"
+                raise RunFolderError(f"run folder {self.path} is in use by another anil-fast run "
+                                     f"(PID {owner}); wait for it to finish or use another --out") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # closing releases the lock
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_atomic(self, name: str, write) -> None:
+        """write(file) into a unique temporary file beside `name`, then rename it over `name`."""
+        target = self.path / name
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, target)  # a killed process leaves the previous file intact
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                full = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                raise RunFolderError(f"could not write {target}{full}: {exc.strerror or exc}; "
+                                     f"the partial file was removed and the previous "
+                                     f"{name} (if any) is kept") from exc
+            raise
+
+    def write_json(self, name: str, value) -> None:
+        self.write_atomic(name, lambda f: f.write(json.dumps(value, indent=1).encode()))
+
+    def save_checkpoint(self, checkpoint: dict) -> None:
+        self.write_atomic(CHECKPOINT, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint (a run folder or the file itself), loaded without unpickling code."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"checkpoint: no checkpoint file at {path}")
+    try:
+        # weights_only: tensors, dicts, lists, numbers and strings only; a pickle that would
+        # build other objects (or run a command) is refused.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint: {path} is unreadable or not a plain checkpoint "
+                         f"({reason})") from exc
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint: {path} holds a {type(ckpt).__name__}, not an anil-fast "
+                         f"checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        hint = (" It looks like a plain state_dict: load it with module.load_state_dict()."
+                if all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "")
+        raise ValueError(f"checkpoint: {path} is not an anil-fast checkpoint: it lacks "
+                         f"{', '.join(missing)}.{hint}")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint: {path} has format version {ckpt['format']!r}; this "
+                         f"anil-fast reads version {CHECKPOINT_FORMAT}")
+    for part in ("body", "head", "optimizer", "outer_steps"):
+        if not isinstance(ckpt["anil"], dict) or part not in ckpt["anil"]:
+            raise ValueError(f"checkpoint: {path} lacks the model's {part!r} state")
+    return ckpt
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl; lines that do not parse (a torn last line after a
+    kill) are skipped with a warning naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            warnings.warn(f"{path}:{number}: skipped a line that is not a metrics record "
+                          f"(torn by a kill?): {line[:80]!r}", stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
+def truncate_metrics(path, step: int) -> None:
+    """Keep the records up to `step` (those a resumed run's checkpoint covers)."""
+    path = Path(path)
+    if path.exists():
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def weights_are_sane(parameters, limit: float) -> tuple[bool, float]:
+    """(all finite and |w| <= limit, the largest |w|). One reduction, one host sync."""
+    params = [p.detach() for p in parameters]
+    if not params:
+        return True, 0.0
+    largest = torch.stack([p.abs().max().float() for p in params]).max().item()
+    return math.isfinite(largest) and largest <= limit, largest

@@ -1,0 +1,251 @@
+"""Run folders and checkpoints a user points us at: no code execution, no clobbering, one run
+per folder, clear errors for bad settings and faults (disk full, torn files)."""
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from anil_fast.cli import main
+from anil_fast.runfolder import RunFolder, load_checkpoint
+from anil_fast.scenarios import scenario_config
+from anil_fast.trainer import TrainingDiverged, evaluate_checkpoint, train
+
+TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tasks", "4",
+        "--inner-steps", "1", "--checkpoint-every", "2", "--no-progress", "--endless"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, omniglot_dir):
+    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+
+
+def tiny(**overrides):
+    values = dict(image_size=28, meta_batch=2, queries=2, test_tasks=4, inner_steps=1,
+                  meta_steps=4, checkpoint_every=2, tasks=None, device="cpu")
+    values.update(overrides)
+    return scenario_config("s2", **values)
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, omniglot_dir):
+    """A finished 4-step run (read-only use: tests copy it when they change it)."""
+    os.environ.setdefault("ANIL_FAST_OFFLINE", "1")
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny(), out, progress=False)
+    return out
+
+
+def copy_run(src, dst):
+    dst.mkdir(parents=True)
+    for name, data in snapshot(src).items():
+        (dst / name).write_bytes(data)
+    return dst
+
+
+# -- 1. checkpoints load without unpickling code ------------------------------------------------
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(finished_run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = copy_run(finished_run, tmp_path / "evil")
+    ckpt = torch.load(evil / "checkpoint.pt", weights_only=True)
+    ckpt["notes"] = _RunsACommand(marker)
+    torch.save(ckpt, evil / "checkpoint.pt")
+    code, out = run_cli(capsys, "eval", "--checkpoint", str(evil), "--tasks", "4")
+    assert code == 2 and "unreadable" in out
+    code, out = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "6", *TINY,
+                        "--out", str(evil), "--resume")
+    assert code == 2 and "unreadable" in out
+    with pytest.raises(ValueError, match="unreadable"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_checkpoint_keys_and_format_are_checked(finished_run, tmp_path, capsys):
+    plain = tmp_path / "plain.pt"
+    torch.save(load_checkpoint(finished_run)["anil"]["body"], plain)
+    code, out = run_cli(capsys, "eval", "--checkpoint", str(plain))
+    assert code == 2 and "not an anil-fast checkpoint" in out and "plain state_dict" in out
+    ckpt = load_checkpoint(finished_run)
+    ckpt["format"] = 99
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="format version 99"):
+        load_checkpoint(tmp_path / "future.pt")
+
+
+# -- 2. a folder that holds a run is not started over by accident -------------------------------
+
+def test_a_finished_run_is_not_overwritten(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                            "--out", str(out))
+    assert code == 2 and "already holds a run" in message and "--overwrite" in message
+    assert snapshot(out) == before  # nothing touched
+    code, _ = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                      "--out", str(out), "--overwrite")
+    assert code == 0
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and load_checkpoint(out)["step"] == 2
+
+
+# -- 3. one run per folder ----------------------------------------------------------------------
+
+def test_a_folder_in_use_is_refused_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunFolder(out).locked():
+        code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                                "--out", str(out))
+    assert code == 2 and f"PID {os.getpid()}" in message and "in use" in message
+    assert not (out / "checkpoint.pt").exists()
+    code, _ = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                      "--out", str(out))
+    assert code == 0  # the lock is released with its holder
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+# -- 4. resume past the end ---------------------------------------------------------------------
+
+def test_resume_past_the_end_is_an_error(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="step 4, past the 2 meta-steps"):
+        train(tiny(meta_steps=2), out, resume=True, progress=False)
+    assert snapshot(out) == before
+
+
+# -- 7. clear errors instead of tracebacks ------------------------------------------------------
+
+def test_out_that_cannot_be_a_folder(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, word in ((a_file, "is a file"), (a_file / "run", "cannot be created")):
+        code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                                "--out", str(out))
+        assert code == 2 and word in message and str(out) in message
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import anil_fast.runfolder as runfolder
+    real_save, calls = torch.save, []
+
+    def save_then_fill_the_disk(obj, f):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: some bytes, then ENOSPC
+            f.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+    monkeypatch.setattr(runfolder.torch, "save", save_then_fill_the_disk)
+    out = tmp_path / "run"
+    code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "6", *TINY,
+                            "--out", str(out))
+    assert code == 2 and "disk is full" in message and "previous checkpoint.pt" in message
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.setattr(runfolder.torch, "save", real_save)
+    assert load_checkpoint(out)["step"] == 2
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--seed", str(2**64)], "seed"),
+    (["--outer-lr", "1e39"], "outer_lr"),
+    (["--outer-lr", "1e38"], "outer_lr"),
+    (["--inner-lr", "-0.4"], "inner_lr"),
+    (["--eval-inner-steps", "-1"], "eval_inner_steps"),
+    (["--ways", "700"], "ways"),  # 964 training characters, 659 test characters
+])
+def test_bad_settings_are_refused_before_training(args, word, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                            *args, "--out", str(out))
+    assert code == 2 and word in message, message
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_eval_task_count_must_be_positive(finished_run, capsys):
+    code, message = run_cli(capsys, "eval", "--checkpoint", str(finished_run), "--tasks", "0")
+    assert code == 2 and "tasks" in message
+
+
+def test_resume_skips_a_torn_metrics_line(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.6')  # a kill mid-write
+    with pytest.warns(UserWarning, match="metrics.jsonl:5"):
+        train(tiny(meta_steps=6), out, resume=True, progress=False)
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# -- 8. divergence: a good last checkpoint and advice that works ---------------------------------
+
+def test_huge_weights_are_never_checkpointed_and_resume_may_lower_the_lr(tmp_path, monkeypatch):
+    from anil_fast.anil import ANIL
+    original, calls = ANIL.meta_train_step, []
+
+    def blows_up(self, batch, **kwargs):
+        out = original(self, batch, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # |b| = 1e30 while the loss stays finite (equal logit shift)
+            with torch.no_grad():
+                self.head.bias.fill_(1e30)
+        return out
+    monkeypatch.setattr(ANIL, "meta_train_step", blows_up)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 2") as info:
+        train(tiny(meta_steps=6), out, progress=False)
+    assert "--resume" in str(info.value)
+    kept = load_checkpoint(out)
+    assert kept["step"] == 2
+    assert all(v.abs().max() < 1e6 for v in kept["anil"]["head"].values())
+    monkeypatch.setattr(ANIL, "meta_train_step", original)
+    summary = train(tiny(meta_steps=6, outer_lr=0.0005), out, resume=True, progress=False)
+    assert summary["resumes_with_changes"] == [{"step": 2, "changes": {"outer_lr": [0.001, 0.0005]}}]
+    assert json.loads((out / "results.json").read_text())["resumes_with_changes"][0]["step"] == 2
+    assert load_checkpoint(out)["history"] == summary["resumes_with_changes"]
+
+
+# -- 10. no side effects on the caller's process -------------------------------------------------
+
+def test_train_and_evaluate_leave_the_global_rng_alone(finished_run, tmp_path):
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    train(tiny(meta_steps=2), tmp_path / "run", progress=False)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(1234)
+    evaluate_checkpoint(finished_run, tasks=4, device="cpu", progress=False)
+    assert torch.equal(torch.rand(4), expected)
+
+
+# -- 11. bf16 on a CPU without native bf16 --------------------------------------------------------
+
+def test_bf16_without_native_support_trains_in_fp32_and_says_so(tmp_path, monkeypatch):
+    import anil_fast.trainer as trainer
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        summary = train(tiny(meta_steps=2, precision="bf16"), tmp_path / "run", progress=False)
+    assert summary["precision"] == "fp32"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    summary = train(tiny(meta_steps=2, precision="bf16"), tmp_path / "run2", progress=False)
+    assert summary["precision"] == "bf16"
