@@ -86,6 +86,9 @@ class RunFolder:
             handle.truncate()
             handle.write(str(os.getpid()))
             handle.flush()
+            for name in RUN_FILES:  # temporary files of a writer killed mid-write: ours now
+                for stale in self.path.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
             yield
         finally:
             handle.close()  # closing releases the lock

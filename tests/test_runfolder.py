@@ -114,6 +114,7 @@ def test_a_finished_run_is_not_overwritten(finished_run, tmp_path, capsys):
 def test_a_folder_in_use_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"\0" * 100)  # left by a kill -9
     with RunFolder(out).locked():
         code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
                                 "--out", str(out))
