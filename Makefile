@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Data: ../shared/data beside the checkout unless ANIL_FAST_DATA says otherwise.
 export ANIL_FAST_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test bench gpu-check install clean
+.PHONY: demo test bench gpu-check kernel-report install clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ test: install
 
 bench: install
 	$(PY) -m pytest -q benches --benchmark-only
+
+kernel-report: install
+	$(PY) -m anil_fast.kernels.report --json kernel-report.json
 
 gpu-check:
 	PYTHONPATH=. python3 benches/gpu_check.py

@@ -6,16 +6,22 @@ the adapted head after k SGD steps is W_k = W - lr H_k^T F, b_k = b - lr 1^T H_k
 H_k = sum of the support-logit gradients so far, so every inner step is
     Z = Z0 - lr Kss H;  P = softmax(Z);  H += (P - Y) / S
 and the query logits are Aq - lr Kqs H. `inner_loop_forward` runs all steps and the query loss
-for every task in one launch (one program per task); `inner_loop_reverse` runs the analytic
-backward of the loop (softmax Jacobian-vector products, in reverse step order) in one launch.
+for every task in one launch (one program per task). `inner_loop_reverse` runs the analytic
+backward of the loop in one launch: it recomputes the steps, then walks them in reverse and
+stores the adjoint ZB_k of every step's logits (softmax Jacobian-vector products); the
+adjoints of Z0 and Kss are then a sum and one GEMM over that history (adjoints_from_history).
 
-Shapes: N <= 64 ways, any Q (chunked). Up to 128 support rows a task's Kss and H sit in
-registers; larger support sets (e.g. 640) use the tiled kernels, which keep H in a per-task
-scratch buffer and multiply by Kss in 32 x 32 tiles. float64 inputs use the exact batched-torch
-versions below (`torch_inner_loop_*`), which are also the kernels' test oracle. All
-accumulation is fp32.
+Shapes: N <= 64 ways, any S and Q. Small tasks keep Kss and H in registers; larger ones use
+the tiled kernels, which keep H in a per-task scratch buffer and multiply by Kss in
+ROWS x ROWS tiles. `forward_launch` / `reverse_launch` decide every launch (kernel, block sizes, warps,
+stages), for the launchers and for the kernel report (report.py), which compiles them for
+sm_80/86/89/90 without a GPU and checks they fit and do not spill. float64 inputs use the
+exact batched-torch versions below (`torch_inner_loop_*`), which are also the kernels' test
+oracle. All accumulation is fp32.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +33,62 @@ try:
 except ImportError:  # anil_fast works without triton; only this backend is then missing
     HAVE_TRITON = False
 
-MAX_SUPPORT_ROWS = 128
 MAX_WAYS = 64
 SCRATCH_BYTES = 1 << 30  # per launch of the reverse kernel; larger batches run in chunks
+# Register kernels hold a task's Kss [BLOCK_S, BLOCK_S] and a few [BLOCK_S, BLOCK_N] tiles in
+# registers; beyond the footprints below the tiled kernels (H in a scratch buffer, Kss read in
+# ROWS x ROWS tiles) take over. Limits, warps, stages and tiles were chosen with the kernel
+# report (report.py): every launch the functions below choose for the preset shapes compiles
+# for sm_80/86/89/90 without register spills (triton 3.8).
+FORWARD_REGISTER_LIMIT = 8192  # elements of BLOCK_S * (BLOCK_S + 2 * BLOCK_N)
+REVERSE_REGISTER_LIMIT = 6144  # the reverse keeps more tiles live
+FORWARD_TILE_ROWS = 32
+REVERSE_TILE_ROWS = 16
 
 
 def _block(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())  # tl.dot needs every dim >= 16
 
 
-def _warps(block_s: int, block_n: int) -> int:
-    """More warps for the larger register tiles (Kss is BLOCK_S x BLOCK_S)."""
-    return 4 if block_s * max(block_s, block_n) <= 64 * 64 else 8
+def _footprint(block_s: int, block_n: int) -> int:
+    return block_s * (block_s + 2 * block_n)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one kernel is launched: which @triton.jit function of this module, its constexpr
+    block sizes, warps and pipeline stages. Decided by forward_launch / reverse_launch alone:
+    the launchers below and the kernel report (report.py) both call them."""
+    kernel: str
+    constexprs: tuple  # ((name, value), ...)
+    num_warps: int
+    num_stages: int
+
+    def options(self) -> dict:
+        return {**dict(self.constexprs), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def forward_launch(s_rows: int, q_rows: int, ways: int, arch: int | None = None) -> Launch:
+    """The forward (all inner steps + query loss) launch for one task shape. (`arch`, the
+    compute capability, is there for per-architecture choices; none is needed so far.)"""
+    bs, bn, block_q = _block(s_rows), _block(ways), min(64, _block(q_rows))
+    footprint = _footprint(bs, bn)
+    if footprint <= FORWARD_REGISTER_LIMIT:
+        return Launch("_inner_loop_fwd_kernel", (("BLOCK_S", bs), ("BLOCK_N", bn), ("BLOCK_Q", block_q)),
+                      num_warps=4 if footprint <= 3072 else 8, num_stages=1)
+    return Launch("_tiled_fwd_kernel", (("ROWS", FORWARD_TILE_ROWS), ("BLOCK_N", bn),
+                                        ("BLOCK_Q", min(block_q, 32))), num_warps=8, num_stages=1)
+
+
+def reverse_launch(s_rows: int, ways: int, arch: int | None = None) -> Launch:
+    """The backward (reversed inner loop) launch for one task shape."""
+    bs, bn = _block(s_rows), _block(ways)
+    footprint = _footprint(bs, bn)
+    if footprint <= REVERSE_REGISTER_LIMIT:
+        return Launch("_inner_loop_bwd_kernel", (("BLOCK_S", bs), ("BLOCK_N", bn)),
+                      num_warps=4 if footprint <= 3072 else 8, num_stages=1)
+    return Launch("_tiled_bwd_kernel", (("ROWS", REVERSE_TILE_ROWS), ("BLOCK_N", bn)),
+                  num_warps=8, num_stages=3)
 
 
 if HAVE_TRITON:
@@ -107,70 +157,70 @@ if HAVE_TRITON:
         tl.store(LOSSES + t, loss / Q)
 
     @triton.jit
-    def _inner_loop_bwd_kernel(Z0, KSS, YS, HBAR, HIST, Z0BAR, KSSBAR,
-                               S, N, steps, lr,
+    def _inner_loop_bwd_kernel(Z0, KSS, YS, HBAR, HIST, PHIST, ZBHIST, S, N, steps, lr,
                                BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The adjoint ZB_k of every step's support logits, given that of H_K. H_k and ZB_k are
+        stored as [BLOCK_S, steps, BLOCK_N] per task; the caller turns them into the adjoints
+        of Z0 and Kss with one sum and one GEMM (adjoints_from_history), so neither [S,S]
+        accumulator has to live in registers here."""
         t = tl.program_id(0).to(tl.int64)
         rs = tl.arange(0, BLOCK_S)
         rn = tl.arange(0, BLOCK_N)
         s_ok = rs < S
         n_ok = rn < N
         sn_ok = s_ok[:, None] & n_ok[None, :]
-        ss_ok = s_ok[:, None] & s_ok[None, :]
         z0, kss, y = _load_task(Z0, KSS, YS, t, S, N, BLOCK_S, BLOCK_N)
-        block = rs[:, None] * BLOCK_N + rn[None, :]
-        hist = HIST + t * steps * BLOCK_S * BLOCK_N
-        # Recompute the forward loop, keeping every step's H_k (the heads are cheap here).
+        history = t * BLOCK_S * steps * BLOCK_N + rs[:, None] * steps * BLOCK_N + rn[None, :]
+        probs = PHIST + t * steps * BLOCK_S * BLOCK_N + rs[:, None] * BLOCK_N + rn[None, :]
+        # Recompute the forward loop, keeping every step's H_k and softmax P_k.
         h = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
         for k in range(steps):
-            tl.store(hist + k * BLOCK_S * BLOCK_N + block, h)
+            tl.store(HIST + history + k * BLOCK_N, h)
             p = _softmax_rows(z0 - lr * tl.dot(kss, h, input_precision="ieee"), n_ok[None, :])
+            tl.store(probs + k * BLOCK_S * BLOCK_N, p)
             h += tl.where(sn_ok, (p - y) / S, 0.0)
-        tl.debug_barrier()  # the history is read back by other threads of this program
+        tl.debug_barrier()  # P_k is read back by other threads of this program
         hb = tl.load(HBAR + t * S * N + rs[:, None] * N + rn[None, :], mask=sn_ok, other=0.0).to(tl.float32)
-        z0b = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
-        kb = tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float32)
         for i in range(steps):
             k = steps - 1 - i
-            hk = tl.load(hist + k * BLOCK_S * BLOCK_N + block)
-            p = _softmax_rows(z0 - lr * tl.dot(kss, hk, input_precision="ieee"), n_ok[None, :])
-            zb = p * (hb - tl.sum(p * hb, 1)[:, None]) / S
-            zb = tl.where(sn_ok, zb, 0.0)
-            z0b += zb
-            kb -= lr * tl.dot(zb, tl.trans(hk), input_precision="ieee")
+            p = tl.load(probs + k * BLOCK_S * BLOCK_N)
+            zb = tl.where(sn_ok, p * (hb - tl.sum(p * hb, 1)[:, None]) / S, 0.0)
+            tl.store(ZBHIST + history + k * BLOCK_N, zb)
             hb -= lr * tl.dot(kss, zb, input_precision="ieee")
-        tl.store(Z0BAR + t * S * N + rs[:, None] * N + rn[None, :], z0b, mask=sn_ok)
-        tl.store(KSSBAR + t * S * S + rs[:, None] * S + rs[None, :], kb, mask=ss_ok)
 
 
     # -- support sets larger than one register tile: H lives in a per-task scratch buffer and
     # every product with Kss runs over (ROWS x ROWS) tiles; same maths as the kernels above.
     @triton.jit
-    def _kss_rows_times(KSS, t, rows, S, M, rn, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Kss[rows, :] @ M for one task, M a zero-padded [S_pad, BLOCK_N] scratch matrix."""
+    def _kss_rows_times(KSS, t, rows, S, M, ld, rn, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Kss[rows, :] @ M for one task; M [S_pad, BLOCK_N] zero-padded, row stride ld."""
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for c0 in range(0, S, ROWS):
             cols = c0 + tl.arange(0, ROWS)
             k = tl.load(KSS + t * S * S + rows[:, None] * S + cols[None, :],
                         mask=(rows < S)[:, None] & (cols < S)[None, :], other=0.0).to(tl.float32)
-            m = tl.load(M + cols[:, None] * BLOCK_N + rn[None, :])
+            m = tl.load(M + cols[:, None] * ld + rn[None, :])
             acc += tl.dot(k, m, input_precision="ieee")
         return acc
 
     @triton.jit
-    def _tiled_step(Z0, KSS, YS, SRC, DST, t, S, N, lr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """DST = SRC + (softmax(Z0 - lr Kss SRC) - Y) / S, row block by row block."""
+    def _tiled_step(Z0, KSS, YS, SRC, DST, ld, P, ld_p, t, S, N, lr, ROWS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, STORE_P: tl.constexpr):
+        """DST = SRC + (softmax(Z0 - lr Kss SRC) - Y) / S row block by row block (row stride
+        ld), and the softmax into P (row stride ld_p) when STORE_P."""
         rn = tl.arange(0, BLOCK_N)
         n_ok = rn < N
         for r0 in range(0, S, ROWS):
             rows = r0 + tl.arange(0, ROWS)
             rn_ok = (rows < S)[:, None] & n_ok[None, :]
-            acc = _kss_rows_times(KSS, t, rows, S, SRC, rn, ROWS, BLOCK_N)
+            acc = _kss_rows_times(KSS, t, rows, S, SRC, ld, rn, ROWS, BLOCK_N)
             z0 = tl.load(Z0 + t * S * N + rows[:, None] * N + rn[None, :], mask=rn_ok, other=0.0).to(tl.float32)
             p = _softmax_rows(z0 - lr * acc, n_ok[None, :])
+            if STORE_P:
+                tl.store(P + rows[:, None] * ld_p + rn[None, :], p)
             ys = tl.load(YS + t * S + rows, mask=rows < S, other=-1)
             y = (ys[:, None] == rn[None, :]).to(tl.float32)
-            block = rows[:, None] * BLOCK_N + rn[None, :]
+            block = rows[:, None] * ld + rn[None, :]
             h = tl.load(SRC + block)
             tl.store(DST + block, h + tl.where(rn_ok, (p - y) / S, 0.0))
 
@@ -184,8 +234,8 @@ if HAVE_TRITON:
         plane = S_PAD * BLOCK_N
         scr = SCR + t * 2 * plane  # two zeroed [S_PAD, BLOCK_N] buffers, used in turn
         for k in range(steps):
-            _tiled_step(Z0, KSS, YS, scr + (k % 2) * plane, scr + ((k + 1) % 2) * plane, t, S, N,
-                        lr, ROWS, BLOCK_N)
+            _tiled_step(Z0, KSS, YS, scr + (k % 2) * plane, scr + ((k + 1) % 2) * plane, BLOCK_N,
+                        scr, BLOCK_N, t, S, N, lr, ROWS, BLOCK_N, False)
             tl.debug_barrier()  # the next step reads rows other threads wrote
         h = scr + (steps % 2) * plane
         for r0 in range(0, S, ROWS):
@@ -208,47 +258,38 @@ if HAVE_TRITON:
         tl.store(LOSSES + t, loss / Q)
 
     @triton.jit
-    def _tiled_bwd_kernel(Z0, KSS, YS, HIST, HB, ZB, Z0BAR, KSSBAR, S, N, S_PAD, steps, lr,
+    def _tiled_bwd_kernel(Z0, KSS, YS, HIST, PHIST, HB, ZBHIST, S, N, S_PAD, steps, lr,
                           ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The register backward's job for large support sets: ZB_k of every step, stored
+        with H_k as [S_PAD, steps(+1), BLOCK_N] per task for adjoints_from_history."""
         t = tl.program_id(0).to(tl.int64)
         rn = tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        plane = S_PAD * BLOCK_N
-        hist = HIST + t * (steps + 1) * plane  # hist[k] = H_k; hist[0] is zero
-        hb = HB + t * plane                     # adjoint of H, zero-padded
-        zb = ZB + t * plane
-        for k in range(steps):  # recompute the forward, keeping every H_k
-            _tiled_step(Z0, KSS, YS, hist + k * plane, hist + (k + 1) * plane, t, S, N, lr,
-                        ROWS, BLOCK_N)
+        ld_h = (steps + 1) * BLOCK_N  # H_0 .. H_steps; H_0 zeroed by the caller
+        ld = steps * BLOCK_N
+        hist = HIST + t * S_PAD * ld_h
+        probs = PHIST + t * S_PAD * ld
+        zbh = ZBHIST + t * S_PAD * ld
+        hb = HB + t * S_PAD * BLOCK_N  # adjoint of H, zero-padded
+        for k in range(steps):  # recompute the forward, keeping every H_k and P_k
+            _tiled_step(Z0, KSS, YS, hist + k * BLOCK_N, hist + (k + 1) * BLOCK_N, ld_h,
+                        probs + k * BLOCK_N, ld, t, S, N, lr, ROWS, BLOCK_N, True)
             tl.debug_barrier()
         for i in range(steps):
-            hk = hist + (steps - 1 - i) * plane
-            for r0 in range(0, S, ROWS):  # adjoint of Z_k: the softmax JVP, row by row
+            k = steps - 1 - i
+            for r0 in range(0, S_PAD, ROWS):  # adjoint of Z_k: the softmax JVP, row by row
                 rows = r0 + tl.arange(0, ROWS)
                 rn_ok = (rows < S)[:, None] & n_ok[None, :]
-                acc = _kss_rows_times(KSS, t, rows, S, hk, rn, ROWS, BLOCK_N)
-                z0 = tl.load(Z0 + t * S * N + rows[:, None] * N + rn[None, :], mask=rn_ok, other=0.0).to(tl.float32)
-                p = _softmax_rows(z0 - lr * acc, n_ok[None, :])
-                block = rows[:, None] * BLOCK_N + rn[None, :]
-                hbr = tl.load(hb + block)
+                p = tl.load(probs + k * BLOCK_N + rows[:, None] * ld + rn[None, :])
+                hbr = tl.load(hb + rows[:, None] * BLOCK_N + rn[None, :])
                 zbr = tl.where(rn_ok, p * (hbr - tl.sum(p * hbr, 1)[:, None]) / S, 0.0)
-                tl.store(zb + block, zbr)
-                out = Z0BAR + t * S * N + rows[:, None] * N + rn[None, :]
-                tl.store(out, tl.load(out, mask=rn_ok, other=0.0) + zbr, mask=rn_ok)
+                tl.store(zbh + k * BLOCK_N + rows[:, None] * ld + rn[None, :], zbr)
             tl.debug_barrier()
-            for r0 in range(0, S, ROWS):  # pass it on to Kss and to H_k
+            for r0 in range(0, S, ROWS):  # pass it on to H_k: hb -= lr Kss ZB_k
                 rows = r0 + tl.arange(0, ROWS)
-                zbr = tl.load(zb + rows[:, None] * BLOCK_N + rn[None, :])
-                acc = _kss_rows_times(KSS, t, rows, S, zb, rn, ROWS, BLOCK_N)
-                for c0 in range(0, S, ROWS):
-                    cols = c0 + tl.arange(0, ROWS)
-                    hkc = tl.load(hk + cols[:, None] * BLOCK_N + rn[None, :])
-                    rc_ok = (rows < S)[:, None] & (cols < S)[None, :]
-                    kb = KSSBAR + t * S * S + rows[:, None] * S + cols[None, :]
-                    update = lr * tl.dot(zbr, tl.trans(hkc), input_precision="ieee")
-                    tl.store(kb, tl.load(kb, mask=rc_ok, other=0.0) - update, mask=rc_ok)
-                block = rows[:, None] * BLOCK_N + rn[None, :]
-                tl.store(hb + block, tl.load(hb + block) - lr * acc)  # Kss is symmetric
+                acc = _kss_rows_times(KSS, t, rows, S, zbh + k * BLOCK_N, ld, rn, ROWS, BLOCK_N)
+                block = hb + rows[:, None] * BLOCK_N + rn[None, :]
+                tl.store(block, tl.load(block) - lr * acc)
             tl.debug_barrier()
 
 
@@ -256,11 +297,16 @@ def kernel_supports(support_rows: int, ways: int) -> bool:
     return HAVE_TRITON and ways <= MAX_WAYS
 
 
-TILE_ROWS = 32  # row/column tile of the large-support kernels
+def _padded(rows: int, tile: int) -> int:
+    return -(-rows // tile) * tile
 
 
-def _padded(rows: int) -> int:
-    return -(-rows // TILE_ROWS) * TILE_ROWS
+def _arch(t: torch.Tensor) -> int | None:
+    """Compute capability as 80, 86, 89, 90, ... (None under the interpreter)."""
+    if not t.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
 
 
 def inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
@@ -272,60 +318,65 @@ def inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
     h = torch.empty_like(z0)
     logits = torch.empty_like(aq)
     losses = torch.empty(tasks, device=z0.device, dtype=z0.dtype)
-    block_q = min(64, _block(q_rows))
-    if s_rows > MAX_SUPPORT_ROWS:  # tiles over a scratch copy of H
-        bn, s_pad = _block(ways), _padded(s_rows)
-        scratch = torch.zeros(tasks, 2, s_pad, bn, device=z0.device, dtype=torch.float32)
-        _tiled_fwd_kernel[(tasks,)](
-            z0, kss, ys, aq, kqs, yq, scratch, h, logits, losses, s_rows, q_rows, ways, s_pad,
-            steps, lr, ROWS=TILE_ROWS, BLOCK_N=bn, BLOCK_Q=min(block_q, 32), num_warps=4)
-        return h, logits, losses
-    _inner_loop_fwd_kernel[(tasks,)](
-        z0, kss, ys, aq, kqs, yq, h, logits, losses, s_rows, q_rows, ways, steps, lr,
-        BLOCK_S=_block(s_rows), BLOCK_N=_block(ways), BLOCK_Q=block_q,
-        num_warps=_warps(_block(s_rows), _block(ways)))
+    launch = forward_launch(s_rows, q_rows, ways, _arch(z0))
+    if launch.kernel == "_tiled_fwd_kernel":  # H in a zeroed scratch buffer, two planes
+        s_pad = _padded(s_rows, dict(launch.constexprs)["ROWS"])
+        scratch = torch.zeros(tasks, 2, s_pad, dict(launch.constexprs)["BLOCK_N"],
+                              device=z0.device, dtype=torch.float32)
+        _tiled_fwd_kernel[(tasks,)](z0, kss, ys, aq, kqs, yq, scratch, h, logits, losses,
+                                    s_rows, q_rows, ways, s_pad, steps, lr, **launch.options())
+    else:
+        _inner_loop_fwd_kernel[(tasks,)](z0, kss, ys, aq, kqs, yq, h, logits, losses,
+                                         s_rows, q_rows, ways, steps, lr, **launch.options())
     return h, logits, losses
 
 
 def inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
-    """Adjoints (of Z0 [T,S,N], of Kss [T,S,S]) given the adjoint of H_K, one launch."""
+    """Adjoints (of Z0 [T,S,N], of Kss [T,S,S]) given the adjoint of H_K: one kernel launch
+    for the reversed loop, then adjoints_from_history (a sum and one GEMM)."""
     tasks, s_rows, ways = z0.shape
     if not kernel_supports(s_rows, ways) or z0.dtype == torch.float64:
         return torch_inner_loop_reverse(z0, kss, ys, hbar, lr, steps)
-    if s_rows > MAX_SUPPORT_ROWS:
-        return _tiled_reverse(z0, kss, ys, hbar, lr, steps)
-    bs, bn = _block(s_rows), _block(ways)
-    z0bar = torch.empty_like(z0)
-    kssbar = torch.empty_like(kss)
-    per_task = max(steps, 1) * bs * bn * 4
+    if steps == 0:
+        return torch.zeros_like(z0), torch.zeros_like(kss)
+    launch = reverse_launch(s_rows, ways, _arch(z0))
+    consts = dict(launch.constexprs)
+    bn = consts["BLOCK_N"]
+    tiled = launch.kernel == "_tiled_bwd_kernel"
+    s_pad = _padded(s_rows, consts["ROWS"]) if tiled else consts["BLOCK_S"]
+    # per task: H history (steps + 1 planes tiled, steps planes in registers), P and ZB
+    per_task = (3 * steps + 2) * s_pad * bn * 4
     chunk = max(1, min(tasks, SCRATCH_BYTES // per_task))
-    hist = torch.empty(chunk * max(steps, 1) * bs * bn, device=z0.device, dtype=torch.float32)
+    z0bar, kssbar = torch.empty_like(z0), torch.empty_like(kss)
+    scratch = dict(device=z0.device, dtype=torch.float32)
     for start in range(0, tasks, chunk):  # one launch unless the scratch would exceed 1 GiB
         end = min(tasks, start + chunk)
-        _inner_loop_bwd_kernel[(end - start,)](
-            z0[start:end], kss[start:end], ys[start:end], hbar[start:end], hist,
-            z0bar[start:end], kssbar[start:end], s_rows, ways, steps, lr,
-            BLOCK_S=bs, BLOCK_N=bn, num_warps=_warps(bs, bn))
+        count = end - start
+        probs = torch.empty(count, s_pad, steps, bn, **scratch)
+        zb = torch.empty(count, s_pad, steps, bn, **scratch)
+        if tiled:
+            hist = torch.zeros(count, s_pad, steps + 1, bn, **scratch)
+            hb = torch.zeros(count, s_pad, bn, **scratch)
+            hb[:, :s_rows, :ways] = hbar[start:end]
+            _tiled_bwd_kernel[(count,)](z0[start:end], kss[start:end], ys[start:end], hist, probs,
+                                        hb, zb, s_rows, ways, s_pad, steps, lr, **launch.options())
+            hist = hist[:, :, :steps]
+        else:
+            hist = torch.empty(count, s_pad, steps, bn, **scratch)
+            _inner_loop_bwd_kernel[(count,)](z0[start:end], kss[start:end], ys[start:end],
+                                             hbar[start:end], hist, probs, zb, s_rows, ways,
+                                             steps, lr, **launch.options())
+        z0bar[start:end], kssbar[start:end] = adjoints_from_history(zb, hist, s_rows, ways, lr)
     return z0bar, kssbar
 
 
-def _tiled_reverse(z0, kss, ys, hbar, lr: float, steps: int):
-    tasks, s_rows, ways = z0.shape
-    bn, s_pad = _block(ways), _padded(s_rows)
-    z0bar, kssbar = torch.zeros_like(z0), torch.zeros_like(kss)  # the kernel accumulates
-    hb = torch.zeros(tasks, s_pad, bn, device=z0.device, dtype=torch.float32)
-    hb[:, :s_rows, :ways] = hbar
-    zb = torch.zeros_like(hb)
-    chunk = max(1, min(tasks, SCRATCH_BYTES // ((steps + 1) * s_pad * bn * 4)))
-    hist = torch.zeros(chunk, steps + 1, s_pad, bn, device=z0.device, dtype=torch.float32)
-    for start in range(0, tasks, chunk):  # one launch unless the scratch would exceed 1 GiB
-        end = min(tasks, start + chunk)
-        hist[:, 0].zero_()
-        _tiled_bwd_kernel[(end - start,)](
-            z0[start:end], kss[start:end], ys[start:end], hist, hb[start:end], zb[start:end],
-            z0bar[start:end], kssbar[start:end], s_rows, ways, s_pad, steps, lr,
-            ROWS=TILE_ROWS, BLOCK_N=bn, num_warps=4)
-    return z0bar, kssbar
+def adjoints_from_history(zb, hist, s_rows: int, ways: int, lr: float):
+    """Z0's and Kss's adjoints from the per-step histories [T, S_pad, steps, N_pad] of the
+    support-logit adjoints ZB_k and the heads H_k (padding zero):
+        Z0_bar = sum_k ZB_k,   Kss_bar = -lr sum_k ZB_k H_kᵀ  (one GEMM over k and N)."""
+    z0bar = zb.sum(2)[:, :s_rows, :ways]
+    kssbar = torch.bmm(zb.flatten(2), hist.flatten(2).transpose(1, 2))[:, :s_rows, :s_rows]
+    return z0bar, kssbar.mul_(-lr)
 
 
 def _one_hot(labels, ways, dtype):
@@ -348,15 +399,17 @@ def torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
 def torch_inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
     s_rows, ways = z0.shape[1], z0.shape[2]
     y = _one_hot(ys, ways, z0.dtype)
-    history, h = [], torch.zeros_like(z0)
+    heads, probs, h = [], [], torch.zeros_like(z0)
     for _ in range(steps):
-        history.append(h)
-        h = h + ((z0 - lr * torch.bmm(kss, h)).softmax(-1) - y) / s_rows
-    hb, z0b, kb = hbar, torch.zeros_like(z0), torch.zeros_like(kss)
-    for hk in reversed(history):
-        p = (z0 - lr * torch.bmm(kss, hk)).softmax(-1)
-        zb = p * (hb - (p * hb).sum(-1, keepdim=True)) / s_rows
-        z0b = z0b + zb
-        kb = kb - lr * torch.bmm(zb, hk.transpose(1, 2))
-        hb = hb - lr * torch.bmm(kss, zb)
-    return z0b, kb
+        heads.append(h)
+        p = (z0 - lr * torch.bmm(kss, h)).softmax(-1)
+        probs.append(p)
+        h = h + (p - y) / s_rows
+    hb, adjoints = hbar, [None] * steps
+    for k in reversed(range(steps)):
+        p = probs[k]
+        adjoints[k] = p * (hb - (p * hb).sum(-1, keepdim=True)) / s_rows
+        hb = hb - lr * torch.bmm(kss, adjoints[k])
+    if steps == 0:
+        return torch.zeros_like(z0), torch.zeros_like(kss)
+    return adjoints_from_history(torch.stack(adjoints, 2), torch.stack(heads, 2), s_rows, ways, lr)

@@ -87,7 +87,7 @@ def test_triton_float32_interpreter(shape, first_order):
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("shape", [(2, 160, 9, 13, 7, 3), (1, 200, 70, 5, 64, 2), (3, 150, 4, 1, 2, 0)])
 def test_triton_large_support_sets(shape, first_order):
-    # more than 128 support rows: the tiled kernels (H in scratch, 32 x 32 tiles of Kss)
+    # large support sets: the tiled kernels (H in scratch, tiles of Kss)
     compare("triton", shape, first_order, torch.float32, atol=2e-4, rtol=2e-4)
 
 
@@ -204,3 +204,35 @@ def test_backend_resolution():
 def test_anil_fused_equals_reference(first_order, batched):
     kwargs = dict(inner_lr=0.3, inner_steps=3, first_order=first_order, batched_body=batched)
     assert_trains_alike(make(backend="reference", **kwargs), make(backend="fused", **kwargs))
+
+
+# Each side of every launch threshold (forward_launch / reverse_launch): the register kernels
+# at their footprint limits with 4 and 8 warps, and the tiled kernels just past them.
+# (tasks, support rows, query rows, feature dim, ways, inner steps) -> (forward, reverse) kernel
+THRESHOLD_SHAPES = [
+    ((2, 7, 9, 11, 3, 3), ("_inner_loop_fwd_kernel", "_inner_loop_bwd_kernel")),    # 16 x 16
+    ((2, 20, 6, 13, 64, 2), ("_inner_loop_fwd_kernel", "_inner_loop_bwd_kernel")),  # 32 x 64, 8 warps
+    ((2, 33, 9, 11, 5, 3), ("_inner_loop_fwd_kernel", "_inner_loop_bwd_kernel")),   # 64 x 16: reverse limit
+    ((2, 40, 9, 11, 20, 2), ("_inner_loop_fwd_kernel", "_tiled_bwd_kernel")),       # 64 x 32: forward limit
+    ((1, 40, 7, 9, 40, 2), ("_tiled_fwd_kernel", "_tiled_bwd_kernel")),             # 64 x 64
+    ((2, 70, 5, 7, 5, 1), ("_tiled_fwd_kernel", "_tiled_bwd_kernel")),              # 128 rows
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("shape, kernels", THRESHOLD_SHAPES)
+def test_triton_each_side_of_the_launch_thresholds(shape, kernels, first_order):
+    from anil_fast.kernels import anil_head
+    tasks, s_rows, q_rows, dim, ways, steps = shape
+    chosen = (anil_head.forward_launch(s_rows, q_rows, ways).kernel,
+              anil_head.reverse_launch(s_rows, ways).kernel)
+    assert chosen == kernels
+    compare("triton", shape, first_order, torch.float32, atol=2e-4, rtol=2e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [SHAPES[0], (2, 70, 5, 7, 5, 2)])
+def test_torch_small_loop_is_exact_in_float64(shape):
+    # float64 runs the kernels' batched-torch oracle (forward and reverse), gradients included
+    compare("triton", shape, False, torch.float64)
