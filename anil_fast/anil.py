@@ -157,6 +157,7 @@ class ANIL(nn.Module):
         self.__dict__["_body_forward"] = self.body if not compile else torch.compile(
             self.body, **({} if compile is True else {"backend": compile}))
         self.outer_steps = 0
+        self.lr_scale = 1.0  # a schedule's factor of outer_lr (set by the trainer each step)
         self.param_groups_report = []
         self.optimizer = self._build_optimizer()
 
@@ -204,7 +205,7 @@ class ANIL(nn.Module):
         warm = self.outer_steps < self.warmup_steps
         for group in optimizer.param_groups:
             held = warm and group["name"] != "head" and not group["batchnorm"]
-            lr = 0.0 if held else self.outer_lr * group["multiplier"]
+            lr = 0.0 if held else self.outer_lr * self.lr_scale * group["multiplier"]
             if isinstance(group["lr"], torch.Tensor):  # capturable optimizer: update in place
                 group["lr"].fill_(lr)
             else:

@@ -1,4 +1,4 @@
-"""The `anil-fast` command line: train, eval, compare."""
+"""The `anil-fast` command line: train, eval, compare, reproduce."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,8 @@ OVERRIDES = {
     "model": str, "device": str, "seed": int, "backend": str, "test_tasks": int,
     "eval_inner_steps": int, "warmup_steps": int, "multipliers": str, "protocol": str,
     "bn_mode": str, "checkpoint_every": int, "log_every": int, "precision": str,
-    "data_root": str,
+    "data_root": str, "time_budget": float, "lr_schedule": str, "lr_floor": float,
+    "validation": int, "val_tasks": int, "val_every": int, "val_every_s": float,
 }
 FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "capture")
 
@@ -36,8 +37,8 @@ def _overrides(args) -> dict:
     values = {k: v for k, v in values.items() if v is not None}
     if args.endless:
         values["tasks"] = None
-        if args.meta_steps is None:
-            raise ValueError("--endless needs --meta-steps")
+        if args.meta_steps is None and args.time_budget is None:
+            raise ValueError("--endless needs --meta-steps or --time-budget")
     if args.tasks is not None and args.meta_steps is None:
         values["meta_steps"] = None  # one pass over the given pool
     return values
@@ -55,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start over in an --out that holds a run (deletes its run files)")
     train.add_argument("--no-progress", action="store_true")
     _add_overrides(train)
+
+    rep = sub.add_parser("reproduce", help="our numbers beside the papers' (paper) or the "
+                                           "seed's (seed), one table and one plot")
+    rep.add_argument("--suite", required=True, choices=("paper", "seed"))
+    rep.add_argument("--budget-s", type=float, default=300.0,
+                     help="training seconds per preset (paper suite; default 300)")
+    rep.add_argument("--device", default="auto")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--smoke", action="store_true",
+                     help="tiny budgets that only check the command works (numbers are not results)")
+    rep.add_argument("--resume", action="store_true")
+    rep.add_argument("--overwrite", action="store_true")
+    rep.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on test tasks")
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
@@ -83,6 +97,31 @@ def _print_eval(result: dict, out=print) -> None:
         f"± {100 * result['ci95']:.2f}")
 
 
+def _print_summary(summary: dict, info, out=print) -> None:
+    from .reproduce import references
+    ranks = f" x {info.world_size} ranks" if info.active else ""
+    rate = "n/a" if summary["it_s"] is None else f"{summary['it_s']:.2f}"
+    one_time = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s"
+                         for k, v in summary["one_time_s"].items())
+    out(f"{summary['scenario']}: {summary['meta_steps']} meta-steps in "
+        f"{summary['train_time_s']:.1f} s of training ({rate} it/s, stopped by "
+        f"{summary['stopped_by']}) on {summary['device']}{ranks}, final loss "
+        f"{summary['final_loss']:.3f}; one-time: {one_time}")
+    if "evaluation" not in summary:
+        return
+    out(f"checkpoint tested: {summary['selected']}")
+    _print_eval(summary["evaluation"], out)
+    if "evaluation_last" in summary:
+        last = summary["evaluation_last"]
+        out(f"(last weights: {100 * last['accuracy_after']:.2f}% ± {100 * last['ci95']:.2f})")
+    table = references()
+    for suite in ("paper", "seed"):
+        for ref in table[suite].get(summary["scenario"], []):
+            ci = f" ± {ref['ci95']}" if "ci95" in ref else ""
+            out(f"reference: {ref['method']} {ref['accuracy']}%{ci} "
+                f"({table['sources'][ref['source']].split(',')[0]})")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from . import distributed
@@ -98,11 +137,7 @@ def main(argv=None) -> int:
                 out(note)
             summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
                             progress=not args.no_progress)
-            ranks = f" x {info.world_size} ranks" if info.active else ""
-            out(f"{config.scenario}: {summary['meta_steps']} meta-steps in "
-                f"{summary['train_time_s']:.1f} s ({summary['it_s']:.2f} it/s) on "
-                f"{summary['device']}{ranks}, final loss {summary['final_loss']:.3f}")
-            _print_eval(summary["evaluation"], out)
+            _print_summary(summary, info, out)
         elif args.command == "eval":
             result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
                                          progress=not args.json)
@@ -110,6 +145,14 @@ def main(argv=None) -> int:
                 out(json.dumps(result))
             else:
                 _print_eval(result, out)
+        elif args.command == "reproduce":
+            from .reproduce import reproduce
+            rows = reproduce(args.suite, args.out, args.budget_s, args.device, args.smoke,
+                             progress=not args.no_progress, resume=args.resume,
+                             overwrite=args.overwrite)
+            out(open(f"{args.out}/reproduce.md").read())
+            out(f"wrote {args.out}/reproduce.{{md,csv,json}} and accuracy_vs_time.png "
+                f"({len(rows)} presets)")
         else:
             from .compare import compare
             names = [s.strip() for s in args.scenarios.split(",") if s.strip()]

@@ -28,8 +28,10 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 CONFIG = "config.json"
+BEST = "best.pt"  # the checkpoint of the best validation score
+VALIDATION = "validation.jsonl"
 LOCK = ".lock"
-RUN_FILES = (CHECKPOINT, METRICS, RESULTS, CONFIG)  # what a run writes (and --overwrite deletes)
+RUN_FILES = (CHECKPOINT, METRICS, RESULTS, CONFIG, BEST, VALIDATION)  # a run's (--overwrite deletes)
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "config", "anil", "sampler", "rng", "step", "elapsed_s")
@@ -114,8 +116,8 @@ class RunFolder:
     def write_json(self, name: str, value) -> None:
         self.write_atomic(name, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
-    def save_checkpoint(self, checkpoint: dict) -> None:
-        self.write_atomic(CHECKPOINT, lambda f: torch.save(checkpoint, f))
+    def save_checkpoint(self, checkpoint: dict, name: str = CHECKPOINT) -> None:
+        self.write_atomic(name, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path) -> dict:

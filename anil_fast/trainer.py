@@ -22,18 +22,22 @@ from .anil import ANIL, cpu_has_native_bf16, prefers_channels_last
 from .capture import MetaStepRunner
 from .data import TaskSampler, load_split
 from .metrics import GPUMonitor, mean_ci95, peak_memory, reset_peak_memory
-from .runfolder import (CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, METRICS, RESULTS, RunFolder,
+from .runfolder import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, METRICS, RESULTS, VALIDATION, RunFolder,
                         RunFolderError, load_checkpoint, read_metrics, truncate_metrics,
                         weights_are_sane)
 from .scenarios import MAX_SEED, Config, body_lr_multipliers, validate_config
+from .schedules import lr_factor
+from .schedules import progress as schedule_progress
 
 # Fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"meta_steps", "device", "checkpoint_every", "log_every", "notes", "backend",
                      "compile", "capture", "inner_lr", "outer_lr", "test_tasks",
-                     "eval_inner_steps", "bn_mode"}
+                     "eval_inner_steps", "bn_mode", "time_budget", "lr_schedule", "lr_floor",
+                     "val_every", "val_every_s"}
 # Of those, the ones that change what is computed: a resume records them (results.json).
 RECORDED_CHANGES = {"inner_lr", "outer_lr", "meta_steps", "backend", "test_tasks",
-                    "eval_inner_steps", "bn_mode"}
+                    "eval_inner_steps", "bn_mode", "time_budget", "lr_schedule", "lr_floor",
+                    "val_every", "val_every_s"}
 # A checkpoint is only written while every parameter is finite and at most this large: no
 # network this toolkit trains has weights near it, a diverging one passes it long before NaN.
 SANE_WEIGHT_LIMIT = 1e6
@@ -83,7 +87,8 @@ def build_anil(config: Config, device) -> ANIL:
 
 
 def train_sampler(config: Config, device) -> TaskSampler:
-    images = load_split(config.protocol, "train", config.image_size, config.data_root, device)
+    images = load_split(config.protocol, "train", config.image_size, config.data_root, device,
+                        validation=config.validation)
     return TaskSampler(images, config.ways, config.shots, config.queries, config.meta_batch,
                        rotations=config.rotations, seed=config.seed, num_tasks=config.tasks)
 
@@ -94,6 +99,16 @@ def test_sampler(config: Config, device, tasks: int, batch: int = 50) -> TaskSam
     return TaskSampler(images, config.ways, config.shots, config.queries, min(batch, tasks),
                        rotations=config.rotations, seed=(10_000 + config.seed) % (MAX_SEED + 1),
                        num_tasks=tasks)
+
+
+def validation_sampler(config: Config, device) -> TaskSampler:
+    """A fixed pool of validation tasks from the held-out training characters: every
+    validation of a run scores the same tasks."""
+    images = load_split(config.protocol, "validation", config.image_size, config.data_root,
+                        device, validation=config.validation)
+    return TaskSampler(images, config.ways, config.shots, config.queries,
+                       min(50, config.val_tasks), rotations=config.rotations,
+                       seed=(20_000 + config.seed) % (MAX_SEED + 1), num_tasks=config.val_tasks)
 
 
 def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "transductive",
@@ -160,11 +175,17 @@ class _Run:
     anil: ANIL
     sampler: TaskSampler
     test: TaskSampler | None
+    val: TaskSampler | None
     step: int = 0
-    elapsed: float = 0.0  # training seconds, over every session of the run
+    elapsed: float = 0.0  # training seconds over every session; one-time costs excluded
+    steady_steps: int = 0  # the steps those seconds cover (a session's first step is not one)
     checkpoint_step: int = 0  # the step of the last checkpoint written (kept on divergence)
     history: list = field(default_factory=list)  # resumes that changed settings
     pending: list = field(default_factory=list)  # (step, elapsed, loss, accuracy) to log
+    best: dict | None = None  # the best validation record so far (its weights: best.pt)
+    val_records: list = field(default_factory=list)
+    one_time: dict = field(default_factory=dict)  # seconds of set-up, build, first step
+    validation_s: float = 0.0
 
 
 def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overwrite: bool,
@@ -174,11 +195,19 @@ def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overw
     if present and not (resume or overwrite):
         raise RunFolderError(f"--out {folder.path} already holds a run ({', '.join(present)}); "
                              f"pass --resume to continue it or --overwrite to start it over")
+    start = time.perf_counter()
     anil = build_anil(config, device)
     sampler = train_sampler(config, device)
     # the test split is checked now (ways, shots + queries), not after training
     test = test_sampler(config, device, config.test_tasks) if evaluate_at_end else None
-    run = _Run(config, folder, info, device, anil, sampler, test)
+    val = validation_sampler(config, device) if config.validates else None
+    one_time = {"data_and_model_s": time.perf_counter() - start}
+    if config.backend not in ("reference", "loop"):  # a C++ build happens here, not in step 1
+        from . import ops
+        start = time.perf_counter()
+        ops.resolve_backend(config.backend, device)
+        one_time["backend_build_s"] = time.perf_counter() - start
+    run = _Run(config, folder, info, device, anil, sampler, test, val, one_time=one_time)
     checkpoint = folder.path / CHECKPOINT
     if resume and checkpoint.exists():
         _resume(run, load_checkpoint(checkpoint))
@@ -198,21 +227,26 @@ def _resume(run: _Run, ckpt: dict) -> None:
         raise ValueError(f"resume: the checkpoint in {run.folder.path} was made with other "
                          f"settings ({', '.join(sorted(differ))}); use another --out or the same "
                          f"settings (these may change: {', '.join(sorted(RESUMABLE_CHANGES))})")
-    if ckpt["step"] > config.total_meta_steps:
+    total = config.total_meta_steps
+    if total is not None and ckpt["step"] > total:
         raise ValueError(f"resume: the checkpoint in {run.folder.path} is at step {ckpt['step']}, "
-                         f"past the {config.total_meta_steps} meta-steps asked for; ask for at "
-                         f"least {ckpt['step']} (or evaluate it with anil-fast eval)")
+                         f"past the {total} meta-steps asked for; ask for at least "
+                         f"{ckpt['step']} (or evaluate it with anil-fast eval)")
     run.anil.load_state(ckpt["anil"])
     run.sampler.load_state_dict(ckpt["sampler"])
     _set_rng_state(ckpt["rng"])
     run.step = run.checkpoint_step = ckpt["step"]
     run.elapsed = ckpt["elapsed_s"]
+    run.steady_steps = ckpt.get("steady_steps", run.step)
+    run.best = ckpt.get("best")
     changes = {k: [stored.get(k), v] for k, v in wanted.items()
                if k in RECORDED_CHANGES and stored.get(k) != v}
     run.history = list(ckpt.get("history", [])) + (
         [{"step": run.step, "changes": changes}] if changes else [])
     if run.info.is_main:
         truncate_metrics(run.folder.path / METRICS, run.step)
+        truncate_metrics(run.folder.path / VALIDATION, run.step)
+    run.val_records = read_metrics(run.folder.path / VALIDATION)
 
 
 def _log(run: _Run, metrics_file, bar) -> None:
@@ -226,8 +260,7 @@ def _log(run: _Run, metrics_file, bar) -> None:
             _diverged(run, f"the meta-loss became {loss} at step {step}")
         if metrics_file:
             metrics_file.write(json.dumps({"step": step, "loss": loss, "accuracy": acc,
-                                           "elapsed_s": round(elapsed, 4),
-                                           "it_s": round(step / elapsed, 3) if elapsed else None}) + "\n")
+                                           "elapsed_s": round(elapsed, 4)}) + "\n")
     if metrics_file:
         metrics_file.flush()
     bar.set_postfix(loss=f"{values[-1][0]:.3f}", acc=f"{values[-1][1]:.3f}")
@@ -245,77 +278,164 @@ def _diverged(run: _Run, what: str):
         f"give a NaN loss)")
 
 
-def _checkpoint(run: _Run) -> None:
+def _checkpoint(run: _Run, best: bool = False) -> None:
+    """checkpoint.pt (and best.pt, the same content, for a new best validation score)."""
     distributed.average_running_stats(run.anil.body)  # one set of BatchNorm statistics
     sane, largest = weights_are_sane(run.anil.parameters(), SANE_WEIGHT_LIMIT)
     if not sane:  # finite losses can hide weights that are already lost
         _diverged(run, f"a parameter reached |w| = {largest:.3g} at step {run.step} (more than "
                        f"{SANE_WEIGHT_LIMIT:g} or not finite)")
     if run.info.is_main:
-        run.folder.save_checkpoint({
+        state = {
             "format": CHECKPOINT_FORMAT, "config": run.config.to_dict(), "anil": run.anil.state(),
             "sampler": run.sampler.state_dict(), "rng": _rng_state(), "step": run.step,
-            "elapsed_s": run.elapsed, "world_size": run.info.world_size, "history": run.history})
+            "elapsed_s": run.elapsed, "steady_steps": run.steady_steps,
+            "world_size": run.info.world_size, "history": run.history, "best": run.best}
+        if best:  # best.pt first: a kill between the two leaves best.pt <= checkpoint.pt
+            run.folder.save_checkpoint(state, BEST)
+        run.folder.save_checkpoint(state)
     run.checkpoint_step = run.step
 
 
-def _train_steps(run: _Run, progress: bool) -> float:
-    """Meta-steps until the configured end; returns this session's seconds."""
+def _validate(run: _Run) -> None:
+    """Score the validation tasks; a new best is saved as best.pt (with checkpoint.pt, so a
+    resumed run never starts before its best)."""
+    config = run.config
+    result = evaluate(run.anil, run.val, config.val_tasks, config.bn_mode, config.eval_inner_steps)
+    record = {"step": run.step, "elapsed_s": round(run.elapsed, 4),
+              "accuracy": result["accuracy_after"], "ci95": result["ci95"]}
+    run.val_records.append(record)
+    if run.info.is_main:
+        with open(run.folder.path / VALIDATION, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if run.best is None or record["accuracy"] > run.best["accuracy"]:
+        run.best = record
+        _checkpoint(run, best=True)
+
+
+def _validation_due(run: _Run) -> bool:
+    config = run.config
+    if not config.validates:
+        return False
+    if config.val_every and run.step % config.val_every == 0:
+        return True
+    last = run.val_records[-1]["elapsed_s"] if run.val_records else 0.0
+    return config.val_every_s is not None and run.elapsed - last >= config.val_every_s
+
+
+def _train_steps(run: _Run, progress: bool) -> None:
+    """Meta-steps until the step limit or the time budget. The session's first step carries
+    the one-time costs (first-call compilation, CUDA-graph capture): it is timed apart and
+    left out of the training clock, as validation is."""
     config, info = run.config, run.info
-    total = config.total_meta_steps
+    total, budget = config.total_meta_steps, config.time_budget
     share = distributed.shard(config.meta_batch, info)
     all_reduce = distributed.gradient_all_reduce(run.anil.parameters()) if info.active else None
     runner = MetaStepRunner(run.anil, capture=config.capture, total_tasks=config.meta_batch,
                             all_reduce=all_reduce)
     bar = tqdm(total=total, initial=run.step, desc=f"train {config.scenario}", unit="it",
                disable=not (progress and info.is_main), dynamic_ncols=True)
-    base_elapsed, start = run.elapsed, time.perf_counter()
+    base, clock, first = run.elapsed, None, True
     with ExitStack() as stack:
         stack.callback(bar.close)
         metrics_file = (stack.enter_context(open(run.folder.path / METRICS, "a"))
                         if info.is_main else None)
-        while run.step < total:
+        while (total is None or run.step < total) and (budget is None or run.elapsed < budget):
+            run.anil.lr_scale = lr_factor(config.lr_schedule,
+                                          schedule_progress(run.step, total, run.elapsed, budget),
+                                          config.lr_floor)
+            started = time.perf_counter()
             # every rank draws the same indices and materialises only its share
             batch = run.sampler.materialise(run.sampler.next_indices()[share])
             result = runner(batch)
             run.step += 1
-            run.elapsed = base_elapsed + time.perf_counter() - start
+            if first:  # one-time costs: synchronise once to time them honestly
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize(run.device)
+                run.one_time["first_step_s"] = time.perf_counter() - started
+                clock, first = time.perf_counter(), False
+            else:
+                run.steady_steps += 1
+                run.elapsed = base + time.perf_counter() - clock - run.validation_s
             run.pending.append((run.step, run.elapsed, result["loss"], result["accuracy"]))
             bar.update(1)
-            due_checkpoint = run.step % config.checkpoint_every == 0 or run.step == total
+            due_checkpoint = run.step % config.checkpoint_every == 0
             if run.step % config.log_every == 0 or due_checkpoint:
                 _log(run, metrics_file, bar)
-            if due_checkpoint:
+            if _validation_due(run):
+                paused = time.perf_counter()
+                _validate(run)
+                run.validation_s += time.perf_counter() - paused
+            if due_checkpoint and run.checkpoint_step != run.step:
                 _checkpoint(run)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    session = time.perf_counter() - start
-    run.elapsed = base_elapsed + session
-    return session
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        if clock is not None:
+            run.elapsed = base + time.perf_counter() - clock - run.validation_s
+        _log(run, metrics_file, bar)
+    if config.validates and (not run.val_records or run.val_records[-1]["step"] != run.step):
+        paused = time.perf_counter()
+        _validate(run)  # the final weights are a candidate too
+        run.validation_s += time.perf_counter() - paused
+    if run.checkpoint_step != run.step:
+        _checkpoint(run)
 
 
-def _summary(run: _Run, session_steps: int, session_s: float) -> dict:
+def _summary(run: _Run, session_steps: int) -> dict:
     config, anil = run.config, run.anil
-    rank_it_s = distributed.gather_values(session_steps / session_s if session_s else 0.0)
+    session_it_s = session_steps / run.elapsed if run.elapsed else 0.0
+    rank_it_s = distributed.gather_values(session_it_s)
     counts = parameter_counts(anil)
-    total = config.total_meta_steps
+    tasks = training_tasks(config, run.step)
+    budget = config.time_budget
     return {"scenario": config.scenario, "model": config.model, "notes": config.notes,
-            "meta_steps": total, "train_time_s": run.elapsed,
-            "it_s": total / run.elapsed if run.elapsed else None,
+            "meta_steps": run.step, "train_time_s": run.elapsed,
+            "it_s": run.steady_steps / run.elapsed if run.elapsed else None,
+            "time_budget_s": budget,
+            "stopped_by": "time budget" if budget is not None and run.elapsed >= budget else "steps",
+            "one_time_s": {k: round(v, 3) for k, v in run.one_time.items()},
+            "validation_s": run.validation_s,
             "world_size": run.info.world_size, "per_rank_it_s": rank_it_s,
             "precision": anil.precision, "device": str(run.device), **counts,
-            "training_tasks": training_tasks(config),
-            "parameters_per_training_task": counts["trainable_parameters"] / training_tasks(config),
+            "training_tasks": tasks,
+            "parameters_per_training_task": counts["trainable_parameters"] / tasks,
             "param_groups": [{k: v for k, v in g.items() if k != "names"}
                              for g in anil.param_groups_report],
-            "resumes_with_changes": run.history}
+            "resumes_with_changes": run.history,
+            "validation": {"records": run.val_records, "best": run.best} if config.validates else None}
+
+
+def _evaluate_selected(run: _Run) -> dict:
+    """Test accuracy of the last weights and, with validation, of the best-validation
+    checkpoint: {"evaluation": selected, "evaluation_last": last, "selected": ...}."""
+    config = run.config
+
+    def test():
+        result = evaluate(run.anil, run.test, config.test_tasks, config.bn_mode,
+                          config.eval_inner_steps)
+        result.pop("per_task_after")
+        return result
+    last = test()
+    if not config.validates or run.best is None:
+        return {"evaluation": last, "selected": f"last (step {run.step})"}
+    out = {"evaluation_last": last,
+           "selected": f"best validation (step {run.best['step']}, "
+                       f"{100 * run.best['accuracy']:.2f}% on {config.val_tasks} tasks)"}
+    if run.best["step"] == run.step:
+        out["evaluation"] = last
+    else:
+        run.anil.load_state(load_checkpoint(run.folder.path / BEST)["anil"])
+        out["evaluation"] = test()
+    return out
 
 
 def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
           evaluate_at_end: bool = True, overwrite: bool = False) -> dict:
     """Meta-train one scenario into the run folder `out_dir`; return its summary (also
     results.json). A folder that already holds a run is refused unless `resume` (continue
-    from its checkpoint) or `overwrite` (delete its run files and start over).
+    from its checkpoint) or `overwrite` (delete its run files and start over). The run ends at
+    config.meta_steps or after config.time_budget seconds of training; with validation
+    (standard protocol) the test accuracy reported is the best-validation checkpoint's.
 
     Under torchrun (torch.distributed initialised) every rank runs this with the same
     config: ranks share each meta-batch's tasks, rank 0 writes the files (distributed.py)."""
@@ -326,6 +446,9 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
     if info.active and config.meta_batch < info.world_size:
         raise ValueError(f"meta_batch ({config.meta_batch}) must be at least the number of "
                          f"ranks ({info.world_size})")
+    if info.active and (config.time_budget is not None or config.val_every_s is not None):
+        raise ValueError("under torchrun, end runs by --meta-steps and validate by --val-every "
+                         "(time-based limits could stop the ranks at different steps)")
     folder = RunFolder(out_dir)
     if info.is_main:
         folder.create()
@@ -333,25 +456,23 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
     with folder.locked(info.is_main), _own_rng(device):
         run = _set_up(config, folder, device, info, resume, overwrite, evaluate_at_end)
         reset_peak_memory(device)
-        start_step = run.step
+        start_steps = run.steady_steps
         with GPUMonitor(device) as monitor:
-            session_s = _train_steps(run, progress)
-        summary = _summary(run, run.step - start_step, session_s)
+            _train_steps(run, progress)
+        summary = _summary(run, run.steady_steps - start_steps)
         summary.update({"gpu_utilization": monitor.average_utilization, **peak_memory(device)})
         distributed.barrier()
         summary.update(loss_summary(folder.path / METRICS))
         if evaluate_at_end:
-            summary["evaluation"] = evaluate(run.anil, run.test, config.test_tasks,
-                                             config.bn_mode, config.eval_inner_steps)
-            summary["evaluation"].pop("per_task_after")
+            summary.update(_evaluate_selected(run))
         if info.is_main:
             folder.write_json(RESULTS, summary)
     return summary
 
 
-def training_tasks(config: Config) -> int:
-    """Distinct training tasks a run sees: its pool, or every task it draws (endless)."""
-    drawn = config.total_meta_steps * config.meta_batch
+def training_tasks(config: Config, steps: int) -> int:
+    """Distinct training tasks a run of `steps` steps sees: its pool, or every task it draws."""
+    drawn = max(steps, 1) * config.meta_batch
     return min(config.tasks, drawn) if config.tasks else drawn
 
 

@@ -1,0 +1,166 @@
+"""Training to a time budget, validation-based checkpoint selection, learning-rate schedules
+and `anil-fast reproduce` (smoke runs of both suites, as CI runs them)."""
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from anil_fast.anil import ANIL
+from anil_fast.cli import main
+from anil_fast.runfolder import load_checkpoint
+from anil_fast.scenarios import scenario_config
+from anil_fast.schedules import lr_factor, progress
+from anil_fast.trainer import evaluate_checkpoint, train
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, omniglot_dir):
+    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+
+
+def tiny(scenario="s2", **overrides):
+    values = dict(image_size=28, meta_batch=2, queries=2, test_tasks=8, inner_steps=1,
+                  meta_steps=4, checkpoint_every=2, tasks=None, device="cpu")
+    values.update(overrides)
+    return scenario_config(scenario, **values)
+
+
+# -- time budget ----------------------------------------------------------------------------------
+
+def test_a_time_budget_ends_the_run(tmp_path):
+    summary = train(tiny(meta_steps=None, time_budget=1.5), tmp_path / "run", progress=False)
+    assert summary["stopped_by"] == "time budget"
+    assert 1.5 <= summary["train_time_s"] < 4.0
+    assert summary["meta_steps"] == load_checkpoint(tmp_path / "run")["step"] > 1
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, summary["meta_steps"] + 1))
+    # meta-steps stay an upper bound beside the budget
+    summary = train(tiny(meta_steps=3, time_budget=60.0), tmp_path / "capped", progress=False)
+    assert summary["stopped_by"] == "steps" and summary["meta_steps"] == 3
+
+
+def test_one_time_costs_are_kept_off_the_training_clock(tmp_path, monkeypatch):
+    original, calls = ANIL.meta_train_step, []
+
+    def slow_first_step(self, batch, **kwargs):  # like a compile or a CUDA-graph capture
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return original(self, batch, **kwargs)
+    monkeypatch.setattr(ANIL, "meta_train_step", slow_first_step)
+    summary = train(tiny(meta_steps=4), tmp_path / "run", progress=False)
+    assert summary["one_time_s"]["first_step_s"] >= 1.0
+    assert summary["train_time_s"] < 1.0
+    assert "backend_build_s" in summary["one_time_s"] and "data_and_model_s" in summary["one_time_s"]
+    assert summary["it_s"] == pytest.approx(3 / summary["train_time_s"])  # steps 2-4
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and len(set(elapsed[1:])) == 3  # one time per step
+
+
+# -- validation and model selection ---------------------------------------------------------------
+
+def _scripted_validation(monkeypatch, scores):
+    """Validation accuracies by step (the test evaluations run for real)."""
+    import anil_fast.trainer as trainer
+    real = trainer.evaluate
+
+    def evaluate(anil, sampler, tasks, *args, **kwargs):
+        result = real(anil, sampler, tasks, *args, **kwargs)
+        if sampler.seed >= 20_000:  # the validation sampler
+            result["accuracy_after"] = scores[anil.outer_steps]
+        return result
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+
+
+def std_tiny(**overrides):
+    values = dict(validation=30, val_every=2, val_every_s=None, val_tasks=6, meta_batch=2,
+                  test_tasks=8, meta_steps=6, checkpoint_every=2, log_every=2)
+    values.update(overrides)
+    return scenario_config("std-5w1s", device="cpu", **values)
+
+
+def test_the_best_validation_checkpoint_is_tested(tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, {2: 0.9, 4: 0.5, 6: 0.7})
+    out = tmp_path / "run"
+    summary = train(std_tiny(), out, progress=False)
+    records = [json.loads(ln) for ln in (out / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert summary["validation"]["best"]["step"] == 2 and "step 2" in summary["selected"]
+    assert load_checkpoint(out / "best.pt")["step"] == 2
+    assert load_checkpoint(out)["step"] == 6
+    best = evaluate_checkpoint(out / "best.pt", tasks=8, device="cpu", progress=False)
+    last = evaluate_checkpoint(out, tasks=8, device="cpu", progress=False)
+    assert summary["evaluation"]["accuracy_after"] == best["accuracy_after"]
+    assert summary["evaluation_last"]["accuracy_after"] == last["accuracy_after"]
+
+
+def test_resume_keeps_the_best_so_far(tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, {2: 0.9, 4: 0.5, 6: 0.7, 8: 0.6})
+    out = tmp_path / "run"
+    train(std_tiny(meta_steps=4), out, progress=False)
+    summary = train(std_tiny(meta_steps=8), out, resume=True, progress=False)
+    assert summary["validation"]["best"]["step"] == 2
+    assert [r["step"] for r in summary["validation"]["records"]] == [2, 4, 6, 8]
+    assert load_checkpoint(out / "best.pt")["step"] == 2
+
+
+def test_validation_needs_the_standard_protocol():
+    with pytest.raises(ValueError, match="standard"):
+        tiny(validation=10, val_every=2)
+    with pytest.raises(ValueError, match="validation"):
+        scenario_config("std-5w1s", validation=0)  # the preset validates every 30 s
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+def test_schedule_factors():
+    assert lr_factor("constant", 0.7) == 1.0
+    assert lr_factor("cosine", 0.0, 0.1) == pytest.approx(1.0)
+    assert lr_factor("cosine", 0.5, 0.1) == pytest.approx(0.55)
+    assert lr_factor("cosine", 1.0, 0.1) == pytest.approx(0.1)
+    assert [lr_factor("step", p) for p in (0.2, 0.6, 0.9)] == [1.0, 0.1, 0.01]
+    assert progress(5, 10, 0.0, None) == 0.5 and progress(1, 10, 30.0, 60.0) == 0.5
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor("linear", 0.5)
+
+
+def test_a_cosine_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
+    original, seen = ANIL.meta_train_step, []
+
+    def recording(self, batch, **kwargs):
+        out = original(self, batch, **kwargs)  # sets the groups' lr, then steps
+        seen.append({g["name"]: g["lr"] for g in self.optimizer.param_groups})
+        return out
+    monkeypatch.setattr(ANIL, "meta_train_step", recording)
+    train(tiny(lr_schedule="cosine", lr_floor=0.1, outer_lr=0.002), tmp_path / "run",
+          progress=False)
+    expected = [0.002 * lr_factor("cosine", s / 4, 0.1) for s in range(4)]
+    assert [lrs["head"] for lrs in seen] == pytest.approx(expected)
+    assert all(math.isclose(v, lrs["head"]) for lrs in seen for v in lrs.values())
+
+
+# -- anil-fast reproduce ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suite, presets", [
+    ("paper", ["std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s"]),
+    ("seed", ["s1", "s2", "s3", "s4", "s5"])])
+def test_reproduce_smoke(suite, presets, tmp_path, capsys):
+    out = tmp_path / suite
+    assert main(["reproduce", "--suite", suite, "--smoke", "--device", "cpu", "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads((out / "reproduce.json").read_text())
+    assert [r["preset"] for r in rows] == presets
+    for r in rows:
+        assert r["run"] == "smoke" and r["reference_accuracy"] > 70
+        assert r["gap_points"] == pytest.approx(r["accuracy"] - r["reference_accuracy"], abs=0.011)
+        assert 0 <= r["accuracy"] <= 100 and r["reference_source"]
+        if suite == "paper":
+            assert r["selected"].startswith("best validation")
+    md = (out / "reproduce.md").read_text()
+    assert md.startswith("**Smoke run**") and md.count("\n| ") == len(presets) + 2  # + header, rule
+    assert (out / "reproduce.csv").read_text().count("\n") == len(presets) + 1
+    assert (out / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert "reference" in capsys.readouterr().out.lower()
