@@ -20,7 +20,7 @@ demo: install
 		--queries 15 --meta-steps 200 --test-tasks 200 --out runs/demo
 
 test: install
-	ANIL_FAST_REQUIRE_CPP=1 $(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
 bench: install
 	$(PY) -m pytest -q benches --benchmark-only
@@ -28,8 +28,8 @@ bench: install
 kernel-report: install
 	$(PY) -m anil_fast.kernels.report --json kernel-report.json
 
-gpu-check:
-	PYTHONPATH=. python3 benches/gpu_check.py
+gpu-check: install
+	$(PY) benches/gpu_check.py
 
 clean:
 	rm -rf runs build *.egg-info

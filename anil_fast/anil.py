@@ -305,7 +305,7 @@ class ANIL(nn.Module):
                 for bn, training in saved:
                     bn.train(training)
         if sink is not None:
-            sink.apply(interleave=True)
+            sink.apply()
         return fs.view(tasks, s_rows, -1), fq.view(tasks, q_rows, -1)
 
     def uses_batched_body(self, device: torch.device) -> bool:

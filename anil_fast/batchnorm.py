@@ -36,13 +36,13 @@ class RunningStats:
         self.records.setdefault(bn, []).append((mean.detach(), var_unbiased.detach()))
 
     @torch.no_grad()
-    def apply(self, interleave: bool = True):
-        """Fold recorded statistics into the running buffers. With two calls per layer
-        (supports [T,C], then queries [T,C]) and interleave=True the order is s0, q0, s1, q1..."""
+    def apply(self):
+        """Fold recorded statistics into the running buffers in the per-task loop's order: with
+        two calls per layer (supports [T,C], then queries [T,C]) that is s0, q0, s1, q1, ..."""
         for bn, calls in self.records.items():
             means = [c[0] for c in calls]
             variances = [c[1] for c in calls]
-            if interleave and len(calls) == 2:
+            if len(calls) == 2:
                 means = torch.stack(means, 1).flatten(0, 1)  # [T*2, C]: s0, q0, s1, q1, ...
                 variances = torch.stack(variances, 1).flatten(0, 1)
             else:

@@ -141,12 +141,21 @@ def gather_tensor(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:int(n.item())] for p, n in zip(parts, lengths)])
 
 
-def gather_values(value: float, device="cpu") -> list[float]:
+def collective_device() -> torch.device:
+    """Where the process group's collectives take tensors: this rank's GPU under NCCL (which
+    cannot move CPU tensors), the CPU under gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_values(value: float) -> list[float]:
     """Every rank's `value`, gathered on every rank."""
     info = current()
     if not info.active:
         return [value]
-    return gather_tensor(torch.tensor([value], dtype=torch.float64, device=device)).tolist()
+    return gather_tensor(torch.tensor([value], dtype=torch.float64,
+                                      device=collective_device())).tolist()
 
 
 def barrier() -> None:

@@ -174,5 +174,5 @@ def feature_dim_of(body: nn.Module, channels: int, image_size: int) -> int:
     return dim
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -62,7 +62,7 @@ class Config:
     eval_inner_steps: int | None = None  # default: inner_steps
     bn_mode: str = "transductive"
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # cuda when there is a GPU, else cpu (as for eval)
     backend: str = "auto"
     checkpoint_every: int = 25
     log_every: int = 10  # metrics are read back from the device every N steps

@@ -1,8 +1,9 @@
 """One command for a GPU machine: is the Triton head right, and how fast is it?
 
-    PYTHONPATH=. python benches/gpu_check.py [--json PATH] [--quick]
+    python benches/gpu_check.py [--json PATH] [--quick]     (with anil-fast installed)
 
-Needs torch and triton only (no install step, no C++ build, no network). It
+Needs torch, triton and the installed package (`pip install --no-deps --no-build-isolation -e .`;
+no C++ build, no network). It
 1. checks the Triton op against the float64 reference backend on random shapes, forward and
    backward, first and second order;
 2. times the op's forward+backward against the reference backend and the per-task loop, with

@@ -1,7 +1,7 @@
 """The scaling model of docs/scaling.md: per meta-step all-reduce volume against compute, and
 the data-parallel efficiency it predicts.
 
-    PYTHONPATH=. python3 benches/scaling_model.py            # prints the Markdown tables
+    python benches/scaling_model.py            # prints the Markdown tables
 
 Model (weak scaling: every GPU keeps a meta-batch of 16 tasks, 5-way 1-shot, 5 queries):
     t_allreduce(K) = 2 (K-1)/K * bytes / B  +  2 log2(K) * alpha      (NCCL ring bandwidth,

@@ -293,7 +293,8 @@ if HAVE_TRITON:
             tl.debug_barrier()
 
 
-def kernel_supports(support_rows: int, ways: int) -> bool:
+def kernel_supports(ways: int) -> bool:
+    """Any number of support and query rows; at most MAX_WAYS ways (one register row)."""
     return HAVE_TRITON and ways <= MAX_WAYS
 
 
@@ -313,7 +314,7 @@ def inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
     """(H_K [T,S,N], query logits [T,Q,N], losses [T]) in fp32, one launch for all tasks."""
     tasks, s_rows, ways = z0.shape
     q_rows = aq.shape[1]
-    if not kernel_supports(s_rows, ways) or z0.dtype == torch.float64:
+    if not kernel_supports(ways) or z0.dtype == torch.float64:
         return torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr, steps)
     h = torch.empty_like(z0)
     logits = torch.empty_like(aq)
@@ -335,7 +336,7 @@ def inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
     """Adjoints (of Z0 [T,S,N], of Kss [T,S,S]) given the adjoint of H_K: one kernel launch
     for the reversed loop, then adjoints_from_history (a sum and one GEMM)."""
     tasks, s_rows, ways = z0.shape
-    if not kernel_supports(s_rows, ways) or z0.dtype == torch.float64:
+    if not kernel_supports(ways) or z0.dtype == torch.float64:
         return torch_inner_loop_reverse(z0, kss, ys, hbar, lr, steps)
     if steps == 0:
         return torch.zeros_like(z0), torch.zeros_like(kss)

@@ -127,9 +127,9 @@ def _job_resume_part(rank, info, out_dir):
     return {"world_size": summary["world_size"], "per_rank": summary["per_rank_it_s"]}
 
 
-def test_resume_on_a_different_world_size(tmp_path, omniglot_dir):
+def test_resume_on_a_different_world_size(tmp_path, omniglot_dir, monkeypatch):
     from anil_fast.trainer import load_checkpoint, train
-    os.environ["ANIL_FAST_OFFLINE"] = "1"
+    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
     assert _spawn(_job_resume_part, tmp_path) == [0, 0], _errors(tmp_path)
     first = torch.load(tmp_path / "rank0.pt")
     assert first["world_size"] == 2 and len(first["per_rank"]) == 2
@@ -174,3 +174,13 @@ def test_a_dead_rank_makes_the_others_stop_with_an_error(tmp_path):
 
 def _errors(tmp_path):
     return "\n".join(p.read_text() for p in tmp_path.glob("*.error"))
+
+
+def test_collectives_use_the_process_groups_device(monkeypatch):
+    # NCCL cannot move CPU tensors: gathered values go through this rank's GPU there
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")

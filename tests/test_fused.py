@@ -12,10 +12,10 @@ from helpers import assert_trains_alike, grads_of, head_problem, make
 cpp_missing = ops.cpp_extension() is None
 
 
-def test_cpp_op_builds_where_required():
-    # `make test` sets ANIL_FAST_REQUIRE_CPP=1: on CI's machine (gcc, ninja) the C++ op must
-    # build, so its tests can never be skipped there unnoticed.
-    if os.environ.get("ANIL_FAST_REQUIRE_CPP") == "1":
+def test_cpp_op_builds():
+    # The C++ tests below skip without the op, so its absence must fail somewhere: here,
+    # unless a machine without a compiler says so (ANIL_FAST_ALLOW_NO_CPP=1).
+    if os.environ.get("ANIL_FAST_ALLOW_NO_CPP") != "1":
         assert not cpp_missing, f"the C++ op did not build: {ops._cpp_error}"
 needs_cpp = pytest.mark.skipif(cpp_missing, reason="C++ op could not be built here")
 triton_missing = not ops.triton_available(torch.device("cpu"))

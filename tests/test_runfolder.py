@@ -17,8 +17,11 @@ TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tas
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, omniglot_dir):
+def offline(monkeypatch):
     monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+
+
+needs_data = pytest.mark.usefixtures("omniglot_dir")
 
 
 def tiny(**overrides):
@@ -111,6 +114,7 @@ def test_a_finished_run_is_not_overwritten(finished_run, tmp_path, capsys):
 
 # -- 3. one run per folder ----------------------------------------------------------------------
 
+@needs_data
 def test_a_folder_in_use_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -147,6 +151,7 @@ def test_out_that_cannot_be_a_folder(tmp_path, capsys):
         assert code == 2 and word in message and str(out) in message
 
 
+@needs_data
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     import anil_fast.runfolder as runfolder
     real_save, calls = torch.save, []
@@ -175,6 +180,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
     (["--eval-inner-steps", "-1"], "eval_inner_steps"),
     (["--ways", "700"], "ways"),  # 964 training characters, 659 test characters
 ])
+@needs_data
 def test_bad_settings_are_refused_before_training(args, word, tmp_path, capsys):
     out = tmp_path / "run"
     code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
@@ -200,6 +206,7 @@ def test_resume_skips_a_torn_metrics_line(finished_run, tmp_path):
 
 # -- 8. divergence: a good last checkpoint and advice that works ---------------------------------
 
+@needs_data
 def test_huge_weights_are_never_checkpointed_and_resume_may_lower_the_lr(tmp_path, monkeypatch):
     from anil_fast.anil import ANIL
     original, calls = ANIL.meta_train_step, []
@@ -228,6 +235,7 @@ def test_huge_weights_are_never_checkpointed_and_resume_may_lower_the_lr(tmp_pat
 
 # -- 10. no side effects on the caller's process -------------------------------------------------
 
+@needs_data
 def test_train_and_evaluate_leave_the_global_rng_alone(finished_run, tmp_path):
     torch.manual_seed(1234)
     expected = torch.rand(4)
@@ -241,6 +249,7 @@ def test_train_and_evaluate_leave_the_global_rng_alone(finished_run, tmp_path):
 
 # -- 11. bf16 on a CPU without native bf16 --------------------------------------------------------
 
+@needs_data
 def test_bf16_without_native_support_trains_in_fp32_and_says_so(tmp_path, monkeypatch):
     import anil_fast.trainer as trainer
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)

@@ -17,11 +17,11 @@ TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tas
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, omniglot_dir):
+def offline(monkeypatch):
     monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
 
 
-def test_convergence_s2_28px(tmp_path):
+def test_convergence_s2_28px(tmp_path, omniglot_dir):
     """s2 at 28 px, 5-way 1-shot, inner lr 0.4, 200 meta-steps of 8 tasks with 15 queries:
     at least 85% after adaptation on 200 test tasks of the evaluation set."""
     config = scenario_config("s2", image_size=28, inner_lr=0.4, meta_steps=200, meta_batch=8,
@@ -36,7 +36,7 @@ def test_convergence_s2_28px(tmp_path):
     assert abs(ev["accuracy_before"] - 0.2) < 0.05
 
 
-def test_train_eval_cli(tmp_path, capsys):
+def test_train_eval_cli(tmp_path, capsys, omniglot_dir):
     out = tmp_path / "run"
     assert main(["train", "--scenario", "s2", "--meta-steps", "3", "--out", str(out), *TINY]) == 0
     for name in ("checkpoint.pt", "metrics.jsonl", "results.json", "config.json"):
@@ -61,7 +61,7 @@ def test_unknown_scenario_or_override_is_an_error(tmp_path):
     assert main(["train", "--scenario", "s2", "--inner-steps", "-1", "--out", str(tmp_path)]) == 2
 
 
-def test_compare_writes_tables_and_plots(tmp_path):
+def test_compare_writes_tables_and_plots(tmp_path, omniglot_dir):
     out = tmp_path / "cmp"
     assert main(["compare", "--scenarios", "s1,s2,s3,s4,s5", "--meta-steps", "2",
                  "--out", str(out), *TINY]) == 0
@@ -79,7 +79,7 @@ def test_compare_writes_tables_and_plots(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, omniglot_dir):
     from anil_fast.anil import ANIL
     original = ANIL.meta_train_step
     calls = []
@@ -108,7 +108,7 @@ def _final_weights(out):
     return load_checkpoint(out)["anil"]
 
 
-def test_resume_after_kill_gives_identical_weights(tmp_path):
+def test_resume_after_kill_gives_identical_weights(tmp_path, omniglot_dir):
     args = [sys.executable, "-m", "anil_fast", "train", "--scenario", "s2", "--meta-steps", "120",
             *TINY, "--checkpoint-every", "3"]
     env = dict(os.environ, ANIL_FAST_OFFLINE="1")
@@ -135,3 +135,26 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
             assert torch.equal(a[part][key], b[part][key]), key
     steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 121))
+
+
+def test_device_defaults_to_auto_everywhere():
+    from anil_fast.cli import build_parser
+    from anil_fast.scenarios import Config
+    assert Config().device == "auto"
+    parser = build_parser()
+    for argv in (["train", "--out", "x"], ["compare", "--out", "x"]):
+        assert parser.parse_args(argv).device is None  # no override: the preset's "auto"
+    assert parser.parse_args(["eval", "--checkpoint", "x"]).device == "auto"
+    assert parser.parse_args(["reproduce", "--suite", "seed", "--out", "x"]).device == "auto"
+
+
+def test_the_package_holds_only_its_own_modules():
+    # no lookup into the checkout: tests/ and benches/ are not part of the package
+    for module in ("anil_fast.tests", "anil_fast.benches", "anil_fast.anil_fast"):
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                              text=True, cwd="/")
+        assert proc.returncode != 0 and "No module named" in proc.stderr, module
+    proc = subprocess.run([sys.executable, "-c", "import anil_fast.kernels.anil_head, "
+                           "anil_fast.kernels.report, anil_fast.csrc"], capture_output=True,
+                          text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
