@@ -249,6 +249,13 @@ class ANIL(nn.Module):
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 yield
             return
+        with self._tf32_scope():
+            yield
+
+    @contextmanager
+    def _tf32_scope(self):
+        """precision="tf32": TF32 matmuls and convolutions inside the block (forward and, in
+        step_tensors, backward); the caller's global flags are restored on exit."""
         if self.precision != "tf32":
             yield
             return
@@ -360,7 +367,8 @@ class ANIL(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         losses, logits = self._task_losses(batch)
         total = total_tasks or batch.num_tasks
-        (losses.sum() / total).backward()  # = the mean over all tasks
+        with self._tf32_scope():
+            (losses.sum() / total).backward()  # = the mean over all tasks
         correct = (logits.detach().argmax(-1) == batch.query_y).float().mean(1)
         sums = torch.stack([losses.detach().sum(), correct.sum()]).float()
         if all_reduce is not None:

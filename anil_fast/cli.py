@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from .anil import BN_MODES
 from .scenarios import PRESETS
 
 # flag -> Config field, for every override the CLI offers
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on test tasks")
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     ev.add_argument("--tasks", type=int, default=1000)
-    ev.add_argument("--bn-mode", choices=("transductive", "running"), default="transductive")
+    ev.add_argument("--bn-mode", choices=BN_MODES, default="transductive")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from . import models
-from .anil import check_learning_rates
+from .anil import BN_MODES, PRECISIONS, check_learning_rates
 from .schedules import SCHEDULES as LR_SCHEDULES
 
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
@@ -160,10 +160,10 @@ def validate_config(c: Config) -> None:
         raise ValueError(f"model must be one of {models.MODELS}, got {c.model!r}")
     if c.multipliers not in ("none", "paper", "full"):
         raise ValueError(f"multipliers must be 'none', 'paper' or 'full', got {c.multipliers!r}")
-    if c.bn_mode not in ("transductive", "running"):
-        raise ValueError(f"bn_mode must be 'transductive' or 'running', got {c.bn_mode!r}")
-    if c.precision not in ("fp32", "tf32", "bf16"):
-        raise ValueError(f"precision must be fp32, tf32 or bf16, got {c.precision!r}")
+    if c.bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {c.bn_mode!r}")
+    if c.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     for name in ("ways", "shots", "queries", "meta_batch", "test_tasks", "checkpoint_every",
                  "log_every", "image_size"):
         value = getattr(c, name)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, models
-from .anil import ANIL, cpu_has_native_bf16, prefers_channels_last
+from .anil import BN_MODES, ANIL, cpu_has_native_bf16, prefers_channels_last
 from .capture import MetaStepRunner
 from .data import TaskSampler, load_split
 from .metrics import GPUMonitor, mean_ci95, peak_memory, reset_peak_memory
@@ -498,8 +498,8 @@ def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str = "transductive",
     """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was)."""
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise ValueError(f"tasks must be a positive int, got {tasks!r}")
-    if bn_mode not in ("transductive", "running"):
-        raise ValueError(f"bn_mode must be 'transductive' or 'running', got {bn_mode!r}")
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     ckpt = load_checkpoint(path)
     fields = dict(ckpt["config"])
     unknown = set(fields) - {f for f in Config.__dataclass_fields__}

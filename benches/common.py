@@ -12,7 +12,9 @@ from anil_fast.functional import adapted_query_loss, per_task_adapted_query_loss
 TASK_SHAPES = {"5w1s": (5, 1, 5), "20w5s": (20, 5, 5)}
 
 
-def head_problem(tasks, ways, shots, queries, dim, device="cpu", dtype=torch.float32, seed=0):
+def episode_problem(tasks, ways, shots, queries, dim, device="cpu", dtype=torch.float32, seed=0):
+    """Random features of `tasks` N-way K-shot episodes (labels in class order), a head for
+    them. (tests/helpers.head_problem takes row counts instead.)"""
     g = torch.Generator(device="cpu").manual_seed(seed)
     s_rows, q_rows = ways * shots, ways * queries
     make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float32).to(device, dtype)  # noqa: E731

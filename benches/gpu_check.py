@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (copy_bandwidth_gbs, forward_backward, head_problem, peak_memory_bytes,  # noqa: E402
+from common import (copy_bandwidth_gbs, forward_backward, episode_problem, peak_memory_bytes,  # noqa: E402
                     print_table, time_call, traffic_floor_bytes)
 
 # (tasks, ways, shots, queries per class, dim, steps): random, odd and edge shapes
@@ -38,7 +38,7 @@ def check_correctness(device, shapes):
     from anil_fast.functional import adapted_query_loss
     rows, ok = [], True
     for (tasks, ways, shots, queries, dim, steps) in shapes:
-        problem = head_problem(tasks, ways, shots, queries, dim, device, seed=dim + tasks)
+        problem = episode_problem(tasks, ways, shots, queries, dim, device, seed=dim + tasks)
         fs, ys, fq, yq, w, b = problem
         lr = 0.05 if steps > 20 else 0.4
         for first_order in (False, True):
@@ -94,7 +94,7 @@ def _time_head_case(device, fused, bandwidth, tasks, dim, shape, shapes, quick):
     """Rows (second and first order) of one head problem."""
     rows = []
     ways, shots, queries = shapes[shape]
-    problem = head_problem(tasks, ways, shots, queries, dim, device)
+    problem = episode_problem(tasks, ways, shots, queries, dim, device)
     feature_bytes = (problem[0].numel() + problem[2].numel()) * 4
     times = {}
     for order in ("second", "first"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anil_fast import ops
-from common import (TASK_SHAPES, copy_bandwidth_gbs, forward_backward, head_problem,
+from common import (TASK_SHAPES, copy_bandwidth_gbs, forward_backward, episode_problem,
                     peak_memory_bytes, saved_bytes, traffic_floor_bytes)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,7 +40,7 @@ def test_head_forward_backward(benchmark, method, tasks, dim, shape, order):
         pytest.skip("too large for this machine / baseline")
     if method == "fused" and FUSED == "reference":
         pytest.skip("no fused backend here")
-    problem = head_problem(tasks, ways, shots, queries, dim, DEVICE)
+    problem = episode_problem(tasks, ways, shots, queries, dim, DEVICE)
     first_order = order == "first"
     fn = forward_backward(FUSED if method == "fused" else method, problem, first_order)
 
