@@ -6,7 +6,7 @@ import json
 import sys
 
 from .anil import BN_MODES
-from .scenarios import PRESETS
+from .scenarios import PRESETS, Config
 
 # flag -> Config field, for every override the CLI offers
 OVERRIDES = {
@@ -98,7 +98,12 @@ def _print_eval(result: dict, out=print) -> None:
         f"± {100 * result['ci95']:.2f}")
 
 
-def _print_summary(summary: dict, info, out=print) -> None:
+# Settings that change what a test accuracy means (the task, the data, the protocol).
+REFERENCE_SETTINGS = ("ways", "shots", "queries", "image_size", "protocol", "rotations",
+                      "test_tasks", "bn_mode", "tasks")
+
+
+def _print_summary(summary: dict, config, info, out=print) -> None:
     from .reproduce import references
     ranks = f" x {info.world_size} ranks" if info.active else ""
     rate = "n/a" if summary["it_s"] is None else f"{summary['it_s']:.2f}"
@@ -116,11 +121,15 @@ def _print_summary(summary: dict, info, out=print) -> None:
         last = summary["evaluation_last"]
         out(f"(last weights: {100 * last['accuracy_after']:.2f}% ± {100 * last['ci95']:.2f})")
     table = references()
+    # the reference numbers hold for the preset's own settings: say which ones this run changed
+    preset = Config(**PRESETS[config.scenario])
+    changed = [k for k in REFERENCE_SETTINGS if getattr(config, k) != getattr(preset, k)]
+    caveat = f" (for the preset's own settings; this run changed {', '.join(changed)})" if changed else ""
     for suite in ("paper", "seed"):
-        for ref in table[suite].get(summary["scenario"], []):
+        for ref in table[suite].get(config.scenario, []):
             ci = f" ± {ref['ci95']}" if "ci95" in ref else ""
-            out(f"reference: {ref['method']} {ref['accuracy']}%{ci} "
-                f"({table['sources'][ref['source']].split(',')[0]})")
+            out(f"reference: {ref['method']} {ref['accuracy']}%{ci}, {table['cite'][ref['source']]}"
+                f"{caveat}")
 
 
 def main(argv=None) -> int:
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
                 out(note)
             summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
                             progress=not args.no_progress)
-            _print_summary(summary, info, out)
+            _print_summary(summary, config, info, out)
         elif args.command == "eval":
             result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
                                          progress=not args.json)
