@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--overwrite", action="store_true")
     rep.add_argument("--no-progress", action="store_true")
 
+    show = sub.add_parser("show-tasks", help="write a picture of sampled tasks (support above "
+                                             "query, labels shown)")
+    show.add_argument("--scenario", default="s2", choices=sorted(PRESETS))
+    show.add_argument("--out", required=True, help="PNG file to write")
+    show.add_argument("--tasks", dest="show_tasks", type=int, default=3, help="tasks to draw")
+    show.add_argument("--split", default="train", choices=("train", "validation", "test"))
+    for name in ("ways", "shots", "queries", "image_size", "seed"):
+        show.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    show.add_argument("--data-root", default=None)
+
     ev = sub.add_parser("eval", help="evaluate a checkpoint on test tasks")
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     ev.add_argument("--tasks", type=int, default=1000)
@@ -155,6 +165,17 @@ def main(argv=None) -> int:
                 out(json.dumps(result))
             else:
                 _print_eval(result, out)
+        elif args.command == "show-tasks":
+            from .scenarios import scenario_config
+            from .show import show_tasks
+            overrides = {k: getattr(args, k) for k in ("ways", "shots", "queries", "image_size",
+                                                       "seed", "data_root")
+                         if getattr(args, k) is not None}
+            if args.split == "validation" and not PRESETS[args.scenario].get("validation"):
+                raise ValueError(f"scenario {args.scenario} holds out no validation characters")
+            config = scenario_config(args.scenario, pretrained=False, model="conv4", **overrides)
+            path = show_tasks(config, args.out, args.show_tasks, args.split)
+            out(f"wrote {path} ({args.show_tasks} {args.split} tasks of {config.scenario})")
         elif args.command == "reproduce":
             from .reproduce import reproduce
             rows = reproduce(args.suite, args.out, args.budget_s, args.device, args.smoke,

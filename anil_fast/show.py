@@ -1,0 +1,67 @@
+"""`anil-fast show-tasks`: a picture of sampled tasks, to check a preset's split and
+preprocessing at a glance. Per task, one column per class (its label on top): the support
+images, a rule, then the query images, exactly as the sampler hands them to a meta-step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import TaskSampler, load_split
+from .scenarios import Config
+
+SPLITS = ("train", "validation", "test")
+
+
+def task_grid(batch, task: int, ways: int, shots: int, queries: int) -> torch.Tensor:
+    """One task's images as [rows, ways, C, H, W]: `shots` support rows, then query rows,
+    column j holding class j (label j)."""
+    def by_class(x, y, per_class):
+        order = torch.argsort(y[task], stable=True)  # labels 0..ways-1, each per_class times
+        return x[task][order].view(ways, per_class, *x.shape[2:]).transpose(0, 1)
+    support = by_class(batch.support_x, batch.support_y, shots)
+    query = by_class(batch.query_x, batch.query_y, queries)
+    return torch.cat([support, query])
+
+
+def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
+               max_queries: int = 3) -> Path:
+    """Write a PNG of `tasks` tasks drawn from `split` with the config's sampler settings."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or not 1 <= tasks <= 16:
+        raise ValueError(f"tasks must be an int in 1..16, got {tasks!r}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = load_split(config.protocol, split, config.image_size, config.data_root, "cpu",
+                        validation=config.validation)
+    sampler = TaskSampler(images, config.ways, config.shots, config.queries, tasks,
+                          rotations=config.rotations, seed=config.seed)
+    batch = sampler.sample()
+    shown_queries = min(config.queries, max_queries)
+    rows = config.shots + shown_queries
+    fig, axes = plt.subplots(tasks, 1, figsize=(max(4.0, 0.6 * config.ways + 1), 0.6 * rows * tasks + 1),
+                             squeeze=False)
+    for t, ax in enumerate(axes[:, 0]):
+        grid = task_grid(batch, t, config.ways, config.shots, config.queries)[:rows]
+        r, w, c, h, wd = grid.shape
+        picture = grid.permute(0, 3, 1, 4, 2).reshape(r * h, w * wd, c).clamp(0, 1).numpy()
+        ax.imshow(picture[..., 0] if c == 1 else picture,
+                  cmap="gray_r" if c == 1 else None, interpolation="nearest")
+        ax.axhline(config.shots * h - 0.5, color="red", linewidth=1.5)
+        ax.set_xticks([j * wd + wd / 2 - 0.5 for j in range(w)], [str(j) for j in range(w)],
+                      fontsize=6)
+        ax.set_yticks([config.shots * h / 2, config.shots * h + shown_queries * h / 2],
+                      ["support", "query"], fontsize=7)
+        ax.set_title(f"task {t}: {config.ways}-way {config.shots}-shot ({split}, labels on the "
+                     f"axis; {shown_queries} of {config.queries} queries per class)", fontsize=7)
+    fig.suptitle(f"{config.scenario}: {config.protocol} protocol, {config.image_size} px"
+                 f"{', rotations as classes' if config.rotations else ''}", fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
