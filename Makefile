@@ -28,8 +28,11 @@ bench: install
 kernel-report: install
 	$(PY) -m anil_fast.kernels.report --json kernel-report.json
 
-gpu-check: install
-	$(PY) benches/gpu_check.py
+# On a GPU machine's own Python (torch and triton there, no package index): an offline
+# editable install of the checkout, then the check.
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) benches/gpu_check.py --json gpu-check.json
 
 clean:
 	rm -rf runs build *.egg-info
