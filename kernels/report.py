@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 # architecture -> (name, shared memory per block in bytes: the opt-in maximum)

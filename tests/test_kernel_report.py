@@ -47,7 +47,7 @@ def test_the_acceptance_rule_can_fail():
     assert report.problems([_row(preset=False, spill_stores=report.SPILL_LIMIT + 4)])
 
 
-def test_launchers_and_report_share_one_decision(monkeypatch):
+def test_launchers_and_report_share_one_decision():
     from anil_fast.kernels import anil_head
     shape = report.Shape("x", 20, 5, 5, 5, True)
     chosen = dict(report.launches(shape, 86))

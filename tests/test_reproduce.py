@@ -5,7 +5,6 @@ import math
 import time
 
 import pytest
-import torch
 
 from anil_fast.anil import ANIL
 from anil_fast.cli import main

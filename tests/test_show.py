@@ -1,6 +1,5 @@
 """`anil-fast show-tasks`: the picture of sampled tasks puts each class in its own column,
 support above query."""
-import pytest
 import torch
 
 from anil_fast.cli import main
