@@ -14,7 +14,7 @@ from torch import nn
 from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
                         grouped_batchnorm)
 from .data import TaskBatch
-from .functional import BACKENDS, adapted_query_loss
+from .functional import adapted_query_loss, backend_name
 
 BN_MODES = ("transductive", "running")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -66,7 +66,7 @@ def prefers_channels_last(device, precision: str, backend: str) -> bool:
     (oneDNN convolutions; measured 1.5x on conv4). The same numbers either way."""
     device = torch.device(device)
     return (precision == "bf16" and device.type == "cuda") or (
-        device.type == "cpu" and backend not in ("reference", "loop"))
+        device.type == "cpu" and backend_name(backend) not in ("reference", "per_task"))
 
 
 def _require_batch(batch) -> None:
@@ -100,8 +100,8 @@ class ANIL(nn.Module):
     outer loop updates body and head with Adam from the mean query loss.
 
     backend: "reference" runs the body once per task and per set (support, then query) and
-    the plain-autograd head; "loop" is the per-task loop of the ANIL write-ups (the speed
-    baseline). The fast backends ("auto", "fused", "cpp", "triton") use the fused head and run
+    the plain-autograd head; "per_task" is the per-task loop of the ANIL write-ups (the speed
+    baseline). The fast backends ("auto", "fused") use the fused head and run
     the body either once per set for all tasks, with per-task BatchNorm statistics
     (batchnorm.py), or per task: batched_body=None picks batched on CUDA and per task on the
     CPU (faster there); both give the same numbers.
@@ -125,8 +125,7 @@ class ANIL(nn.Module):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        backend = backend_name(backend)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if body_lr_multipliers is not None:
@@ -266,8 +265,8 @@ class ANIL(nn.Module):
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-    def _fast_path(self) -> bool:
-        return self.backend not in ("reference", "loop")
+    def uses_fused_head(self) -> bool:
+        return self.backend not in ("reference", "per_task")
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if (
@@ -289,7 +288,7 @@ class ANIL(nn.Module):
             ctx = batch_statistics_without_update(self.body) if bn_mode == "transductive" else nullcontext()
             # the reference backends keep the plain loop; the fast path skips autograd where
             # no gradient is needed (same numbers)
-            support_grad_here = support_grad or not self._fast_path()
+            support_grad_here = support_grad or not self.uses_fused_head()
             with ctx:
                 fs, fq = [], []
                 for t in range(tasks):  # the per-task loop: support, then query
@@ -321,7 +320,7 @@ class ANIL(nn.Module):
         cache); never batched for backend="reference"."""
         if self.batched_body is not None:
             return self.batched_body
-        return self._fast_path() and device.type == "cuda"
+        return self.uses_fused_head() and device.type == "cuda"
 
     # -- the outer loop ----------------------------------------------------------------------
     def _head_loss(self, fs, batch, fq, inner_steps, first_order):

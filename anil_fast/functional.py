@@ -3,11 +3,10 @@ score the query features.
 
 `adapted_query_loss(...)` is the one entry point; its backends compute the same thing:
 - "reference": plain PyTorch autograd, batched over tasks (defines the semantics);
-- "cpp": the C++ CPU op (csrc/), analytic backward;
-- "triton": the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
-- "fused": Triton for CUDA tensors, C++ for CPU tensors;
-- "auto": "fused" where it is available for the tensors' device, else "reference";
-- "loop": the per-task Python loop of the ANIL write-ups (the benchmarks' baseline).
+- "fused": the custom op `anil_fast::adapted_head` (ops.py), analytic backward; its small loop
+  runs in C++ on the CPU and as Triton kernels on CUDA;
+- "auto": "fused" where the op has a kernel for the tensors' device (CPU, CUDA), else "reference";
+- "per_task": the per-task Python loop of the ANIL write-ups (the benchmarks' baseline).
 """
 from __future__ import annotations
 
@@ -16,7 +15,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "reference", "fused", "cpp", "triton", "loop")
+BACKENDS = ("auto", "reference", "fused", "per_task")
+# names of earlier versions (configs and checkpoints may hold them): the op now picks the kernel
+# from the device, and "loop" also named the per-task body
+LEGACY_BACKENDS = {"cpp": "fused", "triton": "fused", "loop": "per_task"}
+
+
+def backend_name(backend) -> str:
+    """`backend` checked, with an earlier version's name mapped to today's."""
+    backend = LEGACY_BACKENDS.get(backend, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def _tracing_or_capturing(t: torch.Tensor) -> bool:
@@ -83,11 +93,10 @@ def validate_head_inputs(support_features, support_labels, query_features, query
 
 
 def check_label_values(support_labels, query_labels, ways: int) -> None:
-    """Labels outside 0..ways-1 would silently index the wrong class: a ValueError. A host
-    sync, so it is skipped where a sync is not allowed (torch.compile tracing, CUDA graph
-    capture) and on the fused CUDA path, whose kernels turn such labels into a NaN loss
-    instead (and never read out of bounds)."""
-    if _tracing_or_capturing(support_labels):
+    """Labels outside 0..ways-1 would silently index the wrong class: a ValueError, on every
+    device (a host sync on CUDA). Skipped where no sync is allowed (torch.compile tracing, CUDA
+    graph capture): there the fused op's own contract applies, a NaN loss for the task."""
+    if _tracing_or_capturing(support_labels) or support_labels.device.type == "meta":
         return
     for name, labels in (("support_labels", support_labels), ("query_labels", query_labels)):
         if labels.numel() and not bool(((labels >= 0) & (labels < ways)).all()):
@@ -153,12 +162,14 @@ def per_task_adapted_query_loss(support_features, support_labels, query_features
     return torch.stack(losses), torch.stack(logits)
 
 
-def _reference_is_faster(support_rows: int, dim: int, first_order: bool) -> bool:
-    """The fused op's inner loop works on S x S Gram matrices, the reference's on S x D
-    features: with many support rows and few feature dimensions the reference wins (measured
-    on the CPU for 20-way 5-shot: fused 0.2-0.6x at D <= 512 first order, 0.5x at D = 64
-    second order). "auto" then picks the reference."""
-    return support_rows > dim if not first_order else 8 * support_rows > dim
+def auto_prefers_reference(support_features) -> bool:
+    """Where "auto" runs the reference instead of the fused op: on the CPU when a task has more
+    support rows than feature dimensions (the op's loop works on S x S Gram matrices, the
+    reference's on S x D features). Measured on the CPU (benches/test_bench_head.py prints which
+    was faster and what auto picked): 20-way 5-shot at D = 64, fused 0.6x of the reference;
+    at D = 512, 1.0-1.7x; 5-way 1-shot, 1.9-5x. Not measured on a GPU yet: CUDA always fuses."""
+    tasks, s_rows, dim = support_features.shape
+    return support_features.device.type == "cpu" and s_rows > dim
 
 
 def adapted_query_loss(support_features, support_labels, query_features, query_labels, weight,
@@ -171,26 +182,21 @@ def adapted_query_loss(support_features, support_labels, query_features, query_l
     float tensors. First order: inner-loop gradients are constants, so the support features get
     no gradient and weight/bias get the query loss's gradient at the adapted head.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = backend_name(backend)
     validate_head_inputs(support_features, support_labels, query_features, query_labels,
                          weight, bias, inner_lr, inner_steps)
     if not isinstance(first_order, bool):
         raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+    check_label_values(support_labels, query_labels, weight.shape[0])
     args = (support_features, support_labels, query_features, query_labels, weight, bias)
-    if backend == "loop":
-        check_label_values(support_labels, query_labels, weight.shape[0])
-        return per_task_adapted_query_loss(*args, inner_lr=float(inner_lr),
-                                           inner_steps=inner_steps, first_order=first_order)
-    from . import ops  # the fused ops; imported lazily (triton and the C++ build are optional)
-    chosen = ops.resolve_backend(backend, support_features.device)
-    if backend == "auto" and chosen != "reference" and _reference_is_faster(
-            support_features.shape[1], support_features.shape[2], first_order):
-        chosen = "reference"
-    if not (chosen == "triton" and support_features.is_cuda):  # no host sync in a CUDA step
-        check_label_values(support_labels, query_labels, weight.shape[0])
-    if chosen == "reference":
-        return reference_adapted_query_loss(*args, inner_lr=float(inner_lr),
-                                            inner_steps=inner_steps, first_order=first_order)
-    return ops.fused_adapted_query_loss(*args, inner_lr=float(inner_lr), inner_steps=inner_steps,
-                                        first_order=first_order, backend=chosen)
+    kwargs = dict(inner_lr=float(inner_lr), inner_steps=inner_steps, first_order=first_order)
+    if backend == "per_task":
+        return per_task_adapted_query_loss(*args, **kwargs)
+    from . import ops  # the fused op; imported lazily (triton and the C++ build are optional)
+    if backend == "fused" and not ops.fused_device(support_features.device):
+        raise ValueError(f"backend 'fused' has kernels for CPU and CUDA tensors, got "
+                         f"{support_features.device}")
+    if backend == "reference" or not ops.fused_device(support_features.device) or (
+            backend == "auto" and auto_prefers_reference(support_features)):
+        return reference_adapted_query_loss(*args, **kwargs)
+    return ops.fused_adapted_query_loss(*args, **kwargs)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 
 from . import models
 from .anil import BN_MODES, PRECISIONS, check_learning_rates
+from .functional import backend_name
 from .schedules import SCHEDULES as LR_SCHEDULES
 
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
@@ -164,6 +165,7 @@ def validate_config(c: Config) -> None:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {c.bn_mode!r}")
     if c.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    c.backend = backend_name(c.backend)  # an earlier version's name becomes today's
     for name in ("ways", "shots", "queries", "meta_batch", "test_tasks", "checkpoint_every",
                  "log_every", "image_size"):
         value = getattr(c, name)

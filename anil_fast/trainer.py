@@ -202,10 +202,10 @@ def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overw
     test = test_sampler(config, device, config.test_tasks) if evaluate_at_end else None
     val = validation_sampler(config, device) if config.validates else None
     one_time = {"data_and_model_s": time.perf_counter() - start}
-    if config.backend not in ("reference", "loop"):  # a C++ build happens here, not in step 1
+    if anil.uses_fused_head() and device.type == "cpu":  # the C++ build happens here, not in step 1
         from . import ops
         start = time.perf_counter()
-        ops.resolve_backend(config.backend, device)
+        ops.small_loop(device)
         one_time["backend_build_s"] = time.perf_counter() - start
     run = _Run(config, folder, info, device, anil, sampler, test, val, one_time=one_time)
     checkpoint = folder.path / CHECKPOINT

@@ -39,8 +39,8 @@ def build(case, method, device, precision="fp32"):
     model = model or pretrained_name()
     torch.manual_seed(0)
     body, head = models.build(model, 5, size)
-    if method == "loop":
-        kwargs = dict(backend="loop", batched_body=False)
+    if method == "per_task":
+        kwargs = dict(backend="per_task", batched_body=False)
     else:
         kwargs = dict(backend="fused", batched_body=torch.device(device).type == "cuda",
                       precision=precision,
@@ -79,14 +79,14 @@ def time_meta_steps(device, quick=False):
     rows = []
     for case in cases:
         min_time = 0.05 if quick else 1.0
-        fn, _, _ = step_callable(case, "loop", device)
-        loop_s = time_call(fn, device, min_time, max_iters=20)
-        row = {"case": case, "loop it/s": 1 / loop_s}
+        fn, _, _ = step_callable(case, "per_task", device)
+        per_task_s = time_call(fn, device, min_time, max_iters=20)
+        row = {"case": case, "per-task it/s": 1 / per_task_s}
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             fn()
-            row["loop peak MB"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            row["per-task peak MB"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         for name, precision, capture in variants:
             try:  # one failing variant (e.g. capture on an unusual setup) must not end the run
                 fn, _, _ = step_callable(case, "fast", device, precision=precision, capture=capture)
@@ -95,7 +95,7 @@ def time_meta_steps(device, quick=False):
                 row[f"{name} it/s"] = f"error: {type(exc).__name__}: {str(exc)[:80]}"
                 continue
             row[f"{name} it/s"] = 1 / fast_s
-            row[f"{name} x loop"] = loop_s / fast_s
+            row[f"{name} x per-task"] = per_task_s / fast_s
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()

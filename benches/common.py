@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from anil_fast.functional import adapted_query_loss, per_task_adapted_query_loss
+from anil_fast.functional import adapted_query_loss
 
 # (ways, shots, queries per class) of the benchmarked task shapes
 TASK_SHAPES = {"5w1s": (5, 1, 5), "20w5s": (20, 5, 5)}
@@ -28,19 +28,15 @@ def episode_problem(tasks, ways, shots, queries, dim, device="cpu", dtype=torch.
 
 def forward_backward(method: str, problem, first_order: bool, inner_lr=0.01, inner_steps=5):
     """A callable running the head's forward and backward with `method`: a backend of
-    adapted_query_loss, or "loop" (the per-task loop of the ANIL write-ups)."""
+    adapted_query_loss ("per_task": the per-task loop of the ANIL write-ups)."""
     fs, ys, fq, yq, w, b = problem
     leaves = [x.detach().clone().requires_grad_() for x in (fs, fq, w, b)]
 
     def run():
         f, q, ww, bb = leaves
-        if method == "loop":
-            losses, _ = per_task_adapted_query_loss(f, ys, q, yq, ww, bb, inner_lr=inner_lr,
-                                                    inner_steps=inner_steps, first_order=first_order)
-        else:
-            losses, _ = adapted_query_loss(f, ys, q, yq, ww, bb, inner_lr=inner_lr,
-                                           inner_steps=inner_steps, first_order=first_order,
-                                           backend=method)
+        losses, _ = adapted_query_loss(f, ys, q, yq, ww, bb, inner_lr=inner_lr,
+                                       inner_steps=inner_steps, first_order=first_order,
+                                       backend=method)
         return torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
     return run
 

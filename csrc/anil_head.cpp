@@ -1,149 +1,179 @@
-// The fused ANIL head on the CPU: every inner-loop SGD step of a linear head and the query
-// loss, for all tasks of a meta-batch, with an analytic (second-order) backward.
+// The CPU kernel of the fused ANIL head's small loop: every inner SGD step of a linear head and
+// the query logits and loss, for each task, in the S x N space, and the loop's reverse.
 //
-// Why it is cheap: after k steps the adapted head is W_k = W - lr * H_k^T F and
-// b_k = b - lr * 1^T H_k, where H_k = G_0 + ... + G_{k-1} [S, N] sums the support-logit
-// gradients. So the support logits are Z_k = Z_0 - lr * Kss H_k with Kss = F F^T + 1, and the
-// whole inner loop runs in the small S x N space after one pass over the features:
-//   Z_0 = F W^T + b, Kss = F F^T + 1, Aq = Fq W^T + b, Kqs = Fq F^T + 1   (GEMMs)
-//   for k: P = softmax(Z_0 - lr Kss H); H += (P - Y) / S                 (small: S x N per task)
-//   query logits = Aq - lr Kqs H; loss = mean cross-entropy.
-// The backward reverses the small loop (softmax Jacobian-vector products) and maps the
-// adjoints of Z_0, Kss, Kqs and Aq back to W, b, F and Fq with GEMMs.
+// After one pass over the features (GEMMs, done once in torch by anil_fast/ops.py for every
+// device), the adapted head after k steps is W_k = W - lr H_k^T F, b_k = b - lr 1^T H_k with
+// H_k = G_0 + ... + G_{k-1} [S, N] the sum of the support-logit gradients, so
+//   for k: P_k = softmax(Z0 - lr Kss H_k);  H_{k+1} = H_k + (P_k - Y) / S
+//   query logits = Aq - lr Kqs H_K;  loss = mean cross-entropy.
+// (Z0 = F W^T + b [S,N], Kss = F F^T + 1 [S,S], Aq = Fq W^T + b [Q,N], Kqs = Fq F^T + 1 [Q,S].)
+// The same loop runs on CUDA as Triton kernels (kernels/anil_head.py), and in batched torch as
+// their test oracle; this file is its CPU form.
 //
-// Every operation is batched over the tasks (one ATen call for all tasks, parallel inside):
-// per-task calls cost more in dispatch than small tasks cost in arithmetic. The feature GEMMs
-// use R = [W; F] per task as one operand, so each pass reads the query features once.
+// Why C++: per task these are a few small matrices (5-way 1-shot: S = N = 5) that stay in
+// the L1 cache for the whole loop. Batched ATen calls pay dispatch and a temporary per step
+// and per operation; here one at::parallel_for over tasks runs each task's loop start to end
+// with no per-step allocation.
 #include <torch/extension.h>
 
-#include <utility>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
 
-void check_inputs(const at::Tensor& fs, const at::Tensor& ys, const at::Tensor& fq,
-                  const at::Tensor& yq, const at::Tensor& w, const at::Tensor& b) {
-  TORCH_CHECK(fs.dim() == 3 && fq.dim() == 3 && w.dim() == 2 && b.dim() == 1,
-              "anil_head: support_features [T,S,D], query_features [T,Q,D], weight [N,D], bias [N]");
-  TORCH_CHECK(fs.size(0) == fq.size(0) && fs.size(2) == fq.size(2) && w.size(1) == fs.size(2) &&
-                  b.size(0) == w.size(0),
-              "anil_head: shapes disagree");
-  TORCH_CHECK(ys.sizes() == fs.sizes().slice(0, 2) && yq.sizes() == fq.sizes().slice(0, 2),
-              "anil_head: label shapes disagree with the features");
-  TORCH_CHECK(fs.scalar_type() == w.scalar_type() && fq.scalar_type() == w.scalar_type() &&
-                  b.scalar_type() == w.scalar_type(),
-              "anil_head: all float tensors must share one dtype");
-  TORCH_CHECK(fs.scalar_type() == at::kFloat || fs.scalar_type() == at::kDouble,
-              "anil_head (C++): float32 or float64");
-  TORCH_CHECK(fs.device().is_cpu(), "anil_head (C++): CPU tensors only");
-  const int64_t n = w.size(0);
-  TORCH_CHECK(ys.numel() == 0 || (ys.min().item<int64_t>() >= 0 && ys.max().item<int64_t>() < n),
-              "anil_head: support_labels out of range");
-  TORCH_CHECK(yq.numel() == 0 || (yq.min().item<int64_t>() >= 0 && yq.max().item<int64_t>() < n),
-              "anil_head: query_labels out of range");
+void check(const at::Tensor& z0, const at::Tensor& kss, const at::Tensor& ys) {
+  TORCH_CHECK(z0.dim() == 3 && kss.dim() == 3 && ys.dim() == 2, "small loop: z0 [T,S,N], kss [T,S,S], ys [T,S]");
+  TORCH_CHECK(kss.size(0) == z0.size(0) && kss.size(1) == z0.size(1) && kss.size(2) == z0.size(1) &&
+                  ys.size(0) == z0.size(0) && ys.size(1) == z0.size(1),
+              "small loop: shapes disagree");
+  TORCH_CHECK(z0.device().is_cpu() && z0.is_contiguous() && kss.is_contiguous() && ys.is_contiguous(),
+              "small loop: contiguous CPU tensors");
+  TORCH_CHECK(kss.scalar_type() == z0.scalar_type(), "small loop: one float dtype");
+  TORCH_CHECK(ys.scalar_type() == at::kLong, "small loop: int64 labels");
 }
 
-// R = [W; F_t] for every task: [T, N+S, D].
-at::Tensor stacked_rows(const at::Tensor& fs, const at::Tensor& w) {
-  return at::cat({w.unsqueeze(0).expand({fs.size(0), w.size(0), w.size(1)}), fs}, 1);
+// Inside a task every S x N matrix is held transposed, [N, S] (one row per class): Kss is
+// symmetric, so every product with it runs along contiguous rows of length S, and the softmax
+// over classes is elementwise across rows. Every inner loop is over S, and the compiler
+// vectorises it.
+
+// A^T [N, S] -> out [S, N], or back.
+template <typename T>
+void transpose(const T* a, T* out, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = a[i * cols + j];
 }
 
-at::Tensor one_hot(const at::Tensor& labels, int64_t ways, const at::Tensor& like) {
-  return labels.unsqueeze(-1).eq(at::arange(ways, labels.options())).to(like.scalar_type());
+// out -= c * Xt Kss for Xt [N, S], Kss [S, S] symmetric: out[j, :] -= c sum_m Xt[j, m] Kss[m, :].
+// Row m of Kss is read once for all N rows of out (Kss may not fit the L1 cache; out does).
+template <typename T>
+void minus_times_kss(const T* __restrict__ xt, const T* __restrict__ kss, T* __restrict__ out,
+                     int64_t s, int64_t n, T c) {
+  for (int64_t m = 0; m < s; ++m) {
+    const T* __restrict__ km = kss + m * s;
+    for (int64_t j = 0; j < n; ++j) {
+      const T x = c * xt[j * s + m];
+      T* __restrict__ oj = out + j * s;
+      for (int64_t i = 0; i < s; ++i) oj[i] -= x * km[i];
+    }
+  }
 }
 
-// One inner step for all tasks: H + (softmax(Z0 - lr Kss H) - Y) / S. Also returns P.
-std::pair<at::Tensor, at::Tensor> inner_step(const at::Tensor& z0, const at::Tensor& kss,
-                                             const at::Tensor& y, const at::Tensor& h, double lr) {
-  auto p = at::softmax(at::baddbmm(z0, kss, h, 1.0, -lr), -1);
-  return {h + (p - y) / static_cast<double>(z0.size(1)), p};
+// One inner step for one task, transposed: Pt = softmax over classes of Z0t - lr Ht Kss, then
+// Ht += (Pt - Yt) / S. colmax/colsum: scratch of S values. Labels outside 0..N-1 match no class
+// (the host turns that task's loss into NaN).
+template <typename T>
+void inner_step(const T* z0t, const T* kss, const int64_t* ys, T* ht, T* pt, T* colmax,
+                T* colsum, int64_t s, int64_t n, T lr) {
+  std::copy(z0t, z0t + n * s, pt);
+  minus_times_kss(ht, kss, pt, s, n, lr);
+  std::copy(pt, pt + s, colmax);
+  std::fill(colsum, colsum + s, T(0));
+  for (int64_t j = 1; j < n; ++j)
+    for (int64_t i = 0; i < s; ++i) colmax[i] = std::max(colmax[i], pt[j * s + i]);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < s; ++i) colsum[i] += (pt[j * s + i] = std::exp(pt[j * s + i] - colmax[i]));
+  const T inv_s = T(1) / static_cast<T>(s);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < s; ++i) {
+      pt[j * s + i] /= colsum[i];
+      ht[j * s + i] += (pt[j * s + i] - T(ys[i] == j)) * inv_s;
+    }
+}
+
+// H_K [S, N] of one task. scratch: 3 * S * N + 2 * S values.
+template <typename T>
+void forward_task(const T* z0, const T* kss, const int64_t* ys, T* h, T* scratch, int64_t s,
+                  int64_t n, int64_t steps, T lr) {
+  T *z0t = scratch, *ht = z0t + n * s, *pt = ht + n * s, *colmax = pt + n * s, *colsum = colmax + s;
+  transpose(z0, z0t, s, n);
+  std::fill(ht, ht + n * s, T(0));
+  for (int64_t k = 0; k < steps; ++k) inner_step(z0t, kss, ys, ht, pt, colmax, colsum, s, n, lr);
+  transpose(ht, h, n, s);
+}
+
+// The reverse of one task's loop given the adjoint of H_K. Writes the history the host turns
+// into the adjoints of Z0 and Kss (kernels/anil_head.py, adjoints_from_history): per step the
+// head H_k and the support-logit adjoint ZB_k, both transposed, [steps, N, S].
+// scratch: 3 * S * N + 2 * S values.
+template <typename T>
+void reverse_task(const T* z0, const T* kss, const int64_t* ys, const T* hbar, T* hist, T* zb,
+                  T* scratch, int64_t s, int64_t n, int64_t steps, T lr) {
+  const int64_t sn = s * n;
+  T *z0t = scratch, *hbt = z0t + sn, *ht = hbt + sn, *colmax = ht + sn, *colsum = colmax + s;
+  transpose(z0, z0t, s, n);
+  transpose(hbar, hbt, s, n);
+  // recompute the steps: H_k into hist[k], P_k into zb[k] (overwritten by ZB_k below)
+  std::fill(ht, ht + sn, T(0));
+  for (int64_t k = 0; k < steps; ++k) {
+    std::copy(ht, ht + sn, hist + k * sn);
+    inner_step(z0t, kss, ys, ht, zb + k * sn, colmax, colsum, s, n, lr);
+  }
+  const T inv_s = T(1) / static_cast<T>(s);
+  for (int64_t k = steps - 1; k >= 0; --k) {
+    T* zbk = zb + k * sn;  // holds P_k
+    // H_{k+1} = H_k + (softmax(Z_k) - Y)/S: the adjoint of Z_k is the softmax JVP ...
+    std::fill(colsum, colsum + s, T(0));
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < s; ++i) colsum[i] += zbk[j * s + i] * hbt[j * s + i];
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < s; ++i) zbk[j * s + i] *= (hbt[j * s + i] - colsum[i]) * inv_s;
+    // ... and Z_k = Z0 - lr Kss H_k passes it on to H_k (Kss's share is the host's GEMM)
+    minus_times_kss(zbk, kss, hbt, s, n, lr);
+  }
 }
 
 }  // namespace
 
-// Returns {losses [T], query_logits [T,Q,N], z0 [T,S,N], kss [T,S,S], kqs [T,Q,S], h [T,S,N]}.
-std::vector<at::Tensor> anil_head_forward(at::Tensor fs, at::Tensor ys, at::Tensor fq,
-                                          at::Tensor yq, at::Tensor w, at::Tensor b, double lr,
-                                          int64_t steps) {
-  check_inputs(fs, ys, fq, yq, w, b);
-  TORCH_CHECK(steps >= 0, "anil_head: inner_steps must be >= 0");
-  fs = fs.contiguous();
-  fq = fq.contiguous();
-  const int64_t N = w.size(0);
-  auto rows_t = stacked_rows(fs, w).transpose(1, 2);
-  auto zs = at::bmm(fs, rows_t);  // [F W^T | F F^T]
-  auto zq = at::bmm(fq, rows_t);  // [Fq W^T | Fq F^T]
-  auto z0 = zs.narrow(2, 0, N) + b;
-  auto kss = zs.narrow(2, N, fs.size(1)) + 1;
-  auto aq = zq.narrow(2, 0, N) + b;
-  auto kqs = zq.narrow(2, N, fs.size(1)) + 1;
-  auto y = one_hot(ys, N, z0);
-  auto h = at::zeros_like(z0);
-  for (int64_t k = 0; k < steps; ++k) h = inner_step(z0, kss, y, h, lr).first;
-  auto logits = at::baddbmm(aq, kqs, h, 1.0, -lr);
-  auto losses = at::cross_entropy_loss(logits.flatten(0, 1), yq.flatten().to(at::kLong), {},
-                                       at::Reduction::None)
-                    .view({fq.size(0), fq.size(1)})
-                    .mean(1);
-  return {losses, logits, z0, kss, kqs, h};
+// H_K [T,S,N], the summed support-logit gradients after `steps` steps; labels int64, floats
+// float32 or float64. (The query logits and loss are GEMM-shaped: the host does them.)
+at::Tensor small_loop_forward(at::Tensor z0, at::Tensor kss, at::Tensor ys, double lr, int64_t steps) {
+  check(z0, kss, ys);
+  TORCH_CHECK(steps >= 0, "small loop: steps >= 0");
+  const int64_t T_ = z0.size(0), S = z0.size(1), N = z0.size(2);
+  auto h = at::empty_like(z0);
+  AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "small_loop_forward", [&] {
+    const scalar_t r = static_cast<scalar_t>(lr);
+    at::parallel_for(0, T_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(3 * S * N + 2 * S);  // one per thread, reused by its tasks
+      for (int64_t t = begin; t < end; ++t)
+        forward_task(z0.data_ptr<scalar_t>() + t * S * N, kss.data_ptr<scalar_t>() + t * S * S,
+                     ys.data_ptr<int64_t>() + t * S, h.data_ptr<scalar_t>() + t * S * N,
+                     scratch.data(), S, N, steps, r);
+    });
+  });
+  return h;
 }
 
-// Gradients {support_features, query_features, weight, bias} from the output gradients.
-std::vector<at::Tensor> anil_head_backward(at::Tensor grad_losses, at::Tensor grad_logits,
-                                           at::Tensor fs, at::Tensor ys, at::Tensor fq,
-                                           at::Tensor yq, at::Tensor w, at::Tensor logits,
-                                           at::Tensor z0, at::Tensor kss, at::Tensor kqs,
-                                           at::Tensor h, double lr, int64_t steps,
-                                           bool first_order) {
-  fs = fs.contiguous();
-  fq = fq.contiguous();
-  const int64_t Q = fq.size(1), N = w.size(0);
-  // Adjoint of the query logits: the upstream gradient plus the mean cross-entropy's.
-  auto zq_bar = (at::softmax(logits, -1) - one_hot(yq, N, logits)) *
-                    (grad_losses.view({-1, 1, 1}) / static_cast<double>(Q)) + grad_logits;
-  // query logits = Fq W^T + b - lr (Fq F^T + 1) H
-  auto kqs_bar = at::bmm(zq_bar, h.transpose(1, 2)).mul_(-lr);  // adjoint of Kqs
-  auto rows = stacked_rows(fs, w);
-  auto adj_q = at::cat({zq_bar, kqs_bar}, -1);
-  auto g_fq = at::bmm(adj_q, rows);  // Zq_bar W + Kqs_bar F
-  auto g_b = zq_bar.sum({0, 1});
-  if (first_order) {  // the inner loop's gradients are constants: no support-feature gradient
-    return {at::zeros_like(fs), g_fq, at::mm(zq_bar.flatten(0, 1).t(), fq.flatten(0, 1)), g_b};
-  }
-  // One read of Fq for both [Zq_bar | Kqs_bar]^T Fq products: the weight's and the support's.
-  auto fq_products = at::bmm(adj_q.transpose(1, 2), fq);  // [T, N+S, D]
-  // Reverse the small loop. H_k and P_k of every step are recomputed (cheap: S x N per task).
-  auto y = one_hot(ys, N, z0);
-  std::vector<at::Tensor> hs, ps;
-  auto hk = at::zeros_like(z0);
-  for (int64_t k = 0; k < steps; ++k) {
-    auto next = inner_step(z0, kss, y, hk, lr);
-    hs.push_back(hk);
-    ps.push_back(next.second);
-    hk = next.first;
-  }
-  auto hbar = at::bmm(kqs.transpose(1, 2), zq_bar).mul_(-lr);  // adjoint of H_K
-  auto z0_bar = at::zeros_like(z0);
-  auto kss_bar = at::zeros_like(kss);
-  const double inv_s = 1.0 / static_cast<double>(fs.size(1));
-  for (int64_t k = steps - 1; k >= 0; --k) {
-    // H_{k+1} = H_k + (softmax(Z_k) - Y)/S: the adjoint of Z_k is the softmax JVP ...
-    auto& p = ps[k];
-    auto zb = p * (hbar - (p * hbar).sum(-1, true)) * inv_s;
-    z0_bar.add_(zb);
-    // ... and Z_k = Z_0 - lr Kss H_k passes it on to Kss and to H_k.
-    kss_bar.baddbmm_(zb, hs[k].transpose(1, 2), 1.0, -lr);
-    hbar.baddbmm_(kss, zb, 1.0, -lr);  // Kss is symmetric
-  }
-  auto g_w = fq_products.narrow(1, 0, N).sum(0).addmm_(z0_bar.flatten(0, 1).t(), fs.flatten(0, 1));
-  g_b.add_(z0_bar.sum({0, 1}));
-  // Z0_bar W + (Kss_bar + Kss_bar^T) F + Kqs_bar^T Fq
-  auto g_fs = at::baddbmm(fq_products.narrow(1, N, fs.size(1)),
-                          at::cat({z0_bar, kss_bar + kss_bar.transpose(1, 2)}, -1), rows);
-  return {g_fs, g_fq, g_w, g_b};
+// {ZB history [T, steps, N, S], H history [T, steps, N, S]} given the adjoint of H_K.
+std::vector<at::Tensor> small_loop_reverse(at::Tensor z0, at::Tensor kss, at::Tensor ys,
+                                           at::Tensor hbar, double lr, int64_t steps) {
+  check(z0, kss, ys);
+  TORCH_CHECK(hbar.sizes() == z0.sizes() && hbar.scalar_type() == z0.scalar_type() && hbar.is_contiguous(),
+              "small loop: hbar like z0");
+  TORCH_CHECK(steps >= 0, "small loop: steps >= 0");
+  const int64_t T_ = z0.size(0), S = z0.size(1), N = z0.size(2);
+  auto zb = at::empty({T_, steps, N, S}, z0.options());
+  auto hist = at::empty({T_, steps, N, S}, z0.options());
+  AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "small_loop_reverse", [&] {
+    const scalar_t r = static_cast<scalar_t>(lr);
+    at::parallel_for(0, T_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(3 * S * N + 2 * S);
+      for (int64_t t = begin; t < end; ++t)
+        reverse_task(z0.data_ptr<scalar_t>() + t * S * N, kss.data_ptr<scalar_t>() + t * S * S,
+                     ys.data_ptr<int64_t>() + t * S, hbar.data_ptr<scalar_t>() + t * S * N,
+                     hist.data_ptr<scalar_t>() + t * steps * S * N,
+                     zb.data_ptr<scalar_t>() + t * steps * S * N, scratch.data(), S, N, steps, r);
+    });
+  });
+  return {zb, hist};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &anil_head_forward, "fused ANIL head: inner loop and query loss");
-  m.def("backward", &anil_head_backward, "fused ANIL head: analytic backward");
+  m.def("small_loop_forward", &small_loop_forward, "ANIL head small loop: the inner steps");
+  m.def("small_loop_reverse", &small_loop_reverse, "ANIL head small loop: its reverse");
 }

@@ -118,6 +118,6 @@ def test_loop_backend_takes_what_the_reference_takes():
     args = (fs.half(), ys.int(), fq.half(), yq.int(), w.requires_grad_(), b.requires_grad_())
     kwargs = dict(inner_lr=0.3, inner_steps=2, first_order=False)
     ref_loss, ref_logits = adapted_query_loss(*args, backend="reference", **kwargs)
-    loop_loss, loop_logits = adapted_query_loss(*args, backend="loop", **kwargs)
+    loop_loss, loop_logits = adapted_query_loss(*args, backend="per_task", **kwargs)
     torch.testing.assert_close(loop_loss, ref_loss)
     torch.testing.assert_close(loop_logits, ref_logits)
