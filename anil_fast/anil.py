@@ -1,4 +1,4 @@
-"""ANIL: the outer loop around the adapted-head loss, with the API ANIL users know."""
+"""ANIL, the model side: body, head, adaptation, meta-loss, evaluation (optim.py moves it)."""
 from __future__ import annotations
 
 import math
@@ -69,35 +69,24 @@ def prefers_channels_last(device, precision: str, backend: str) -> bool:
         device.type == "cpu" and backend_name(backend) not in ("reference", "per_task"))
 
 
+def _batchnorm_parameter_names(body):
+    from .optim import batchnorm_parameter_names
+    return batchnorm_parameter_names(body)
+
+
 def _require_batch(batch) -> None:
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"batch must be a TaskBatch (e.g. TaskSampler.sample()), got "
                         f"{type(batch).__name__}")
 
 
-def _bn_parameter_names(body: nn.Module) -> set[str]:
-    names = set()
-    for module_name, module in body.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            for p_name, _ in module.named_parameters(recurse=False):
-                names.add(f"{module_name}.{p_name}" if module_name else p_name)
-    return names
-
-
-def _multiplier_for(name: str, multipliers: dict) -> float:
-    """The longest prefix of `name` among the keys wins; else 'default'."""
-    best = None
-    for prefix in multipliers:
-        if prefix != "default" and name.startswith(prefix) and (best is None or len(prefix) > len(best)):
-            best = prefix
-    return float(multipliers[best] if best is not None else multipliers.get("default", 1.0))
-
-
 class ANIL(nn.Module):
     """Almost No Inner Loop (Raghu et al., 2020).
 
-    The inner loop adapts only `head` (an nn.Linear) on each task's support features; the
-    outer loop updates body and head with Adam from the mean query loss.
+    The model side of ANIL: the inner loop adapts only `head` (an nn.Linear) on each task's
+    support features; `meta_loss` / `meta_backward` give the outer loop's loss and gradient,
+    `evaluate` the accuracies. How the meta-parameters then move (optimizer, parameter groups,
+    learning-rate multipliers, warmup, schedules) is optim.MetaOptimizer's.
 
     backend: "reference" runs the body once per task and per set (support, then query) and
     the plain-autograd head; "per_task" is the per-task loop of the ANIL write-ups (the speed
@@ -108,9 +97,8 @@ class ANIL(nn.Module):
     """
 
     def __init__(self, body: nn.Module, head: nn.Linear, inner_lr: float = 0.01,
-                 outer_lr: float = 0.001, inner_steps: int = 5, freeze_body: bool = False,
-                 first_order: bool = True, body_lr_multipliers: dict | None = None,
-                 warmup_steps: int = 0, backend: str = "auto", batched_body: bool | None = None,
+                 inner_steps: int = 5, freeze_body: bool = False, first_order: bool = True,
+                 backend: str = "auto", batched_body: bool | None = None,
                  precision: str = "fp32", compile: bool | str = False,
                  channels_last: bool = False):
         super().__init__()
@@ -118,32 +106,21 @@ class ANIL(nn.Module):
             raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
         if not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
-        for message in check_learning_rates(inner_lr, outer_lr):
+        for message in check_learning_rates(inner_lr, 0.0):
             warnings.warn(message, stacklevel=2)
-        for name, value in (("inner_steps", inner_steps), ("warmup_steps", warmup_steps)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int):
+            raise TypeError(f"inner_steps must be an int, got {type(inner_steps).__name__}")
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
         backend = backend_name(backend)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if body_lr_multipliers is not None:
-            if not isinstance(body_lr_multipliers, dict):
-                raise TypeError("body_lr_multipliers must be a dict of name prefix -> multiplier")
-            names = [n for n, _ in body.named_parameters()]
-            for prefix, mult in body_lr_multipliers.items():
-                if not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult < 0:
-                    raise ValueError(f"body_lr_multipliers[{prefix!r}] must be a finite "
-                                     f"number >= 0, got {mult!r}")
-                if prefix != "default" and not any(n.startswith(prefix) for n in names):
-                    raise ValueError(f"body_lr_multipliers: prefix {prefix!r} matches no "
-                                     f"parameter of the body")
         self.body, self.head = body, head
-        self.inner_lr, self.outer_lr, self.inner_steps = float(inner_lr), float(outer_lr), inner_steps
-        self.freeze_body, self.first_order = freeze_body, first_order
-        self.body_lr_multipliers = body_lr_multipliers
-        self.warmup_steps, self.backend = warmup_steps, backend
+        self.inner_lr, self.inner_steps = float(inner_lr), inner_steps
+        self.freeze_body, self.first_order, self.backend = freeze_body, first_order, backend
+        if freeze_body:  # a frozen body trains its BatchNorm parameters only
+            for name, param in body.named_parameters():
+                param.requires_grad_(name in _batchnorm_parameter_names(body))
         self.batched_body = batched_body
         self.precision = precision
         # channels_last: the body's weights are converted here, once, in place (the caller
@@ -155,87 +132,17 @@ class ANIL(nn.Module):
         # outside the module tree so state dicts keep the body's own names.
         self.__dict__["_body_forward"] = self.body if not compile else torch.compile(
             self.body, **({} if compile is True else {"backend": compile}))
-        self.outer_steps = 0
-        self.lr_scale = 1.0  # a schedule's factor of outer_lr (set by the trainer each step)
-        self.param_groups_report = []
-        self.optimizer = self._build_optimizer()
-
-    # -- optimizer and its groups ------------------------------------------------------------
-    def _build_optimizer(self) -> torch.optim.Adam:
-        bn_names = _bn_parameter_names(self.body)
-        groups: dict[tuple, list] = {}
-        for name, param in self.body.named_parameters():
-            is_bn = name in bn_names
-            if self.freeze_body and not is_bn:
-                mult = 0.0
-            elif self.body_lr_multipliers is not None:
-                mult = _multiplier_for(name, self.body_lr_multipliers)
-            else:
-                mult = 1.0
-            if mult == 0.0:
-                # Never updated: no gradient is computed for it at all.
-                param.requires_grad_(False)
-                continue
-            param.requires_grad_(True)
-            groups.setdefault((mult, is_bn), []).append((name, param))
-        param_groups, report = [], []
-        for p in self.head.parameters():
-            p.requires_grad_(True)
-        param_groups.append({"params": list(self.head.parameters()), "lr": self.outer_lr,
-                             "name": "head", "multiplier": 1.0, "batchnorm": False})
-        report.append({"name": "head", "multiplier": 1.0, "batchnorm": False,
-                       "parameters": sum(p.numel() for p in self.head.parameters()),
-                       "names": [f"head.{n}" for n, _ in self.head.named_parameters()]})
-        for (mult, is_bn), named in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            label = f"body{'-bn' if is_bn else ''}x{mult:g}"
-            param_groups.append({"params": [p for _, p in named], "lr": self.outer_lr * mult,
-                                 "name": label, "multiplier": mult, "batchnorm": is_bn})
-            report.append({"name": label, "multiplier": mult, "batchnorm": is_bn,
-                           "parameters": sum(p.numel() for _, p in named),
-                           "names": [n for n, _ in named]})
-        self.param_groups_report = report
-        optimizer = torch.optim.Adam(param_groups, lr=self.outer_lr)
-        self._set_group_lrs(optimizer)
-        return optimizer
-
-    def _set_group_lrs(self, optimizer=None) -> None:
-        """Warmup: body groups other than BatchNorm's have lr 0 for the first warmup_steps."""
-        optimizer = optimizer or self.optimizer
-        warm = self.outer_steps < self.warmup_steps
-        for group in optimizer.param_groups:
-            held = warm and group["name"] != "head" and not group["batchnorm"]
-            lr = 0.0 if held else self.outer_lr * self.lr_scale * group["multiplier"]
-            if isinstance(group["lr"], torch.Tensor):  # capturable optimizer: update in place
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-
-    def make_capturable(self) -> None:
-        """Rebuild Adam with capturable=True and tensor learning rates (for CUDA graphs),
-        keeping its state."""
-        device = next(self.head.parameters()).device
-        state = self.optimizer.state_dict()
-        groups = [{**{k: v for k, v in g.items() if k != "lr"}, "lr": torch.tensor(float(g["lr"]), device=device)}
-                  for g in self.optimizer.param_groups]
-        self.optimizer = torch.optim.Adam(groups, capturable=True)
-        self.optimizer.load_state_dict(state)
-        for group in self.optimizer.param_groups:
-            if not isinstance(group["lr"], torch.Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        self._set_group_lrs()
-
-    def group_learning_rates(self) -> dict:
-        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
     # -- modes -------------------------------------------------------------------------------
-    def train_mode(self) -> None:
-        """Meta-training: everything in training mode, except a frozen body, which is in eval
-        mode with its BatchNorm layers in training mode (batch statistics, running updates)."""
-        self.train()
-        if self.freeze_body:
+    def train(self, mode: bool = True):
+        """nn.Module.train, except that a frozen body (freeze_body=True) stays in eval mode
+        with its BatchNorm layers in training mode (batch statistics, running updates)."""
+        super().train(mode)
+        if mode and self.freeze_body:
             self.body.eval()
             for bn in batchnorm_layers(self.body):
                 bn.train()
+        return self
 
     @contextmanager
     def precision_context(self, device: torch.device):
@@ -254,7 +161,7 @@ class ANIL(nn.Module):
     @contextmanager
     def _tf32_scope(self):
         """precision="tf32": TF32 matmuls and convolutions inside the block (forward and, in
-        step_tensors, backward); the caller's global flags are restored on exit."""
+        meta_backward, backward); the caller's global flags are restored on exit."""
         if self.precision != "tf32":
             yield
             return
@@ -339,31 +246,19 @@ class ANIL(nn.Module):
 
     def meta_loss(self, batch: TaskBatch):
         """Mean query loss over the tasks after adapting the head; differentiable to body and
-        head. Call train_mode() first (meta_train_step does)."""
+        head. Call train() first (MetaOptimizer.step does)."""
         _require_batch(batch)
         return self._task_losses(batch)[0].mean()
 
-    def meta_train_step(self, batch: TaskBatch, total_tasks: int | None = None,
-                        all_reduce=None) -> dict:
-        """One Adam update of the outer loop. Returns detached 0-dim tensors (no host sync):
-        loss and query accuracy after adaptation. (total_tasks/all_reduce: data-parallel
-        training, see step_tensors.)"""
-        _require_batch(batch)
-        self.train_mode()
-        self._set_group_lrs()
-        out = self.step_tensors(batch, total_tasks, all_reduce)
-        self.outer_steps += 1
-        return out
-
-    def step_tensors(self, batch: TaskBatch, total_tasks: int | None = None,
-                     all_reduce=None) -> dict:
-        """The device work of one meta-step (what a CUDA graph captures): gradients, Adam
-        update, metrics as device tensors. No host synchronisation, no Python-side state.
+    def meta_backward(self, batch: TaskBatch, total_tasks: int | None = None, all_reduce=None):
+        """Accumulate the meta-gradient of the mean query loss into .grad; returns (sums of the
+        tasks' [loss, accuracy] as a device tensor, the number of tasks they are over). No host
+        synchronisation: this is device work a CUDA graph can capture.
 
         Data parallel (see distributed.py): `batch` is this rank's share of a meta-batch of
         `total_tasks` tasks, and `all_reduce(values)` sums the gradients and `values` over
         ranks, so every rank takes the step one process would take on all tasks."""
-        self.optimizer.zero_grad(set_to_none=True)
+        _require_batch(batch)
         losses, logits = self._task_losses(batch)
         total = total_tasks or batch.num_tasks
         with self._tf32_scope():
@@ -372,8 +267,7 @@ class ANIL(nn.Module):
         sums = torch.stack([losses.detach().sum(), correct.sum()]).float()
         if all_reduce is not None:
             sums = all_reduce(sums)
-        self.optimizer.step()
-        return {"loss": sums[0] / total, "accuracy": sums[1] / total}
+        return sums, total
 
     @torch.no_grad()
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None,
@@ -401,18 +295,3 @@ class ANIL(nn.Module):
         return {"accuracy_before": per_before.mean().item(), "accuracy_after": per_after.mean().item(),
                 "loss_after": losses.mean().item(),
                 "per_task_before": per_before.cpu(), "per_task_after": per_after.cpu()}
-
-    # -- state -------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"body": self.body.state_dict(), "head": self.head.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "outer_steps": self.outer_steps}
-
-    def load_state(self, state: dict) -> None:
-        try:
-            self.body.load_state_dict(state["body"])
-            self.head.load_state_dict(state["head"])
-        except RuntimeError as exc:
-            raise ValueError(f"checkpoint: its weights do not fit this model ({exc})") from exc
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.outer_steps = state["outer_steps"]
-        self._set_group_lrs()

@@ -1,6 +1,6 @@
 """Whole meta-steps as one CUDA graph.
 
-`MetaStepRunner(anil, capture=True)` runs `anil`'s meta-steps. On CUDA with capture=True the
+`MetaStepRunner(meta_optimizer, capture=True)` runs the meta-steps of a MetaOptimizer (optim.py). On CUDA with capture=True the
 first call records the step (body, fused head, backward, Adam with capturable=True) into a
 CUDA graph on static input buffers; every later call copies the new batch into those buffers
 and replays the graph: one launch from the host, no host synchronisation inside a step (the
@@ -17,14 +17,17 @@ from dataclasses import astuple
 
 import torch
 
-from .anil import ANIL
 from .data import TaskBatch
+from .optim import MetaOptimizer
 
 
 class MetaStepRunner:
-    def __init__(self, anil: ANIL, capture: bool = True, warmup_iterations: int = 3,
-                 total_tasks: int | None = None, all_reduce=None):
-        self.anil = anil
+    def __init__(self, meta_optimizer: MetaOptimizer, capture: bool = True,
+                 warmup_iterations: int = 3, total_tasks: int | None = None, all_reduce=None):
+        if not isinstance(meta_optimizer, MetaOptimizer):
+            raise TypeError(f"meta_optimizer must be a MetaOptimizer, got "
+                            f"{type(meta_optimizer).__name__}")
+        self.meta_optimizer = meta_optimizer
         self.step_kwargs = {"total_tasks": total_tasks, "all_reduce": all_reduce}
         self.capture = capture
         self.warmup_iterations = warmup_iterations
@@ -34,7 +37,7 @@ class MetaStepRunner:
 
     def __call__(self, batch: TaskBatch) -> dict:
         if not (self.capture and batch.support_x.is_cuda):
-            return self.anil.meta_train_step(batch, **self.step_kwargs)
+            return self.meta_optimizer.step(batch, **self.step_kwargs)
         if self.graph is None:
             self._record(batch)
         for static, new in zip(astuple(self.static_batch), astuple(batch)):
@@ -42,37 +45,35 @@ class MetaStepRunner:
                 raise ValueError(f"batch: a captured meta-step needs static shapes; got "
                                  f"{tuple(new.shape)}, captured {tuple(static.shape)}")
             static.copy_(new, non_blocking=True)
-        self.anil.train_mode()
-        self.anil._set_group_lrs()  # fills the lr tensors the graph reads (warmup schedule)
+        self.meta_optimizer.begin_step()  # fills the lr tensors the graph reads
         self.graph.replay()
-        self.anil.outer_steps += 1
+        self.meta_optimizer.end_step()
         return {k: v.clone() for k, v in self.static_out.items()}
 
     def _state_tensors(self):
-        anil = self.anil
+        anil = self.meta_optimizer.anil
         tensors = list(anil.parameters()) + list(anil.buffers())
         return [t for t in tensors if t is not None]
 
     def _record(self, batch: TaskBatch) -> None:
-        anil = self.anil
-        anil.make_capturable()
-        anil.train_mode()
-        anil._set_group_lrs()
+        opt = self.meta_optimizer
+        opt.make_capturable()
+        opt.begin_step()
         self.static_batch = TaskBatch(*(t.clone() for t in astuple(batch)))
         saved = [t.detach().clone() for t in self._state_tensors()]
-        had_state = {p for p in anil.optimizer.state}
+        had_state = {p for p in opt.optimizer.state}
         saved_opt = {p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
-                     for p, s in anil.optimizer.state.items()}
+                     for p, s in opt.optimizer.state.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup_iterations):
-                anil.step_tensors(self.static_batch, **self.step_kwargs)
+                opt.device_step(self.static_batch, **self.step_kwargs)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():  # undo the warm-up updates
             for t, s in zip(self._state_tensors(), saved):
                 t.copy_(s)
-            for p, state in anil.optimizer.state.items():
+            for p, state in opt.optimizer.state.items():
                 for k, v in state.items():
                     if not isinstance(v, torch.Tensor):
                         continue
@@ -82,4 +83,4 @@ class MetaStepRunner:
                         v.zero_()  # fresh state: zero moments, step 0
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_out = anil.step_tensors(self.static_batch, **self.step_kwargs)
+            self.static_out = opt.device_step(self.static_batch, **self.step_kwargs)

@@ -105,7 +105,7 @@ def _print_eval(result: dict, out=print) -> None:
     out(f"accuracy before adaptation: {100 * result['accuracy_before']:.2f}% "
         f"± {100 * result['ci95_before']:.2f}")
     out(f"accuracy after adaptation:  {100 * result['accuracy_after']:.2f}% "
-        f"± {100 * result['ci95']:.2f}")
+        f"± {100 * result['ci95_after']:.2f}")
 
 
 # Settings that change what a test accuracy means (the task, the data, the protocol).
@@ -129,7 +129,7 @@ def _print_summary(summary: dict, config, info, out=print) -> None:
     _print_eval(summary["evaluation"], out)
     if "evaluation_last" in summary:
         last = summary["evaluation_last"]
-        out(f"(last weights: {100 * last['accuracy_after']:.2f}% ± {100 * last['ci95']:.2f})")
+        out(f"(last weights: {100 * last['accuracy_after']:.2f}% ± {100 * last['ci95_after']:.2f})")
     table = references()
     # the reference numbers hold for the preset's own settings: say which ones this run changed
     preset = Config(**PRESETS[config.scenario])

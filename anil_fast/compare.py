@@ -33,7 +33,7 @@ def row_of(summary: dict) -> dict:
     row = {k: summary.get(k) for k, _ in COLUMNS}
     row["per_rank_it_s"] = " / ".join(f"{v:.3g}" for v in summary.get("per_rank_it_s", []))
     row.update({"peak_memory": peak, "accuracy_before": ev.get("accuracy_before"),
-                "accuracy_after": ev.get("accuracy_after"), "ci95": ev.get("ci95"),
+                "accuracy_after": ev.get("accuracy_after"), "ci95": ev.get("ci95_after", ev.get("ci95")),
                 "gain": ev.get("gain")})
     return row
 

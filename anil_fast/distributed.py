@@ -82,7 +82,7 @@ def shard(total: int, info: DistInfo) -> slice:
 
 
 def gradient_all_reduce(parameters):
-    """A callback for ANIL.step_tensors: one SUM all-reduce of every gradient and of the
+    """A callback for ANIL.meta_backward (all_reduce=...): one SUM all-reduce of every gradient and of the
     step's extra values (loss and accuracy sums), in a single flat buffer."""
     parameters = list(parameters)
 

@@ -59,7 +59,7 @@ def row_of(suite: str, summary: dict, config, smoke: bool, table: dict) -> dict:
     return {
         "suite": suite, "preset": config.scenario, "run": "smoke" if smoke else "full",
         "ways": config.ways, "shots": config.shots, "body": summary["model"],
-        "accuracy": round(ours, 2), "ci95": round(100 * ev["ci95"], 2),
+        "accuracy": round(ours, 2), "ci95": round(100 * ev["ci95_after"], 2),
         "test_tasks": ev["tasks"], "bn_mode": ev["bn_mode"], "selected": summary.get("selected"),
         "train_time_s": round(summary["train_time_s"], 1),
         "it_s": None if summary["it_s"] is None else round(summary["it_s"], 3),

@@ -33,8 +33,23 @@ VALIDATION = "validation.jsonl"
 LOCK = ".lock"
 RUN_FILES = (CHECKPOINT, METRICS, RESULTS, CONFIG, BEST, VALIDATION)  # a run's (--overwrite deletes)
 
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_KEYS = ("format", "config", "anil", "sampler", "rng", "step", "elapsed_s")
+# 2: the model's state_dict ("model": body.*, head.*) and the MetaOptimizer's ("optimizer":
+# the torch optimizer's state and the step count). 1: both under "anil" (read and upgraded).
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_KEYS = ("format", "config", "model", "optimizer", "sampler", "rng", "step", "elapsed_s")
+
+
+def _upgrade_format_1(ckpt: dict, path) -> dict:
+    """A format-1 checkpoint ("anil": body, head, optimizer, outer_steps) as format 2."""
+    old = ckpt.get("anil")
+    if not isinstance(old, dict) or not all(k in old for k in ("body", "head", "optimizer", "outer_steps")):
+        raise ValueError(f"checkpoint: {path} (format 1) lacks the model's state")
+    model = {f"body.{k}": v for k, v in old["body"].items()}
+    model.update({f"head.{k}": v for k, v in old["head"].items()})
+    upgraded = {k: v for k, v in ckpt.items() if k != "anil"}
+    upgraded.update(format=CHECKPOINT_FORMAT, model=model,
+                    optimizer={"optimizer": old["optimizer"], "steps": old["outer_steps"]})
+    return upgraded
 
 
 class RunFolderError(ValueError):
@@ -138,6 +153,8 @@ def load_checkpoint(path) -> dict:
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint: {path} holds a {type(ckpt).__name__}, not an anil-fast "
                          f"checkpoint")
+    if ckpt.get("format") == 1:
+        ckpt = _upgrade_format_1(ckpt, path)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         hint = (" It looks like a plain state_dict: load it with module.load_state_dict()."
@@ -147,9 +164,11 @@ def load_checkpoint(path) -> dict:
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint: {path} has format version {ckpt['format']!r}; this "
                          f"anil-fast reads version {CHECKPOINT_FORMAT}")
-    for part in ("body", "head", "optimizer", "outer_steps"):
-        if not isinstance(ckpt["anil"], dict) or part not in ckpt["anil"]:
-            raise ValueError(f"checkpoint: {path} lacks the model's {part!r} state")
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor)
+                                                       for v in ckpt["model"].values()):
+        raise ValueError(f"checkpoint: {path}: its 'model' is not a state_dict of tensors")
+    if not isinstance(ckpt["optimizer"], dict) or not {"optimizer", "steps"} <= set(ckpt["optimizer"]):
+        raise ValueError(f"checkpoint: {path} lacks the optimizer's state or step count")
     return ckpt
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import distributed, models
 from .anil import BN_MODES, ANIL, cpu_has_native_bf16, prefers_channels_last
 from .capture import MetaStepRunner
+from .optim import MetaOptimizer
 from .data import TaskSampler, load_split
 from .metrics import GPUMonitor, mean_ci95, peak_memory, reset_peak_memory
 from .runfolder import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, METRICS, RESULTS, VALIDATION, RunFolder,
@@ -78,12 +79,26 @@ def build_anil(config: Config, device) -> ANIL:
                               pretrained=config.pretrained)
     channels_last = prefers_channels_last(device, precision, config.backend)
     anil = ANIL(body.to(device), head.to(device), inner_lr=config.inner_lr,
-                outer_lr=config.outer_lr, inner_steps=config.inner_steps,
-                freeze_body=config.freeze_body, first_order=config.first_order,
-                body_lr_multipliers=body_lr_multipliers(config, body),
-                warmup_steps=config.warmup_steps, backend=config.backend,
+                inner_steps=config.inner_steps, freeze_body=config.freeze_body,
+                first_order=config.first_order, backend=config.backend,
                 precision=precision, compile=config.compile, channels_last=channels_last)
     return anil
+
+
+def load_model_state(anil: ANIL, state: dict) -> None:
+    """A checkpoint's weights into `anil`; a ValueError when they do not fit it."""
+    try:
+        anil.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint: its weights do not fit this model ({exc})") from exc
+
+
+def build_meta_optimizer(config: Config, anil: ANIL, schedule=None) -> MetaOptimizer:
+    """The presets' optimisation: Adam at config.outer_lr, the preset's learning-rate
+    multipliers, warmup of the body, and `schedule` (step -> factor)."""
+    return MetaOptimizer(anil, lr=config.outer_lr, optimizer=torch.optim.Adam,
+                         multipliers=body_lr_multipliers(config, anil.body),
+                         warmup_steps=config.warmup_steps, schedule=schedule)
 
 
 def train_sampler(config: Config, device) -> TaskSampler:
@@ -141,7 +156,7 @@ def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "trans
     mean_b, ci_b = mean_ci95(before_t.numpy())
     mean_a, ci_a = mean_ci95(after_t.numpy())
     return {"accuracy_before": mean_b, "ci95_before": ci_b, "accuracy_after": mean_a,
-            "ci95": ci_a, "gain": mean_a - mean_b, "tasks": tasks, "bn_mode": bn_mode,
+            "ci95_after": ci_a, "gain": mean_a - mean_b, "tasks": tasks, "bn_mode": bn_mode,
             "per_task_after": after_t.tolist()}
 
 
@@ -173,6 +188,7 @@ class _Run:
     info: distributed.DistInfo
     device: torch.device
     anil: ANIL
+    optimizer: MetaOptimizer
     sampler: TaskSampler
     test: TaskSampler | None
     val: TaskSampler | None
@@ -207,7 +223,10 @@ def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overw
         start = time.perf_counter()
         ops.small_loop(device)
         one_time["backend_build_s"] = time.perf_counter() - start
-    run = _Run(config, folder, info, device, anil, sampler, test, val, one_time=one_time)
+    run = _Run(config, folder, info, device, anil, None, sampler, test, val, one_time=one_time)
+    total, budget = config.total_meta_steps, config.time_budget
+    run.optimizer = build_meta_optimizer(config, anil, schedule=lambda step: lr_factor(
+        config.lr_schedule, schedule_progress(step, total, run.elapsed, budget), config.lr_floor))
     checkpoint = folder.path / CHECKPOINT
     if resume and checkpoint.exists():
         _resume(run, load_checkpoint(checkpoint))
@@ -232,7 +251,8 @@ def _resume(run: _Run, ckpt: dict) -> None:
         raise ValueError(f"resume: the checkpoint in {run.folder.path} is at step {ckpt['step']}, "
                          f"past the {total} meta-steps asked for; ask for at least "
                          f"{ckpt['step']} (or evaluate it with anil-fast eval)")
-    run.anil.load_state(ckpt["anil"])
+    load_model_state(run.anil, ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
     run.sampler.load_state_dict(ckpt["sampler"])
     _set_rng_state(ckpt["rng"])
     run.step = run.checkpoint_step = ckpt["step"]
@@ -287,7 +307,8 @@ def _checkpoint(run: _Run, best: bool = False) -> None:
                        f"{SANE_WEIGHT_LIMIT:g} or not finite)")
     if run.info.is_main:
         state = {
-            "format": CHECKPOINT_FORMAT, "config": run.config.to_dict(), "anil": run.anil.state(),
+            "format": CHECKPOINT_FORMAT, "config": run.config.to_dict(),
+            "model": run.anil.state_dict(), "optimizer": run.optimizer.state_dict(),
             "sampler": run.sampler.state_dict(), "rng": _rng_state(), "step": run.step,
             "elapsed_s": run.elapsed, "steady_steps": run.steady_steps,
             "world_size": run.info.world_size, "history": run.history, "best": run.best}
@@ -303,7 +324,7 @@ def _validate(run: _Run) -> None:
     config = run.config
     result = evaluate(run.anil, run.val, config.val_tasks, config.bn_mode, config.eval_inner_steps)
     record = {"step": run.step, "elapsed_s": round(run.elapsed, 4),
-              "accuracy": result["accuracy_after"], "ci95": result["ci95"]}
+              "accuracy": result["accuracy_after"], "ci95": result["ci95_after"]}
     run.val_records.append(record)
     if run.info.is_main:
         with open(run.folder.path / VALIDATION, "a") as f:
@@ -331,7 +352,7 @@ def _train_steps(run: _Run, progress: bool) -> None:
     total, budget = config.total_meta_steps, config.time_budget
     share = distributed.shard(config.meta_batch, info)
     all_reduce = distributed.gradient_all_reduce(run.anil.parameters()) if info.active else None
-    runner = MetaStepRunner(run.anil, capture=config.capture, total_tasks=config.meta_batch,
+    runner = MetaStepRunner(run.optimizer, capture=config.capture, total_tasks=config.meta_batch,
                             all_reduce=all_reduce)
     bar = tqdm(total=total, initial=run.step, desc=f"train {config.scenario}", unit="it",
                disable=not (progress and info.is_main), dynamic_ncols=True)
@@ -341,9 +362,6 @@ def _train_steps(run: _Run, progress: bool) -> None:
         metrics_file = (stack.enter_context(open(run.folder.path / METRICS, "a"))
                         if info.is_main else None)
         while (total is None or run.step < total) and (budget is None or run.elapsed < budget):
-            run.anil.lr_scale = lr_factor(config.lr_schedule,
-                                          schedule_progress(run.step, total, run.elapsed, budget),
-                                          config.lr_floor)
             started = time.perf_counter()
             # every rank draws the same indices and materialises only its share
             batch = run.sampler.materialise(run.sampler.next_indices()[share])
@@ -385,7 +403,7 @@ def _summary(run: _Run, session_steps: int) -> dict:
     config, anil = run.config, run.anil
     session_it_s = session_steps / run.elapsed if run.elapsed else 0.0
     rank_it_s = distributed.gather_values(session_it_s)
-    counts = parameter_counts(anil)
+    counts = parameter_counts(anil, run.optimizer)
     tasks = training_tasks(config, run.step)
     budget = config.time_budget
     return {"scenario": config.scenario, "model": config.model, "notes": config.notes,
@@ -400,7 +418,7 @@ def _summary(run: _Run, session_steps: int) -> dict:
             "training_tasks": tasks,
             "parameters_per_training_task": counts["trainable_parameters"] / tasks,
             "param_groups": [{k: v for k, v in g.items() if k != "names"}
-                             for g in anil.param_groups_report],
+                             for g in run.optimizer.groups_report()],
             "resumes_with_changes": run.history,
             "validation": {"records": run.val_records, "best": run.best} if config.validates else None}
 
@@ -424,7 +442,7 @@ def _evaluate_selected(run: _Run) -> dict:
     if run.best["step"] == run.step:
         out["evaluation"] = last
     else:
-        run.anil.load_state(load_checkpoint(run.folder.path / BEST)["anil"])
+        load_model_state(run.anil, load_checkpoint(run.folder.path / BEST)["model"])
         out["evaluation"] = test()
     return out
 
@@ -483,12 +501,12 @@ def loss_summary(path: Path) -> dict:
     return {"initial_loss": losses[0], "final_loss": losses[-1], "min_loss": min(losses)}
 
 
-def parameter_counts(anil: ANIL) -> dict:
+def parameter_counts(anil: ANIL, optimizer: MetaOptimizer) -> dict:
     from .batchnorm import batchnorm_layers
     bn = sum(p.numel() for m in batchnorm_layers(anil.body) for p in m.parameters(recurse=False))
     body = models.count_parameters(anil.body)
     head = models.count_parameters(anil.head)
-    trainable = sum(g["parameters"] for g in anil.param_groups_report)
+    trainable = sum(g["parameters"] for g in optimizer.groups_report())
     return {"total_parameters": body + head, "trainable_parameters": trainable,
             "body_parameters": body, "head_parameters": head, "batchnorm_parameters": bn}
 
@@ -512,7 +530,7 @@ def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str = "transductive",
     dev = resolve_device(distributed.rank_device(distributed.current(), device))
     with _own_rng(dev):
         anil = build_anil(config, dev)
-        anil.load_state(ckpt["anil"])
+        load_model_state(anil, ckpt["model"])
         result = evaluate(anil, test_sampler(config, dev, tasks), tasks, bn_mode,
                           config.eval_inner_steps, progress=progress)
     result.pop("per_task_after")

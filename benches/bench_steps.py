@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from anil_fast import ANIL, models
+from anil_fast import ANIL, MetaOptimizer, models
 from anil_fast.anil import prefers_channels_last
 from anil_fast.capture import MetaStepRunner
 from anil_fast.data import TaskBatch
@@ -52,7 +52,7 @@ def build(case, method, device, precision="fp32"):
 def step_callable(case, method, device, tasks=16, precision="fp32", capture=False):
     anil = build(case, method, device, precision)
     batch = random_tasks(tasks, 5, 1, 5, CASES[case][1], device)
-    runner = MetaStepRunner(anil, capture=capture)
+    runner = MetaStepRunner(MetaOptimizer(anil, lr=0.001), capture=capture)
     return lambda: runner(batch), anil, batch
 
 

@@ -8,7 +8,7 @@ no C++ build, no network). It
    backward, first and second order;
 2. times the op's forward+backward against the reference backend and the per-task loop, with
    achieved GB/s against the traffic floor and the copy bandwidth measured in the same run;
-3. times whole meta-steps (ANIL.meta_train_step) of the scenarios against the per-task loop;
+3. times whole meta-steps (MetaOptimizer.step) of the scenarios against the per-task loop;
 and prints a compact table last. Without a GPU (`--device cpu`, under TRITON_INTERPRET=1) it
 runs a tiny smoke version of the same code, which is how CI keeps it working.
 """

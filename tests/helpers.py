@@ -1,7 +1,7 @@
 """Shared test helpers: random head problems and an explicit per-task loop."""
 import torch
 
-from anil_fast import ANIL, models
+from anil_fast import ANIL, MetaOptimizer, models
 from anil_fast.data import TaskBatch
 from anil_fast.functional import per_task_adapted_query_loss
 
@@ -47,16 +47,29 @@ def random_batch(tasks=3, ways=4, shots=2, queries=3, size=16, seed=0, dtype=tor
 
 
 def make(name="conv4", size=16, ways=4, seed=0, **kwargs):
+    """An ANIL model (float64 conv4 by default); kwargs go to ANIL."""
     torch.manual_seed(seed)
     body, head = models.build(name, ways, size)
     return ANIL(body.double(), head.double(), **kwargs)
 
 
+OPTIMIZER_KWARGS = ("lr", "optimizer", "multipliers", "warmup_steps", "schedule")
+
+
+def make_trainable(*args, **kwargs):
+    """(ANIL, its MetaOptimizer): kwargs named in OPTIMIZER_KWARGS go to the optimizer (Adam,
+    lr 0.001 unless told), the rest to the model."""
+    opt_kwargs = {k: kwargs.pop(k) for k in OPTIMIZER_KWARGS if k in kwargs}
+    anil = make(*args, **kwargs)
+    return anil, MetaOptimizer(anil, **opt_kwargs)
+
+
 def assert_trains_alike(expected, actual, steps=2):
-    """Two ANIL instances take the same meta-steps: equal losses, then equal weights."""
+    """Two ANIL models take the same meta-steps (Adam, lr 0.001): equal losses, then equal
+    weights."""
+    expected_opt, actual_opt = MetaOptimizer(expected), MetaOptimizer(actual)
     for step in range(steps):
         batch = random_batch(seed=step)
-        torch.testing.assert_close(actual.meta_train_step(batch)["loss"],
-                                   expected.meta_train_step(batch)["loss"])
+        torch.testing.assert_close(actual_opt.step(batch)["loss"], expected_opt.step(batch)["loss"])
     for (name, p), q in zip(expected.named_parameters(), actual.parameters()):
         torch.testing.assert_close(q, p, msg=name)

@@ -3,9 +3,10 @@ import copy
 import pytest
 import torch
 
-from anil_fast import ANIL, models
+from anil_fast import ANIL, MetaOptimizer, models
 from anil_fast.batchnorm import batchnorm_layers
-from helpers import assert_trains_alike, make, per_task_loop, random_batch
+from anil_fast.capture import MetaStepRunner
+from helpers import assert_trains_alike, make, make_trainable, per_task_loop, random_batch
 
 
 @pytest.mark.parametrize("first_order", [True, False])
@@ -13,7 +14,7 @@ def test_meta_loss_equals_explicit_per_task_loop(first_order):
     anil = make(inner_lr=0.3, inner_steps=3, first_order=first_order, backend="reference")
     twin = copy.deepcopy(anil)
     batch = random_batch()
-    anil.train_mode()
+    anil.train()
     loss = anil.meta_loss(batch)
     loss.backward()
     # the loop the ANIL write-ups show: per task, body on support then query, then the head
@@ -34,7 +35,7 @@ SCENARIOS = {
     "s1-second-order": dict(first_order=False),
     "s2-first-order": dict(first_order=True),
     "s4-frozen-body": dict(freeze_body=True),
-    "s5-multipliers": dict(body_lr_multipliers={"0.": 0.0, "1.": 0.5, "2.": 0.1, "default": 1.0},
+    "s5-multipliers": dict(multipliers={"0.": 0.0, "1.": 0.5, "2.": 0.1, "default": 1.0},
                            warmup_steps=1),
 }
 
@@ -42,12 +43,12 @@ SCENARIOS = {
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_batched_body_equals_per_task_loop(scenario):
     kwargs = dict(inner_lr=0.2, inner_steps=2, backend="reference", **SCENARIOS[scenario])
-    loop = make(batched_body=False, **kwargs)
-    batched = make(batched_body=True, **kwargs)
+    loop, loop_opt = make_trainable(batched_body=False, **kwargs)
+    batched, batched_opt = make_trainable(batched_body=True, **kwargs)
     for step in range(2):
         batch = random_batch(seed=step, tasks=3)
-        out_loop = loop.meta_train_step(batch)
-        out_batched = batched.meta_train_step(batch)
+        out_loop = loop_opt.step(batch)
+        out_batched = batched_opt.step(batch)
         torch.testing.assert_close(out_batched["loss"], out_loop["loss"])
     for (name, p), q in zip(loop.named_parameters(), batched.parameters()):
         torch.testing.assert_close(q, p, msg=name)
@@ -61,20 +62,19 @@ def test_batched_body_equals_per_task_loop(scenario):
 
 def test_batched_body_resnet18_equals_loop():
     kwargs = dict(inner_lr=0.1, inner_steps=1, backend="reference", freeze_body=True)
-    loop = make("resnet18", size=16, batched_body=False, **kwargs)
-    batched = make("resnet18", size=16, batched_body=True, **kwargs)
+    loop, loop_opt = make_trainable("resnet18", size=16, batched_body=False, **kwargs)
+    batched, batched_opt = make_trainable("resnet18", size=16, batched_body=True, **kwargs)
     batch = random_batch(tasks=2, shots=1, queries=2)
-    torch.testing.assert_close(batched.meta_train_step(batch)["loss"],
-                               loop.meta_train_step(batch)["loss"])
+    torch.testing.assert_close(batched_opt.step(batch)["loss"], loop_opt.step(batch)["loss"])
     for (name, buf), other in zip(loop.named_buffers(), batched.buffers()):
         torch.testing.assert_close(other, buf, msg=name)
 
 
 def test_frozen_body_trains_batchnorm_only():
-    anil = make(freeze_body=True, inner_lr=0.3, outer_lr=0.05, backend="reference")
+    anil, opt = make_trainable(freeze_body=True, inner_lr=0.3, lr=0.05, backend="reference")
     before = {n: p.detach().clone() for n, p in anil.body.named_parameters()}
     stats = [bn.running_mean.clone() for bn in batchnorm_layers(anil.body)]
-    anil.meta_train_step(random_batch())
+    opt.step(random_batch())
     assert not anil.body[0][0].training and anil.body[0][1].training  # conv eval, BN train
     for name, p in anil.body.named_parameters():
         is_bn = name.split(".")[1] == "1"
@@ -82,24 +82,24 @@ def test_frozen_body_trains_batchnorm_only():
         assert moved == is_bn, name
         assert p.requires_grad == is_bn
     assert all(not torch.equal(bn.running_mean, s) for bn, s in zip(batchnorm_layers(anil.body), stats))
-    assert anil.param_groups_report[1]["batchnorm"] and len(anil.param_groups_report) == 2
+    report = opt.groups_report()
+    assert report[1]["batchnorm"] and len(report) == 2
 
 
 def test_multipliers_and_warmup():
     mult = {"0.0": 0.0, "0.1": 0.5, "1.0": 0.25, "default": 2.0, "1.0.bias": 0.0}
-    anil = make(body_lr_multipliers=mult, warmup_steps=2, outer_lr=0.01, backend="reference")
-    groups = {g["name"]: g for g in anil.optimizer.param_groups}
+    anil, opt = make_trainable(multipliers=mult, warmup_steps=2, lr=0.01, backend="reference")
+    groups = {g["name"]: g for g in opt.optimizer.param_groups}
     assert set(groups) == {"head", "body-bnx0.5", "bodyx0.25", "bodyx2", "body-bnx2"}
-    names = {r["name"]: r["names"] for r in anil.param_groups_report}
-    assert names["bodyx0.25"] == ["1.0.weight"]  # longest prefix wins over "1.0" for the bias
+    names = {r["name"]: r["names"] for r in opt.groups_report()}
+    assert names["bodyx0.25"] == ["body.1.0.weight"]  # longest prefix wins over "1.0" for the bias
     assert not anil.body[0][0].weight.requires_grad  # multiplier 0: never trained
     history = []
     snapshots = []
     for step in range(4):
-        history.append(anil.group_learning_rates())
         snapshots.append(anil.body[1][0].weight.detach().clone())
-        anil.meta_train_step(random_batch(seed=step))
-        history[-1] = anil.group_learning_rates()
+        opt.step(random_batch(seed=step))
+        history.append(opt.learning_rates())  # the rates the step just used
     # during warmup: conv groups at 0, BatchNorm and head at their rates
     for lrs in history[:2]:
         assert lrs["bodyx0.25"] == 0 and lrs["bodyx2"] == 0
@@ -108,8 +108,8 @@ def test_multipliers_and_warmup():
         assert lrs["bodyx0.25"] == 0.0025 and lrs["bodyx2"] == 0.02
     assert torch.equal(snapshots[0], snapshots[2])  # held during the warmup steps
     assert not torch.equal(snapshots[2], snapshots[3])  # moves afterwards
-    with pytest.raises(ValueError, match="body_lr_multipliers"):
-        make(body_lr_multipliers={"9.": 1.0})
+    with pytest.raises(ValueError, match="multipliers"):
+        make_trainable(multipliers={"9.": 1.0})
 
 
 def test_evaluate_leaves_running_statistics_alone():
@@ -128,18 +128,20 @@ def test_bf16_autocast_trains_on_cpu(background28):
     torch.manual_seed(0)
     body, head = models.build("conv4", 5, 28)
     anil = ANIL(body, head, inner_lr=0.4, precision="bf16", backend="reference")
+    opt = MetaOptimizer(anil, lr=0.001)
     sampler = TaskSampler(background28.images, 5, 1, 5, 4, rotations=False, seed=0)
-    losses = [anil.meta_train_step(sampler.sample())["loss"].item() for _ in range(30)]
+    losses = [opt.step(sampler.sample())["loss"].item() for _ in range(30)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
 @pytest.mark.parametrize("kwargs, word", [
     (dict(inner_steps=-1), "inner_steps"), (dict(inner_lr=float("nan")), "inner_lr"),
     (dict(backend="x"), "backend"), (dict(precision="fp8"), "precision"),
-    (dict(warmup_steps=-2), "warmup_steps")])
+    (dict(warmup_steps=-2), "warmup_steps"), (dict(schedule=3), "schedule"),
+    (dict(optimizer="adam"), "optimizer")])
 def test_bad_anil_arguments(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
-        make(**kwargs)
+        make_trainable(**kwargs)
 
 
 def test_compile_changes_no_result():
@@ -150,49 +152,91 @@ def test_compile_changes_no_result():
 
 
 def test_capturable_optimizer_changes_no_result():
-    plain = make(inner_lr=0.3, inner_steps=2, warmup_steps=1,
-                 body_lr_multipliers={"0.": 0.5, "default": 1.0})
-    capturable = make(inner_lr=0.3, inner_steps=2, warmup_steps=1,
-                      body_lr_multipliers={"0.": 0.5, "default": 1.0})
-    capturable.make_capturable()
+    kwargs = dict(inner_lr=0.3, inner_steps=2, warmup_steps=1,
+                  multipliers={"0.": 0.5, "default": 1.0})
+    plain, plain_opt = make_trainable(**kwargs)
+    capturable, capturable_opt = make_trainable(**kwargs)
+    capturable_opt.make_capturable()
     for step in range(3):
         batch = random_batch(seed=step)
-        plain.meta_train_step(batch)
-        capturable.meta_train_step(batch)
+        plain_opt.step(batch)
+        capturable_opt.step(batch)
     for (name, p), q in zip(plain.named_parameters(), capturable.parameters()):
         torch.testing.assert_close(q, p, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture_changes_no_result():
-    from anil_fast.capture import MetaStepRunner
-    eager = make(inner_lr=0.3, inner_steps=2, batched_body=True, backend="fused")
-    graphed = make(inner_lr=0.3, inner_steps=2, batched_body=True, backend="fused")
-    eager.float().cuda()
-    graphed.float().cuda()
-    eager.optimizer = eager._build_optimizer()
-    graphed.optimizer = graphed._build_optimizer()
-    runner = MetaStepRunner(graphed, capture=True)
+    eager = make(inner_lr=0.3, inner_steps=2, batched_body=True, backend="fused").float().cuda()
+    graphed = make(inner_lr=0.3, inner_steps=2, batched_body=True, backend="fused").float().cuda()
+    eager_opt = MetaOptimizer(eager, warmup_steps=1, schedule=lambda step: 1 / (1 + step))
+    runner = MetaStepRunner(MetaOptimizer(graphed, warmup_steps=1, schedule=lambda step: 1 / (1 + step)),
+                            capture=True)
     for step in range(4):
         batch = random_batch(seed=step, dtype=torch.float32).to("cuda")
-        a = eager.meta_train_step(batch)["loss"]
+        a = eager_opt.step(batch)["loss"]
         b = runner(batch)["loss"]
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert runner.graph is not None
 
 
-def test_checkpoint_of_another_model_is_a_value_error():
+@pytest.mark.parametrize("runner", [False, True])
+def test_sgd_with_a_cosine_schedule_through_the_graph_runners_step(runner):
+    # any torch.optim optimizer and any schedule, through device_step: the function a CUDA graph
+    # captures (MetaStepRunner runs it eagerly on the CPU). Each update is checked by hand.
+    import math
+    anil, opt = make_trainable(inner_lr=0.3, inner_steps=2, optimizer=torch.optim.SGD, lr=0.05,
+                               schedule=lambda step: 0.5 * (1 + math.cos(math.pi * step / 4)),
+                               warmup_steps=1)
+    from anil_fast.optim import batchnorm_parameter_names
+    bn = {f"body.{n}" for n in batchnorm_parameter_names(anil.body)}
+    twin = copy.deepcopy(anil)
+    step = MetaStepRunner(opt, capture=True) if runner else opt.step
+    assert isinstance(opt.optimizer, torch.optim.SGD)
+    for k in range(3):
+        batch = random_batch(seed=k)
+        twin.train()
+        twin.zero_grad()
+        twin.meta_backward(batch)
+        lr = 0.05 * 0.5 * (1 + math.cos(math.pi * k / 4))
+        expected = {}
+        for name, p in twin.named_parameters():
+            held = k < 1 and name.startswith("body.") and name not in bn  # warmup: not BN
+            expected[name] = p.detach() - (0 if held or p.grad is None else lr * p.grad)
+        step(batch)
+        for name, p in anil.named_parameters():
+            torch.testing.assert_close(p, expected[name], msg=f"step {k}: {name}")
+        with torch.no_grad():
+            for p, q in zip(twin.parameters(), anil.parameters()):
+                p.copy_(q)
+    assert opt.steps == 3
+
+
+def test_a_callers_optimizer_keeps_its_groups():
+    anil = make(inner_lr=0.3, inner_steps=1)
+    sgd = torch.optim.SGD([{"params": anil.head.parameters(), "lr": 0.1},
+                           {"params": anil.body.parameters(), "lr": 0.01}])
+    opt = MetaOptimizer(anil, optimizer=sgd, warmup_steps=1)
+    assert [g["warmup"] for g in sgd.param_groups] == [False, False]  # the body's holds BN too
+    opt.step(random_batch())
+    assert opt.learning_rates() == {"group0": 0.1, "group1": 0.01}
+    with pytest.raises(ValueError, match="multipliers"):
+        MetaOptimizer(anil, optimizer=sgd, multipliers={"default": 1.0})
+
+
+def test_checkpoint_of_another_model_is_a_value_error(tmp_path):
+    from anil_fast.trainer import load_model_state
     conv4 = make()
     other = make(ways=5)
     with pytest.raises(ValueError, match="checkpoint"):
-        conv4.load_state(other.state())
+        load_model_state(conv4, other.state_dict())
 
 
 # -- bad input and side effects ------------------------------------------------------------------
 
 def test_anil_leaves_the_bodys_memory_format_alone():
-    anil = make(inner_lr=0.2, inner_steps=1)  # fast path on the CPU
-    anil.meta_train_step(random_batch())
+    anil, opt = make_trainable(inner_lr=0.2, inner_steps=1)  # fast path on the CPU
+    opt.step(random_batch())
     conv = next(p for p in anil.body.parameters() if p.dim() == 4)
     assert conv.is_contiguous()  # not converted behind the caller's back
     asked = make(inner_lr=0.2, inner_steps=1, channels_last=True)  # converted when asked
@@ -201,39 +245,39 @@ def test_anil_leaves_the_bodys_memory_format_alone():
     twin = make(inner_lr=0.2, inner_steps=1, channels_last=True)
     plain = make(inner_lr=0.2, inner_steps=1)
     batch = random_batch(seed=4)
-    torch.testing.assert_close(twin.meta_train_step(batch)["loss"],
-                               plain.meta_train_step(batch)["loss"])
+    torch.testing.assert_close(MetaOptimizer(twin).step(batch)["loss"],
+                               MetaOptimizer(plain).step(batch)["loss"])
 
 
 def test_tf32_flags_are_restored():
-    anil = make(precision="tf32")
+    anil, opt = make_trainable(precision="tf32")
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with anil.precision_context(torch.device("cuda")):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
-    anil.meta_train_step(random_batch())
+    opt.step(random_batch())
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
 
 
 @pytest.mark.parametrize("kwargs, word", [(dict(inner_lr=-0.1), "inner_lr"),
-                                          (dict(outer_lr=-1e-3), "outer_lr"),
-                                          (dict(outer_lr=1e38), "outer_lr")])
+                                          (dict(lr=-1e-3), "outer_lr"),
+                                          (dict(lr=1e38), "outer_lr")])
 def test_learning_rates_that_make_no_sense_are_refused(kwargs, word):
     with pytest.raises(ValueError, match=word):
-        make(**kwargs)
+        make_trainable(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs, word", [(dict(inner_lr=50.0), "inner_lr"),
-                                          (dict(outer_lr=5.0), "outer_lr")])
+                                          (dict(lr=5.0), "outer_lr")])
 def test_odd_learning_rates_warn(kwargs, word):
     with pytest.warns(UserWarning, match=word):
-        make(**kwargs)
+        make_trainable(**kwargs)
 
 
 def test_a_batch_that_is_not_a_task_batch_is_named():
-    anil = make()
+    anil, opt = make_trainable()
     batch = random_batch()
     as_tuple = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-    for call in (anil.meta_train_step, anil.meta_loss, anil.evaluate):
+    for call in (opt.step, anil.meta_loss, anil.meta_backward, anil.evaluate):
         with pytest.raises(TypeError, match="TaskBatch"):
             call(as_tuple)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from anil_fast.anil import ANIL
+from anil_fast.optim import MetaOptimizer
 from anil_fast.cli import main
 from anil_fast.runfolder import load_checkpoint
 from anil_fast.scenarios import scenario_config
@@ -41,14 +41,14 @@ def test_a_time_budget_ends_the_run(tmp_path):
 
 
 def test_one_time_costs_are_kept_off_the_training_clock(tmp_path, monkeypatch):
-    original, calls = ANIL.meta_train_step, []
+    original, calls = MetaOptimizer.step, []
 
     def slow_first_step(self, batch, **kwargs):  # like a compile or a CUDA-graph capture
         calls.append(1)
         if len(calls) == 1:
             time.sleep(1.0)
         return original(self, batch, **kwargs)
-    monkeypatch.setattr(ANIL, "meta_train_step", slow_first_step)
+    monkeypatch.setattr(MetaOptimizer, "step", slow_first_step)
     summary = train(tiny(meta_steps=4), tmp_path / "run", progress=False)
     assert summary["one_time_s"]["first_step_s"] >= 1.0
     assert summary["train_time_s"] < 1.0
@@ -64,13 +64,19 @@ def test_one_time_costs_are_kept_off_the_training_clock(tmp_path, monkeypatch):
 def _scripted_validation(monkeypatch, scores):
     """Validation accuracies by step (the test evaluations run for real)."""
     import anil_fast.trainer as trainer
-    real = trainer.evaluate
+    real, real_step, steps = trainer.evaluate, MetaOptimizer.step, [0]
+
+    def step(self, batch, **kwargs):
+        out = real_step(self, batch, **kwargs)
+        steps.append(self.steps)
+        return out
 
     def evaluate(anil, sampler, tasks, *args, **kwargs):
         result = real(anil, sampler, tasks, *args, **kwargs)
         if sampler.seed >= 20_000:  # the validation sampler
-            result["accuracy_after"] = scores[anil.outer_steps]
+            result["accuracy_after"] = scores[steps[-1]]
         return result
+    monkeypatch.setattr(MetaOptimizer, "step", step)
     monkeypatch.setattr(trainer, "evaluate", evaluate)
 
 
@@ -127,13 +133,13 @@ def test_schedule_factors():
 
 
 def test_a_cosine_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
-    original, seen = ANIL.meta_train_step, []
+    original, seen = MetaOptimizer.step, []
 
     def recording(self, batch, **kwargs):
         out = original(self, batch, **kwargs)  # sets the groups' lr, then steps
         seen.append({g["name"]: g["lr"] for g in self.optimizer.param_groups})
         return out
-    monkeypatch.setattr(ANIL, "meta_train_step", recording)
+    monkeypatch.setattr(MetaOptimizer, "step", recording)
     train(tiny(lr_schedule="cosine", lr_floor=0.1, outer_lr=0.002), tmp_path / "run",
           progress=False)
     expected = [0.002 * lr_factor("cosine", s / 4, 0.1) for s in range(4)]

@@ -45,9 +45,10 @@ def snapshot(folder):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, omniglot_dir):
     """A finished 4-step run (read-only use: tests copy it when they change it)."""
-    os.environ.setdefault("ANIL_FAST_OFFLINE", "1")
-    out = tmp_path_factory.mktemp("finished") / "run"
-    train(tiny(), out, progress=False)
+    with pytest.MonkeyPatch.context() as patch:  # module scope: no function-scoped monkeypatch
+        patch.setenv("ANIL_FAST_OFFLINE", "1")
+        out = tmp_path_factory.mktemp("finished") / "run"
+        train(tiny(), out, progress=False)
     return out
 
 
@@ -86,7 +87,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(finished_run, tmp_path, cap
 
 def test_checkpoint_keys_and_format_are_checked(finished_run, tmp_path, capsys):
     plain = tmp_path / "plain.pt"
-    torch.save(load_checkpoint(finished_run)["anil"]["body"], plain)
+    torch.save(load_checkpoint(finished_run)["model"], plain)
     code, out = run_cli(capsys, "eval", "--checkpoint", str(plain))
     assert code == 2 and "not an anil-fast checkpoint" in out and "plain state_dict" in out
     ckpt = load_checkpoint(finished_run)
@@ -94,6 +95,25 @@ def test_checkpoint_keys_and_format_are_checked(finished_run, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="format version 99"):
         load_checkpoint(tmp_path / "future.pt")
+
+
+def test_format_1_checkpoints_still_load(finished_run, tmp_path):
+    # format 1 kept the model and Adam under "anil"; the loader reads it as format 2
+    ckpt = load_checkpoint(finished_run)
+    old = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    old["format"] = 1
+    old["anil"] = {"body": {k[5:]: v for k, v in ckpt["model"].items() if k.startswith("body.")},
+                   "head": {k[5:]: v for k, v in ckpt["model"].items() if k.startswith("head.")},
+                   "optimizer": ckpt["optimizer"]["optimizer"], "outer_steps": ckpt["optimizer"]["steps"]}
+    torch.save(old, tmp_path / "v1.pt")
+    upgraded = load_checkpoint(tmp_path / "v1.pt")
+    assert upgraded["format"] == 2 and upgraded["optimizer"]["steps"] == ckpt["optimizer"]["steps"]
+    assert list(upgraded["model"]) == list(ckpt["model"])
+    assert all(torch.equal(upgraded["model"][k], v) for k, v in ckpt["model"].items())
+    del old["anil"]["outer_steps"]
+    torch.save(old, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="format 1"):
+        load_checkpoint(tmp_path / "broken.pt")
 
 
 # -- 2. a folder that holds a run is not started over by accident -------------------------------
@@ -208,25 +228,25 @@ def test_resume_skips_a_torn_metrics_line(finished_run, tmp_path):
 
 @needs_data
 def test_huge_weights_are_never_checkpointed_and_resume_may_lower_the_lr(tmp_path, monkeypatch):
-    from anil_fast.anil import ANIL
-    original, calls = ANIL.meta_train_step, []
+    from anil_fast.optim import MetaOptimizer
+    original, calls = MetaOptimizer.step, []
 
     def blows_up(self, batch, **kwargs):
         out = original(self, batch, **kwargs)
         calls.append(1)
         if len(calls) == 3:  # |b| = 1e30 while the loss stays finite (equal logit shift)
             with torch.no_grad():
-                self.head.bias.fill_(1e30)
+                self.anil.head.bias.fill_(1e30)
         return out
-    monkeypatch.setattr(ANIL, "meta_train_step", blows_up)
+    monkeypatch.setattr(MetaOptimizer, "step", blows_up)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="step 2") as info:
         train(tiny(meta_steps=6), out, progress=False)
     assert "--resume" in str(info.value)
     kept = load_checkpoint(out)
     assert kept["step"] == 2
-    assert all(v.abs().max() < 1e6 for v in kept["anil"]["head"].values())
-    monkeypatch.setattr(ANIL, "meta_train_step", original)
+    assert all(v.abs().max() < 1e6 for k, v in kept["model"].items() if k.startswith("head."))
+    monkeypatch.setattr(MetaOptimizer, "step", original)
     summary = train(tiny(meta_steps=6, outer_lr=0.0005), out, resume=True, progress=False)
     assert summary["resumes_with_changes"] == [{"step": 2, "changes": {"outer_lr": [0.001, 0.0005]}}]
     assert json.loads((out / "results.json").read_text())["resumes_with_changes"][0]["step"] == 2

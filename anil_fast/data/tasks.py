@@ -75,14 +75,15 @@ class TaskSampler:
     """Draws meta-batches of N-way K-shot tasks from images [characters, drawings, C, H, W].
 
     With `rotations=True` every quarter turn of a character is a class of its own (the
-    standard Omniglot protocol), so there are 4x as many classes. With `num_tasks` the sampler
+    standard Omniglot protocol), so there are 4x as many classes; the default, False, is
+    Config's (the presets turn rotations on where their protocol has them). With `num_tasks` the sampler
     draws a fixed pool of that many tasks once and walks through it in meta-batches (reshuffled
     each pass); without it, every batch is new. Deterministic for a seed; `state_dict()` and
     `load_state_dict()` carry the position for resumed runs.
     """
 
     def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int,
-                 meta_batch: int, rotations: bool = True, seed: int = 0,
+                 meta_batch: int, rotations: bool = False, seed: int = 0,
                  num_tasks: int | None = None):
         if isinstance(images, Omniglot):
             images = images.images

@@ -1,0 +1,219 @@
+"""The optimisation side of ANIL training (the model side is anil.ANIL).
+
+`MetaOptimizer(anil, lr, ...)` owns every decision about how the meta-parameters move:
+- parameter groups: the head; the body by learning-rate multiplier (longest name prefix wins,
+  0 freezes a parameter: no gradient is computed for it) with BatchNorm apart; a frozen body
+  (ANIL(freeze_body=True)) leaves only its BatchNorm parameters;
+- the optimizer: any torch.optim class (or a callable building one from parameter groups),
+  Adam by default; or an optimizer the caller built (its groups are used as they are);
+- learning rates each step: each group's base lr x schedule(step) (any callable of the step,
+  as torch's LambdaLR takes), with the body groups other than BatchNorm held at 0 for the
+  first `warmup_steps`;
+- the meta-step: `step(batch)` for eager training, and `device_step(batch)`, the device work
+  alone, which `capture.MetaStepRunner` records into a CUDA graph. Both run `begin_step` /
+  `end_step` around the same device work, so a per-step rule is written once.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .anil import check_learning_rates
+from .data import TaskBatch
+
+
+def _require_batch(batch) -> None:
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"batch must be a TaskBatch (e.g. TaskSampler.sample()), got "
+                        f"{type(batch).__name__}")
+
+
+def batchnorm_parameter_names(body: nn.Module) -> set[str]:
+    names = set()
+    for module_name, module in body.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for p_name, _ in module.named_parameters(recurse=False):
+                names.add(f"{module_name}.{p_name}" if module_name else p_name)
+    return names
+
+
+def multiplier_for(name: str, multipliers: dict) -> float:
+    """The longest prefix of `name` among the keys wins; else 'default'."""
+    best = None
+    for prefix in multipliers:
+        if prefix != "default" and name.startswith(prefix) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return float(multipliers[best] if best is not None else multipliers.get("default", 1.0))
+
+
+def check_multipliers(body: nn.Module, multipliers) -> None:
+    if multipliers is None:
+        return
+    if not isinstance(multipliers, dict):
+        raise TypeError("multipliers must be a dict of name prefix -> multiplier")
+    names = [n for n, _ in body.named_parameters()]
+    for prefix, mult in multipliers.items():
+        if not isinstance(mult, (int, float)) or isinstance(mult, bool) or not math.isfinite(mult) \
+                or mult < 0:
+            raise ValueError(f"multipliers[{prefix!r}] must be a finite number >= 0, got {mult!r}")
+        if prefix != "default" and not any(n.startswith(prefix) for n in names):
+            raise ValueError(f"multipliers: prefix {prefix!r} matches no parameter of the body")
+
+
+def parameter_groups(anil, lr: float, multipliers: dict | None = None) -> list[dict]:
+    """The head's group and the body's groups (by multiplier, BatchNorm apart), as torch.optim
+    parameter groups with "name", "multiplier", "batchnorm", "base_lr" and "warmup" (held at 0
+    during warmup). Parameters left out (frozen, multiplier 0) get requires_grad=False."""
+    check_multipliers(anil.body, multipliers)
+    bn_names = batchnorm_parameter_names(anil.body)
+    body_groups: dict[tuple, list] = {}
+    for name, param in anil.body.named_parameters():
+        is_bn = name in bn_names
+        if anil.freeze_body and not is_bn:
+            mult = 0.0
+        elif multipliers is not None:
+            mult = multiplier_for(name, multipliers)
+        else:
+            mult = 1.0
+        param.requires_grad_(mult != 0.0)  # never updated: no gradient is computed for it
+        if mult != 0.0:
+            body_groups.setdefault((mult, is_bn), []).append((name, param))
+    for p in anil.head.parameters():
+        p.requires_grad_(True)
+    groups = [{"params": list(anil.head.parameters()), "name": "head", "multiplier": 1.0,
+               "batchnorm": False, "warmup": False, "base_lr": lr, "lr": lr,
+               "names": [f"head.{n}" for n, _ in anil.head.named_parameters()]}]
+    for (mult, is_bn), named in sorted(body_groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        groups.append({"params": [p for _, p in named], "name": f"body{'-bn' if is_bn else ''}x{mult:g}",
+                       "multiplier": mult, "batchnorm": is_bn, "warmup": not is_bn,
+                       "base_lr": lr * mult, "lr": lr * mult,
+                       "names": [f"body.{n}" for n, _ in named]})
+    return groups
+
+
+class MetaOptimizer:
+    """Moves an ANIL model's meta-parameters: see the module docstring.
+
+    optimizer: a torch.optim.Optimizer class or a callable (param_groups, lr=...) -> optimizer
+    (extra keyword arguments go to it), or an optimizer already built over the model's
+    parameters. schedule: a callable step -> factor of every group's base lr (None: 1)."""
+
+    def __init__(self, anil, lr: float = 0.001, optimizer=torch.optim.Adam,
+                 multipliers: dict | None = None, warmup_steps: int = 0,
+                 schedule: Callable[[int], float] | None = None, **optimizer_kwargs):
+        for message in check_learning_rates(0.0, lr):  # raises for impossible ones
+            warnings.warn(message, stacklevel=2)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be a callable step -> factor, got {type(schedule).__name__}")
+        self.anil, self.lr, self.warmup_steps, self.schedule = anil, float(lr), warmup_steps, schedule
+        self.steps = 0
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if multipliers is not None or optimizer_kwargs:
+                raise ValueError("multipliers and optimizer arguments apply to an optimizer built "
+                                 "here; an optimizer passed in keeps its own groups")
+            self.optimizer = optimizer
+            self._adopt_groups()
+        elif callable(optimizer):
+            self.optimizer = optimizer(parameter_groups(anil, self.lr, multipliers), lr=self.lr,
+                                       **optimizer_kwargs)
+        else:
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, its class or a factory, "
+                            f"got {type(optimizer).__name__}")
+        self.set_learning_rates()
+
+    def _adopt_groups(self) -> None:
+        """Base lrs and warmup flags for a caller's optimizer: warmup holds the groups that
+        hold only body parameters other than BatchNorm's."""
+        bn = {id(p) for n, p in self.anil.body.named_parameters()
+              if n in batchnorm_parameter_names(self.anil.body)}
+        body = {id(p) for p in self.anil.body.parameters()}
+        for i, group in enumerate(self.optimizer.param_groups):
+            ids = {id(p) for p in group["params"]}
+            group.setdefault("name", f"group{i}")
+            group.setdefault("base_lr", float(group["lr"]))
+            group.setdefault("warmup", bool(ids) and ids <= body and not ids & bn)
+
+    # -- learning rates ------------------------------------------------------------------------
+    def factor(self) -> float:
+        return 1.0 if self.schedule is None else float(self.schedule(self.steps))
+
+    def set_learning_rates(self) -> None:
+        """Every group's lr for the coming step (tensor lrs of a capturable optimizer are
+        filled in place: a captured graph reads them)."""
+        factor, warm = self.factor(), self.steps < self.warmup_steps
+        for group in self.optimizer.param_groups:
+            lr = 0.0 if warm and group["warmup"] else group["base_lr"] * factor
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def learning_rates(self) -> dict:
+        return {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
+
+    def groups_report(self) -> list[dict]:
+        return [{"name": g["name"], "multiplier": g.get("multiplier"), "batchnorm": g.get("batchnorm"),
+                 "parameters": sum(p.numel() for p in g["params"]), "names": g.get("names", [])}
+                for g in self.optimizer.param_groups]
+
+    # -- the meta-step -------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Host-side work before a step's device work: training modes, learning rates."""
+        self.anil.train()
+        self.set_learning_rates()
+
+    def device_step(self, batch: TaskBatch, total_tasks: int | None = None, all_reduce=None) -> dict:
+        """The device work of one meta-step (what a CUDA graph captures): the meta-gradient,
+        the optimizer's update, metrics as device tensors. No host synchronisation."""
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, total = self.anil.meta_backward(batch, total_tasks, all_reduce)
+        self.optimizer.step()
+        return {"loss": sums[0] / total, "accuracy": sums[1] / total}
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def step(self, batch: TaskBatch, total_tasks: int | None = None, all_reduce=None) -> dict:
+        """One meta-step. Returns detached 0-dim tensors (no host sync): the mean query loss
+        and accuracy after adaptation. (total_tasks/all_reduce: data-parallel training, see
+        ANIL.meta_backward.)"""
+        _require_batch(batch)
+        self.begin_step()
+        out = self.device_step(batch, total_tasks, all_reduce)
+        self.end_step()
+        return out
+
+    def make_capturable(self) -> None:
+        """Rebuild the optimizer with capturable=True and tensor learning rates (CUDA graphs),
+        keeping its state."""
+        device = next(self.anil.head.parameters()).device
+        state = self.optimizer.state_dict()
+        groups = [{**{k: v for k, v in g.items() if k != "lr"},
+                   "lr": torch.tensor(float(g["lr"]), device=device)}
+                  for g in self.optimizer.param_groups]
+        self.optimizer = type(self.optimizer)(groups, capturable=True)
+        self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self.set_learning_rates()
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The optimizer's state and step count. The groups' base lrs stay this object's: a
+        resumed run may change its learning rate."""
+        own = [{k: g[k] for k in ("base_lr", "warmup", "name")} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, kept in zip(self.optimizer.param_groups, own):
+            group.update(kept)
+        self.steps = int(state["steps"])
+        self.set_learning_rates()
