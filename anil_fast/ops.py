@@ -164,9 +164,8 @@ def host_backward(grad_losses, grad_logits, fs, ys, fq, yq, w, logits, z0, kss, 
                   lr: float, steps: int, first_order: bool, loop: SmallLoop):
     """Gradients (support features, query features, weight, bias)."""
     q_rows, ways = logits.shape[1], logits.shape[2]
-    # Adjoint of the query logits: the upstream gradient plus the mean cross-entropy's. One-hot
-    # by comparison: F.one_hot checks its input on the host (a sync under CUDA graphs).
-    onehot = (yq.unsqueeze(-1) == torch.arange(ways, device=yq.device)).to(logits.dtype)
+    # Adjoint of the query logits: the upstream gradient plus the mean cross-entropy's
+    onehot = anil_head.one_hot(yq, ways, logits.dtype)
     zq_bar = (logits.softmax(-1) - onehot) * (grad_losses.view(-1, 1, 1) / q_rows) + grad_logits
     # query logits = Fq Wᵀ + b - lr (Fq Fᵀ + 1) H
     kqs_bar = -lr * torch.bmm(zq_bar, h.transpose(1, 2))

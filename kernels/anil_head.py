@@ -18,6 +18,12 @@ stages), for the launchers and for the kernel report (report.py), which compiles
 sm_80/86/89/90 without a GPU and checks they fit and do not spill. float64 inputs use the
 exact batched-torch versions below (`torch_inner_loop_*`), which are also the kernels' test
 oracle. All accumulation is fp32.
+
+The inner step (and its reverse) is written in four places, each for a reason: the register
+and the tiled kernels here (a task's Kss fits in registers only up to the footprint limits
+below), the batched-torch oracle (tests, float64, more than 64 ways) and the CPU kernel in
+csrc/anil_head.cpp (one task's loop per thread, cache-resident). Everything around the loop
+(feature GEMMs, the backward's GEMMs, labels) is written once, in anil_fast/ops.py.
 """
 from __future__ import annotations
 
@@ -379,8 +385,9 @@ def adjoints_from_history(zb, hist, s_rows: int, ways: int, lr: float):
     return z0bar, kssbar.mul_(-lr)
 
 
-def _one_hot(labels, ways, dtype):
-    # by comparison: F.one_hot checks its input on the host (a sync under CUDA graphs)
+def one_hot(labels, ways, dtype):
+    """By comparison: F.one_hot checks its input on the host (a sync under CUDA graphs), and
+    an out-of-range label gives a zero row here instead of an error."""
     return (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(dtype)
 
 
@@ -391,13 +398,13 @@ def query_logits_and_losses(h, aq, kqs, yq, lr: float):
     (the op turns the task's loss into NaN)."""
     logits = torch.baddbmm(aq, kqs, h, alpha=-lr)
     ways = logits.shape[-1]
-    picked = (logits * _one_hot(yq, ways, logits.dtype)).sum(-1)
+    picked = (logits * one_hot(yq, ways, logits.dtype)).sum(-1)
     return logits, (logits.logsumexp(-1) - picked).mean(1)
 
 
 def torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
     s_rows, ways = z0.shape[1], z0.shape[2]
-    y = _one_hot(ys, ways, z0.dtype)
+    y = one_hot(ys, ways, z0.dtype)
     h = torch.zeros_like(z0)
     for _ in range(steps):
         h = h + ((z0 - lr * torch.bmm(kss, h)).softmax(-1) - y) / s_rows
@@ -406,7 +413,7 @@ def torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
 
 def torch_inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
     s_rows, ways = z0.shape[1], z0.shape[2]
-    y = _one_hot(ys, ways, z0.dtype)
+    y = one_hot(ys, ways, z0.dtype)
     heads, probs, h = [], [], torch.zeros_like(z0)
     for _ in range(steps):
         heads.append(h)
