@@ -17,6 +17,7 @@ OVERRIDES = {
     "bn_mode": str, "checkpoint_every": int, "log_every": int, "precision": str,
     "data_root": str, "time_budget": float, "lr_schedule": str, "lr_floor": float,
     "validation": int, "val_tasks": int, "val_every": int, "val_every_s": float,
+    "dataset": str, "data": str, "split_file": str, "channels": int, "hidden": int,
 }
 FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "capture")
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("ways", "shots", "queries", "image_size", "seed"):
         show.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     show.add_argument("--data-root", default=None)
+    show.add_argument("--data", default=None, help="a folder of class folders to show instead")
+    show.add_argument("--dataset", default=None, help="omniglot, mini-imagenet, cifar-fs, fc100")
+    show.add_argument("--split-file", default=None)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on test tasks")
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
@@ -169,10 +173,15 @@ def main(argv=None) -> int:
             from .scenarios import scenario_config
             from .show import show_tasks
             overrides = {k: getattr(args, k) for k in ("ways", "shots", "queries", "image_size",
-                                                       "seed", "data_root")
+                                                       "seed", "data_root", "data", "dataset",
+                                                       "split_file")
                          if getattr(args, k) is not None}
-            if args.split == "validation" and not PRESETS[args.scenario].get("validation"):
+            dataset = overrides.get("dataset", PRESETS[args.scenario].get("dataset", "omniglot"))
+            if args.split == "validation" and dataset == "omniglot" and "data" not in overrides \
+                    and not PRESETS[args.scenario].get("validation"):
                 raise ValueError(f"scenario {args.scenario} holds out no validation characters")
+            if "data" in overrides or dataset != "omniglot":  # Omniglot's protocol is not theirs
+                overrides.update(protocol="seed", rotations=False, validation=0)
             config = scenario_config(args.scenario, pretrained=False, model="conv4", **overrides)
             path = show_tasks(config, args.out, args.show_tasks, args.split)
             out(f"wrote {path} ({args.show_tasks} {args.split} tasks of {config.scenario})")

@@ -1,6 +1,6 @@
 """The bodies (feature extractors) and heads of the ANIL scenarios.
 
-`build(name, ways, image_size, channels=1, pretrained=False) -> (body, head)`;
+`build(name, ways, image_size, channels=1, pretrained=False, hidden=None) -> (body, head)`;
 `body(x) -> [B, feature_dim]`, `head = nn.Linear(feature_dim, ways)`. Bodies are
 nn.Sequential where possible, so parameter names are the ones the scenario multipliers use
 (resnet18: 0 conv1, 1 bn1, 2 relu, 3 maxpool, 4-7 layer1-4, 8 avgpool).
@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MODELS = ("conv4", "resnet18", "vgg11_bn", "efficientnet_lite0")
+MODELS = ("conv4", "resnet12", "resnet18", "vgg11_bn", "efficientnet_lite0")
 # Smallest input each body turns into at least one feature pixel.
-MIN_IMAGE_SIZE = {"conv4": 16, "resnet18": 8, "vgg11_bn": 32, "efficientnet_lite0": 8}
+MIN_IMAGE_SIZE = {"conv4": 16, "resnet12": 16, "resnet18": 8, "vgg11_bn": 32, "efficientnet_lite0": 8}
 
 
 def conv4(channels: int = 1, hidden: int = 64) -> nn.Sequential:
@@ -26,6 +26,36 @@ def conv4(channels: int = 1, hidden: int = 64) -> nn.Sequential:
             nn.Conv2d(channels if i == 0 else hidden, hidden, 3, padding=1),
             nn.BatchNorm2d(hidden), nn.ReLU(inplace=True), nn.MaxPool2d(2)))
     return nn.Sequential(*layers, nn.Flatten())
+
+
+class ResidualBlock12(nn.Module):
+    """A ResNet-12 block: three conv3x3-BN(-LeakyReLU 0.1) layers, a conv1x1-BN shortcut, the
+    sum's LeakyReLU, then 2x2 max-pool (MetaOptNet's block, without DropBlock)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        def conv_bn(cin, cout, kernel=3):
+            return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+                                 nn.BatchNorm2d(cout))
+        self.layers = nn.Sequential(conv_bn(in_channels, out_channels), nn.LeakyReLU(0.1),
+                                    conv_bn(out_channels, out_channels), nn.LeakyReLU(0.1),
+                                    conv_bn(out_channels, out_channels))
+        self.shortcut = conv_bn(in_channels, out_channels, kernel=1)
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+
+    def forward(self, x):
+        return self.out(self.layers(x) + self.shortcut(x))
+
+
+def resnet12(channels: int = 3, widths=(64, 160, 320, 640)) -> nn.Sequential:
+    """ResNet-12 (Lee et al., MetaOptNet, CVPR 2019; the body of most recent few-shot work):
+    four residual blocks of widths 64-160-320-640, then global average pooling (640
+    features, as learn2learn's ResNet12 gives)."""
+    blocks, cin = [], channels
+    for width in widths:
+        blocks.append(ResidualBlock12(cin, width))
+        cin = width
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 def _first_conv_to(conv: nn.Conv2d, channels: int, from_pretrained: bool) -> nn.Conv2d:
@@ -137,8 +167,10 @@ class EfficientNetLite0Body(nn.Module):
         return self.pool(self.net.extract_features(x)).flatten(1)
 
 
-def build(name: str, ways: int, image_size: int, channels: int = 1, pretrained=False):
-    """(body, head) for a named body; head = nn.Linear(feature_dim, ways)."""
+def build(name: str, ways: int, image_size: int, channels: int = 1, pretrained=False,
+          hidden: int | None = None):
+    """(body, head) for a named body; head = nn.Linear(feature_dim, ways). `hidden`: conv4's
+    filters (64; 32 for mini-ImageNet as in MAML/ANIL)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     for arg, value in (("ways", ways), ("image_size", image_size), ("channels", channels)):
@@ -151,10 +183,15 @@ def build(name: str, ways: int, image_size: int, channels: int = 1, pretrained=F
     if image_size < max(8, MIN_IMAGE_SIZE[name]):
         raise ValueError(f"image_size must be at least {max(8, MIN_IMAGE_SIZE[name])} for "
                          f"{name}, got {image_size}")
+    if hidden is not None and (name != "conv4" or isinstance(hidden, bool)
+                               or not isinstance(hidden, int) or hidden < 1):
+        raise ValueError(f"hidden: a positive int, for conv4 only; got {hidden!r} for {name}")
+    if name in ("conv4", "resnet12") and pretrained not in (False, None):
+        raise ValueError(f"pretrained: {name} has no pretrained weights")
     if name == "conv4":
-        if pretrained not in (False, None):
-            raise ValueError("pretrained: conv4 has no pretrained weights")
-        body = conv4(channels)
+        body = conv4(channels, hidden or 64)
+    elif name == "resnet12":
+        body = resnet12(channels)
     elif name == "resnet18":
         body = resnet18(channels, pretrained)
     elif name == "vgg11_bn":

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field, fields
 
 from . import models
 from .anil import BN_MODES, PRECISIONS, check_learning_rates
+from .data.benchmarks import BENCHMARKS
 from .functional import backend_name
 from .schedules import SCHEDULES as LR_SCHEDULES
 
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
 STANDARD_FAMILY = ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s")
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+DATASETS = ("omniglot", *BENCHMARKS, "folder")
 
 
 @dataclass
@@ -40,7 +42,12 @@ class Config:
     freeze_body: bool = False
     multipliers: str = "none"  # "none", "paper" (as given), "full" (every block)
     warmup_steps: int = 0
-    protocol: str = "seed"
+    dataset: str = "omniglot"  # or "mini-imagenet", "cifar-fs", "fc100", "folder" (with data)
+    data: str | None = None  # a folder of class folders (dataset "folder")
+    split_file: str | None = None  # its JSON {"train": [...], "validation": [...], "test": [...]}
+    channels: int | None = None  # input channels: the dataset's (Omniglot 1, else 3)
+    hidden: int | None = None  # conv4 filters (64; 32 for mini-ImageNet as in MAML/ANIL)
+    protocol: str = "seed"  # Omniglot only
     rotations: bool = False
     image_size: int = 105
     ways: int = 5
@@ -55,7 +62,8 @@ class Config:
     time_budget: float | None = None  # seconds of training (one-time costs excluded)
     lr_schedule: str = "constant"  # of the outer lr: "constant", "cosine" (to lr_floor), "step"
     lr_floor: float = 0.05  # cosine: the final fraction of the outer lr
-    validation: int = 0  # standard protocol: characters held out of training for validation
+    validation: int = 0  # Omniglot standard protocol: characters held out of training for
+    # validation; other datasets: > 0 validates on their own validation split
     val_tasks: int = 200  # validation tasks per evaluation
     val_every: int = 0  # validate every N meta-steps (0: not by steps)
     val_every_s: float | None = None  # ... or every N seconds of training
@@ -87,6 +95,10 @@ class Config:
         return math.ceil(self.tasks / self.meta_batch)
 
     @property
+    def input_channels(self) -> int:
+        return self.channels or (1 if self.dataset == "omniglot" else 3)
+
+    @property
     def validates(self) -> bool:
         return self.validation > 0 and (self.val_every > 0 or self.val_every_s is not None)
 
@@ -115,6 +127,27 @@ for _ways in (5, 20):
             meta_steps=60000, lr_schedule="cosine", test_tasks=1000, eval_inner_steps=5,
             checkpoint_every=1000, log_every=50, validation=100, val_tasks=200,
             val_every_s=30.0)
+# Beyond Omniglot, with the settings of the numbers they are compared with (references.json).
+# mini-ImageNet: the ANIL paper's (MAML's) regime: conv4 with 32 filters at 84 px, 5 inner
+# steps at lr 0.01 (10 at test), meta-batch 4 (1-shot) or 2 (5-shot), 15 queries per class,
+# second order, 60,000 meta-steps, 600 test tasks.
+for _shots, _batch in ((1, 4), (5, 2)):
+    PRESETS[f"mini-5w{_shots}s"] = dict(
+        dataset="mini-imagenet", model="conv4", hidden=32, image_size=84, ways=5, shots=_shots,
+        queries=15, inner_lr=0.01, inner_steps=5, eval_inner_steps=10, meta_batch=_batch,
+        first_order=False, tasks=None, meta_steps=60000, test_tasks=600, checkpoint_every=1000,
+        log_every=50, validation=1, val_tasks=200, val_every=2000)
+# CIFAR-FS and FC100: learn2learn's ANIL example (examples/vision/anil_fc100.py): conv4 with 64
+# filters at 32 px, 5 inner steps at lr 0.1, meta-batch 32, as many queries as shots, second
+# order, Adam 0.001, its default 1,000 meta-steps, 600 test tasks.
+for _name, _dataset in (("cifarfs", "cifar-fs"), ("fc100", "fc100")):
+    for _shots in (1, 5):
+        PRESETS[f"{_name}-5w{_shots}s"] = dict(
+            dataset=_dataset, model="conv4", image_size=32, ways=5, shots=_shots, queries=_shots,
+            inner_lr=0.1, inner_steps=5, eval_inner_steps=5, meta_batch=32, first_order=False,
+            tasks=None, meta_steps=1000, test_tasks=600, checkpoint_every=250, log_every=25)
+BENCHMARK_FAMILY = ("mini-5w1s", "mini-5w5s", "cifarfs-5w1s", "cifarfs-5w5s", "fc100-5w1s",
+                    "fc100-5w5s")
 
 FIELD_NAMES = {f.name for f in fields(Config)}
 _pretrained_choice: str | None = None
@@ -166,6 +199,20 @@ def validate_config(c: Config) -> None:
     if c.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     c.backend = backend_name(c.backend)  # an earlier version's name becomes today's
+    if c.data is not None and c.dataset == "omniglot":
+        c.dataset = "folder"  # --data PATH alone names a folder of class folders
+    if c.dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {c.dataset!r}")
+    if (c.dataset == "folder") != (c.data is not None):
+        raise ValueError("dataset 'folder' needs data (a folder of class folders), and data "
+                         "is for dataset 'folder'")
+    if c.split_file is not None and c.dataset != "folder":
+        raise ValueError("split_file is for dataset 'folder' (with data)")
+    if c.channels is not None and (c.dataset != "folder" or c.channels not in (1, 3)):
+        raise ValueError(f"channels: 1 or 3, for dataset 'folder'; got {c.channels!r}")
+    if c.hidden is not None and (c.model != "conv4" or isinstance(c.hidden, bool)
+                                 or not isinstance(c.hidden, int) or c.hidden < 1):
+        raise ValueError(f"hidden: a positive int, for conv4; got {c.hidden!r} for {c.model}")
     for name in ("ways", "shots", "queries", "meta_batch", "test_tasks", "checkpoint_every",
                  "log_every", "image_size"):
         value = getattr(c, name)
@@ -184,8 +231,9 @@ def validate_config(c: Config) -> None:
     if c.eval_inner_steps is not None and (isinstance(c.eval_inner_steps, bool) or not isinstance(
             c.eval_inner_steps, int) or c.eval_inner_steps < 0):
         raise ValueError(f"eval_inner_steps must be an int >= 0, got {c.eval_inner_steps!r}")
-    if c.shots + c.queries > 20:
-        raise ValueError(f"shots + queries must be at most 20, got {c.shots} + {c.queries}")
+    if c.dataset == "omniglot" and c.shots + c.queries > 20:
+        raise ValueError(f"shots + queries must be at most 20 (Omniglot's drawings per "
+                         f"character), got {c.shots} + {c.queries}")
     if c.tasks is not None and c.tasks < 1:
         raise ValueError(f"tasks must be >= 1, got {c.tasks}")
     if c.meta_steps is not None and c.meta_steps < 1:
@@ -205,7 +253,7 @@ def validate_config(c: Config) -> None:
         raise ValueError(f"val_tasks must be a positive int, got {c.val_tasks!r}")
     if c.val_every_s is not None and not (isinstance(c.val_every_s, (int, float)) and c.val_every_s > 0):
         raise ValueError(f"val_every_s must be a positive number of seconds, got {c.val_every_s!r}")
-    if c.validation and c.protocol != "standard":
+    if c.validation and c.dataset == "omniglot" and c.protocol != "standard":
         raise ValueError("validation characters exist only in the 'standard' protocol")
     if (c.val_every or c.val_every_s is not None) and not c.validation:
         raise ValueError("val_every/val_every_s need validation characters (validation > 0)")

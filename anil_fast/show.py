@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .data import TaskSampler, load_split
+from .data import TaskSampler
 from .scenarios import Config
 
 SPLITS = ("train", "validation", "test")
@@ -35,8 +35,8 @@ def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    images = load_split(config.protocol, split, config.image_size, config.data_root, "cpu",
-                        validation=config.validation)
+    from .trainer import split_images
+    images = split_images(config, split, "cpu")
     sampler = TaskSampler(images, config.ways, config.shots, config.queries, tasks,
                           rotations=config.rotations, seed=config.seed)
     batch = sampler.sample()
@@ -57,7 +57,9 @@ def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
                       ["support", "query"], fontsize=7)
         ax.set_title(f"task {t}: {config.ways}-way {config.shots}-shot ({split}, labels on the "
                      f"axis; {shown_queries} of {config.queries} queries per class)", fontsize=7)
-    fig.suptitle(f"{config.scenario}: {config.protocol} protocol, {config.image_size} px"
+    source = (f"{config.protocol} protocol" if config.dataset == "omniglot" else
+              config.data if config.dataset == "folder" else config.dataset)
+    fig.suptitle(f"{config.scenario}: {source}, {config.image_size} px"
                  f"{', rotations as classes' if config.rotations else ''}", fontsize=8)
     fig.tight_layout()
     out = Path(out)

@@ -21,7 +21,7 @@ from . import distributed, models
 from .anil import BN_MODES, ANIL, cpu_has_native_bf16, prefers_channels_last
 from .capture import MetaStepRunner
 from .optim import MetaOptimizer
-from .data import TaskSampler, load_split
+from .data import TaskSampler, image_folder, load_benchmark, load_split
 from .metrics import GPUMonitor, mean_ci95, peak_memory, reset_peak_memory
 from .runfolder import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, METRICS, RESULTS, VALIDATION, RunFolder,
                         RunFolderError, load_checkpoint, read_metrics, truncate_metrics,
@@ -76,7 +76,8 @@ def build_anil(config: Config, device) -> ANIL:
         precision = "fp32"
     torch.manual_seed(config.seed)
     body, head = models.build(config.model, config.ways, config.image_size,
-                              pretrained=config.pretrained)
+                              channels=config.input_channels, pretrained=config.pretrained,
+                              hidden=config.hidden)
     channels_last = prefers_channels_last(device, precision, config.backend)
     anil = ANIL(body.to(device), head.to(device), inner_lr=config.inner_lr,
                 inner_steps=config.inner_steps, freeze_body=config.freeze_body,
@@ -101,16 +102,27 @@ def build_meta_optimizer(config: Config, anil: ANIL, schedule=None) -> MetaOptim
                          warmup_steps=config.warmup_steps, schedule=schedule)
 
 
+def split_images(config: Config, split: str, device):
+    """The images of a split of the config's dataset: Omniglot's tensor [characters, 20, 1, H,
+    W] or a FewShotImages (the benchmarks, a folder of class folders)."""
+    if config.dataset == "omniglot":
+        return load_split(config.protocol, split, config.image_size, config.data_root, device,
+                          validation=config.validation if split != "test" else 0)
+    if config.dataset == "folder":
+        return image_folder(config.data, split, config.image_size, config.input_channels,
+                            config.split_file, device)
+    return load_benchmark(config.dataset, split, config.image_size, config.data_root, device)
+
+
 def train_sampler(config: Config, device) -> TaskSampler:
-    images = load_split(config.protocol, "train", config.image_size, config.data_root, device,
-                        validation=config.validation)
+    images = split_images(config, "train", device)
     return TaskSampler(images, config.ways, config.shots, config.queries, config.meta_batch,
                        rotations=config.rotations, seed=config.seed, num_tasks=config.tasks)
 
 
 def test_sampler(config: Config, device, tasks: int, batch: int = 50) -> TaskSampler:
     """A fixed pool of `tasks` test tasks: the same tasks for every scenario of one seed."""
-    images = load_split(config.protocol, "test", config.image_size, config.data_root, device)
+    images = split_images(config, "test", device)
     return TaskSampler(images, config.ways, config.shots, config.queries, min(batch, tasks),
                        rotations=config.rotations, seed=(10_000 + config.seed) % (MAX_SEED + 1),
                        num_tasks=tasks)
@@ -119,8 +131,7 @@ def test_sampler(config: Config, device, tasks: int, batch: int = 50) -> TaskSam
 def validation_sampler(config: Config, device) -> TaskSampler:
     """A fixed pool of validation tasks from the held-out training characters: every
     validation of a run scores the same tasks."""
-    images = load_split(config.protocol, "validation", config.image_size, config.data_root,
-                        device, validation=config.validation)
+    images = split_images(config, "validation", device)
     return TaskSampler(images, config.ways, config.shots, config.queries,
                        min(50, config.val_tasks), rotations=config.rotations,
                        seed=(20_000 + config.seed) % (MAX_SEED + 1), num_tasks=config.val_tasks)

@@ -37,19 +37,20 @@ def grads_of(fn, inputs, seed=0):
     return losses.detach(), logits.detach(), grads
 
 
-def random_batch(tasks=3, ways=4, shots=2, queries=3, size=16, seed=0, dtype=torch.float64):
+def random_batch(tasks=3, ways=4, shots=2, queries=3, size=16, seed=0, dtype=torch.float64,
+                 channels=1):
     g = torch.Generator().manual_seed(seed)
     s, q = ways * shots, ways * queries
-    return TaskBatch(torch.rand(tasks, s, 1, size, size, generator=g, dtype=dtype),
+    return TaskBatch(torch.rand(tasks, s, channels, size, size, generator=g, dtype=dtype),
                      torch.randint(0, ways, (tasks, s), generator=g),
-                     torch.rand(tasks, q, 1, size, size, generator=g, dtype=dtype),
+                     torch.rand(tasks, q, channels, size, size, generator=g, dtype=dtype),
                      torch.randint(0, ways, (tasks, q), generator=g))
 
 
-def make(name="conv4", size=16, ways=4, seed=0, **kwargs):
+def make(name="conv4", size=16, ways=4, seed=0, channels=1, hidden=None, **kwargs):
     """An ANIL model (float64 conv4 by default); kwargs go to ANIL."""
     torch.manual_seed(seed)
-    body, head = models.build(name, ways, size)
+    body, head = models.build(name, ways, size, channels=channels, hidden=hidden)
     return ANIL(body.double(), head.double(), **kwargs)
 
 

@@ -92,3 +92,60 @@ def test_bad_model_arguments(kwargs, word):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=word):
         models.build(**args)
+
+
+# -- RGB bodies: conv4 with 3 channels and 32/64 filters, ResNet-12 ------------------------------
+
+@pytest.mark.parametrize("name, size, hidden, features, body_params", [
+    ("conv4", 84, 32, 800, 28_896),        # MAML/ANIL's mini-ImageNet body: 5 x 5 x 32
+    ("conv4", 32, 64, 256, 113_088),       # learn2learn's CIFAR-FS/FC100 body: 2 x 2 x 64
+    ("resnet12", 32, None, 640, 12_424_320),
+])
+def test_rgb_bodies(name, size, hidden, features, body_params):
+    body, head = models.build(name, 5, size, channels=3, hidden=hidden)
+    assert head.in_features == features and models.count_parameters(body) == body_params
+    body.eval()
+    with torch.no_grad():
+        assert body(torch.rand(2, 3, size, size)).shape == (2, features)
+    with pytest.raises(ValueError, match="hidden"):
+        models.build("resnet12", 5, 32, channels=3, hidden=32)
+
+
+BODIES = {"conv4-rgb-32": dict(name="conv4", channels=3, hidden=32),
+          "resnet12": dict(name="resnet12", channels=3, ways=3)}
+
+
+@pytest.mark.parametrize("body", sorted(BODIES))
+@pytest.mark.parametrize("first_order", [False, True])
+def test_rgb_batched_body_equals_per_task_loop(body, first_order):
+    # per-task BatchNorm in one batched call = the per-task loop, float64, both orders
+    from helpers import make_trainable, random_batch
+    spec = dict(BODIES[body])
+    ways = spec.pop("ways", 4)
+    kwargs = dict(inner_lr=0.2, inner_steps=2, backend="reference", first_order=first_order,
+                  ways=ways, **spec)
+    loop, loop_opt = make_trainable(batched_body=False, **kwargs)
+    batched, batched_opt = make_trainable(batched_body=True, **kwargs)
+    batch = random_batch(tasks=2, ways=ways, shots=1, queries=2, channels=3)
+    torch.testing.assert_close(batched_opt.step(batch)["loss"], loop_opt.step(batch)["loss"])
+    for (n, p), q in zip(loop.named_parameters(), batched.parameters()):
+        torch.testing.assert_close(q, p, msg=n)
+    for (n, b), c in zip(loop.named_buffers(), batched.buffers()):
+        torch.testing.assert_close(c, b, msg=n)
+
+
+@pytest.mark.parametrize("body", sorted(BODIES))
+def test_rgb_fused_head_equals_reference(body):
+    from helpers import make, random_batch
+    from helpers import MetaOptimizer
+    spec = dict(BODIES[body])
+    ways = spec.pop("ways", 4)
+    kwargs = dict(inner_lr=0.3, inner_steps=3, first_order=False, batched_body=True, ways=ways,
+                  **spec)
+    ref, fused = make(backend="reference", **kwargs), make(backend="fused", **kwargs)
+    ref_opt, fused_opt = MetaOptimizer(ref), MetaOptimizer(fused)
+    for step in range(2):
+        batch = random_batch(tasks=2, ways=ways, shots=1, queries=2, channels=3, seed=step)
+        torch.testing.assert_close(fused_opt.step(batch)["loss"], ref_opt.step(batch)["loss"])
+    for (n, p), q in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, msg=n)

@@ -1,7 +1,10 @@
-"""Omniglot on the device and few-shot task sampling."""
+"""Few-shot data on the device (Omniglot, the benchmarks, your own) and task sampling."""
+from .benchmarks import BENCHMARKS, load_benchmark
+from .fewshot import FewShotImages, from_dataset, from_tensors, image_folder
 from .omniglot import Omniglot, search_roots
 from .tasks import (PROTOCOLS, TaskBatch, TaskIndices, TaskSampler, load_split,
                     standard_characters)
 
 __all__ = ["Omniglot", "TaskBatch", "TaskIndices", "TaskSampler", "load_split",
-           "standard_characters", "search_roots", "PROTOCOLS"]
+           "standard_characters", "search_roots", "PROTOCOLS", "FewShotImages", "from_tensors",
+           "from_dataset", "image_folder", "load_benchmark", "BENCHMARKS"]

@@ -342,9 +342,10 @@ def _checksum(array: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
-def _read_cache(cache: Path, image_size: int):
-    """A cached decode, verified (shape, dtype, checksum, value range) before it is served;
-    None when there is none or it fails a check (it is then rebuilt)."""
+def _read_cache_array(cache: Path, expect: dict | None = None):
+    """(array, record) of a cache entry, verified against its record (shape, dtype, checksum,
+    and the record's fields named in `expect`) before it is served; None when there is none or
+    it fails a check (it is then rebuilt)."""
     images_file, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
     if not (images_file.exists() and meta_file.exists()):
         return None
@@ -353,10 +354,21 @@ def _read_cache(cache: Path, image_size: int):
         array = np.load(images_file, allow_pickle=False)
         if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
                 or _checksum(array) != meta["crc32"]
-                or len(meta["character_ids"]) != array.shape[0]
-                or not (array.size == 0 or (0 <= array.min() and array.max() <= 1))):
+                or any(meta.get(k) != v for k, v in (expect or {}).items())):
             raise ValueError("cache entry does not match its record")
     except Exception:  # a broken or tampered cache entry is rebuilt, never trusted
+        return None
+    return array, meta
+
+
+def _read_cache(cache: Path, image_size: int):
+    """A cached Omniglot decode, verified (shape, dtype, checksum, value range)."""
+    cached = _read_cache_array(cache)
+    if cached is None:
+        return None
+    array, meta = cached
+    if len(meta.get("character_ids", [])) != array.shape[0] or not (
+            array.size == 0 or (0 <= array.min() and array.max() <= 1)):
         return None
     images = torch.from_numpy(array)
     if image_size == ORIGINAL_SIZE:  # cached as the uint8 ink mask

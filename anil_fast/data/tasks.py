@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .fewshot import FewShotImages
 from .omniglot import Omniglot
 
 
@@ -71,6 +72,11 @@ def _check_int(name, value, low):
         raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    """8-bit storage to float in 0..1, per batch (float storage passes through)."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
 class TaskSampler:
     """Draws meta-batches of N-way K-shot tasks from images [characters, drawings, C, H, W].
 
@@ -87,31 +93,40 @@ class TaskSampler:
                  num_tasks: int | None = None):
         if isinstance(images, Omniglot):
             images = images.images
-        if not isinstance(images, torch.Tensor) or images.dim() != 5:
-            raise TypeError("images must be a tensor [characters, drawings, C, H, W]")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor (e.g. values in 0..1), got "
-                            f"{images.dtype}; convert with images.float() / 255 for 8-bit data")
-        if rotations and images.shape[-1] != images.shape[-2]:
-            raise ValueError(f"rotations=True needs square images, got {images.shape[-2]}x"
-                             f"{images.shape[-1]} (a quarter turn would change their shape)")
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 5:
+                raise TypeError("images must be a tensor [characters, drawings, C, H, W] or a "
+                                "FewShotImages")
+            if not images.is_floating_point():
+                raise TypeError(f"images must be a floating-point tensor (e.g. values in 0..1), "
+                                f"got {images.dtype}; for 8-bit data use FewShotImages (uint8 "
+                                f"storage, converted per batch)")
+            data = FewShotImages.from_grid(images)
+        elif isinstance(images, FewShotImages):
+            data = images
+        else:
+            raise TypeError(f"images must be a tensor [characters, drawings, C, H, W] or a "
+                            f"FewShotImages, got {type(images).__name__}")
+        height, width = data.image_shape[-2:]
+        if rotations and height != width:
+            raise ValueError(f"rotations=True needs square images, got {height}x{width} (a "
+                             f"quarter turn would change their shape)")
         _check_int("ways", ways, 2)
         _check_int("shots", shots, 1)
         _check_int("queries", queries, 1)
         _check_int("meta_batch", meta_batch, 1)
         if num_tasks is not None:
             _check_int("num_tasks", num_tasks, 1)
-        drawings = images.shape[1]
-        if shots + queries > drawings:
-            raise ValueError(f"shots + queries must be at most {drawings} (drawings per "
-                             f"character), got {shots} + {queries}")
-        self.num_classes = images.shape[0] * (4 if rotations else 1)
+        data.check_examples(shots + queries)
+        self.num_classes = data.num_classes * (4 if rotations else 1)
         if ways > self.num_classes:
             raise ValueError(f"ways ({ways}) is larger than the {self.num_classes} classes of "
                              f"these images")
-        self.images, self.ways, self.shots, self.queries = images, ways, shots, queries
+        self.data, self.ways, self.shots, self.queries = data, ways, shots, queries
         self.meta_batch, self.rotations, self.seed = meta_batch, rotations, seed
-        self.device = images.device
+        self.device = data.device
+        self.max_count = int(data.counts.max())
+        self._uniform = bool((data.counts == self.max_count).all())
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.num_tasks = num_tasks
@@ -126,34 +141,38 @@ class TaskSampler:
         # Classes distinct within a task: the `ways` largest of uniform keys. Their order is
         # random, so class j of a task getting label j is a random labelling.
         classes = torch.rand(tasks, self.num_classes, generator=g, device=dev).topk(self.ways).indices
-        chars_per_rot = self.images.shape[0]
-        characters = classes % chars_per_rot
-        rotations = classes // chars_per_rot if self.rotations else torch.zeros_like(classes)
-        # Support and query drawings disjoint: the first shots+queries of a random permutation.
-        keys = torch.rand(tasks, self.ways, self.images.shape[1], generator=g, device=dev)
+        base = self.data.num_classes
+        characters = classes % base
+        rotations = classes // base if self.rotations else torch.zeros_like(classes)
+        # Support and query examples disjoint: the first shots+queries of a random permutation
+        # of each class's own examples (keys past a class's count sort last).
+        keys = torch.rand(tasks, self.ways, self.max_count, generator=g, device=dev)
+        if not self._uniform:
+            beyond = torch.arange(self.max_count, device=dev) >= self.data.counts[characters].unsqueeze(-1)
+            keys = keys.masked_fill(beyond, 2.0)
         drawings = keys.argsort(dim=-1)[..., :self.shots + self.queries]
         return TaskIndices(characters, drawings, rotations)
 
     def _bank(self) -> torch.Tensor:
-        """All images as [classes * drawings, C, H, W]; with rotations, the four quarter turns
-        are stored once (4x the memory, built at first use) so a batch is one index_select."""
+        """All images as [images, C, H, W]; with rotations, the four quarter turns are stored
+        once (4x the memory, built at first use) so a batch is one index_select."""
         if self._flat_bank is None:
-            images = self.images
+            pixels = self.data.pixels
             if self.rotations:
-                images = torch.cat([images.rot90(k, (-2, -1)) for k in range(4)])
-            self._flat_bank = images.reshape(-1, *images.shape[2:]).contiguous()
+                pixels = torch.cat([pixels.rot90(k, (-2, -1)) for k in range(4)])
+            self._flat_bank = pixels.contiguous()
         return self._flat_bank
 
     def materialise(self, idx: TaskIndices) -> TaskBatch:
         """Gather the images of the tasks `idx` describes (on the images' device)."""
         tasks, ways = idx.characters.shape
         s = self.shots
-        chars, drawings_per_char = self.images.shape[:2]
-        classes = idx.rotations * chars + idx.characters  # class id in the (rotated) bank
-        rows = classes.unsqueeze(-1) * drawings_per_char + idx.drawings  # [T, W, s+q]
+        total = self.data.pixels.shape[0]
+        first = idx.rotations * total + self.data.offsets[idx.characters]  # row of example 0
+        rows = first.unsqueeze(-1) + idx.drawings  # [T, W, s+q]
         bank = self._bank()
-        support = bank.index_select(0, rows[:, :, :s].reshape(-1))
-        query = bank.index_select(0, rows[:, :, s:].reshape(-1))
+        support = _as_float(bank.index_select(0, rows[:, :, :s].reshape(-1)))
+        query = _as_float(bank.index_select(0, rows[:, :, s:].reshape(-1)))
         labels = torch.arange(ways, device=self.device).view(1, ways, 1)
         return TaskBatch(
             support_x=support.view(tasks, ways * s, *bank.shape[1:]),

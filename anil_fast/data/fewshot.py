@@ -1,0 +1,262 @@
+"""Few-shot image data resident on a device, and the producers that fill it from your data.
+
+`FewShotImages` is the one type TaskSampler draws tasks from: every image of a split in one
+tensor, grouped by class (class c holds rows offsets[c] .. offsets[c] + counts[c]), stored
+as uint8 where the source is 8-bit (converted to float in 0..1 per batch: mini-ImageNet at
+84 px is 1.3 GB as uint8, 5 GB as float32) or as float. Classes may hold different numbers
+of examples; any channel count and image size.
+
+Producers: Omniglot (`FewShotImages.from_grid`), a folder of class folders
+(`image_folder`), tensors (`from_tensors`) and any torchvision-style dataset of
+(image, label) pairs (`from_dataset`). Decoded folders are cached on disk, keyed on every
+file's path, size and modification time, the image size and the channels, so a changed
+source is never served stale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+SPLITS = ("train", "validation", "test")
+# folder names a dataset may use for its splits
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
+DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)  # mini-ImageNet's 64/16/20 when no split is given
+SPLIT_SEED = 20_260_101
+
+
+@dataclass
+class FewShotImages:
+    """pixels [total, C, H, W] (uint8 or float), grouped by class; counts [classes]."""
+    pixels: torch.Tensor
+    counts: torch.Tensor
+    class_names: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.pixels, torch.Tensor) or self.pixels.dim() != 4:
+            raise TypeError("pixels must be a tensor [images, C, H, W]")
+        if self.pixels.dtype != torch.uint8 and not self.pixels.is_floating_point():
+            raise TypeError(f"pixels must be uint8 (8-bit) or floating point, got {self.pixels.dtype}")
+        counts = torch.as_tensor(self.counts, dtype=torch.int64)
+        if counts.dim() != 1 or counts.numel() == 0 or bool((counts < 1).any()):
+            raise ValueError("counts must list at least one class, each with at least one image")
+        if int(counts.sum()) != self.pixels.shape[0]:
+            raise ValueError(f"counts sum to {int(counts.sum())}, but there are "
+                             f"{self.pixels.shape[0]} images")
+        if self.class_names and len(self.class_names) != counts.numel():
+            raise ValueError(f"{len(self.class_names)} class names for {counts.numel()} classes")
+        self.counts = counts.to(self.pixels.device)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+
+    @classmethod
+    def from_grid(cls, images: torch.Tensor, class_names=None) -> "FewShotImages":
+        """From [classes, examples, C, H, W] (every class the same count, e.g. Omniglot)."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 5:
+            raise TypeError("images must be a tensor [classes, examples, C, H, W]")
+        classes, examples = images.shape[:2]
+        return cls(images.reshape(classes * examples, *images.shape[2:]),
+                   torch.full((classes,), examples, dtype=torch.int64), list(class_names or []))
+
+    @property
+    def num_classes(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.pixels.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    def to(self, device) -> "FewShotImages":
+        return FewShotImages(self.pixels.to(device), self.counts.to(device), list(self.class_names))
+
+    def select(self, classes) -> "FewShotImages":
+        """The classes listed (indices), in that order."""
+        classes = torch.as_tensor(classes, dtype=torch.int64).cpu()
+        counts, offsets = self.counts.cpu(), self.offsets.cpu()
+        rows = torch.cat([torch.arange(int(offsets[c]), int(offsets[c] + counts[c])) for c in classes])
+        names = [self.class_names[c] for c in classes.tolist()] if self.class_names else []
+        return FewShotImages(self.pixels[rows.to(self.device)], counts[classes], names)
+
+    def check_examples(self, needed: int) -> None:
+        """A clear error naming a class with fewer than `needed` (shots + queries) images."""
+        short = (self.counts < needed).nonzero().flatten().tolist()
+        if short:
+            c = short[0]
+            name = f" ({self.class_names[c]!r})" if self.class_names else ""
+            raise ValueError(f"shots + queries = {needed}, but class {c}{name} has only "
+                             f"{int(self.counts[c])} images ({len(short)} classes have fewer "
+                             f"than {needed}); lower --shots/--queries or drop those classes")
+
+    def __repr__(self) -> str:
+        return (f"FewShotImages({self.num_classes} classes, {self.pixels.shape[0]} images of "
+                f"{'x'.join(map(str, self.image_shape))}, {self.pixels.dtype}, {self.device})")
+
+
+def from_tensors(images: torch.Tensor, labels: torch.Tensor, class_names=None) -> FewShotImages:
+    """From images [N, C, H, W] (uint8 or float in 0..1) and integer labels [N]: grouped by
+    label (classes in label order, examples in their original order)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise TypeError("images must be a tensor [N, C, H, W]")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        raise TypeError("labels must be an integer tensor [N]")
+    if labels.numel() != images.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {images.shape[0]} images")
+    classes, inverse, counts = torch.unique(labels.cpu(), return_inverse=True, return_counts=True)
+    order = torch.sort(inverse, stable=True).indices
+    names = list(class_names) if class_names is not None else [str(int(c)) for c in classes]
+    return FewShotImages(images[order.to(images.device)], counts, names)
+
+
+def from_dataset(dataset, image_size: int | None = None, channels: int | None = None,
+                 class_names=None) -> FewShotImages:
+    """From any dataset of (image, label) pairs (a torchvision dataset, a list): PIL images or
+    tensors [C, H, W]. PIL images are resized to image_size (when given) and converted to
+    `channels` (1 or 3, when given); stored as uint8."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    images, labels = [], []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        if isinstance(image, Image.Image):
+            image = _pil_to_array(image, image_size, channels)
+            image = torch.from_numpy(image).permute(2, 0, 1)
+        elif isinstance(image, np.ndarray):
+            image = pil_to_tensor(Image.fromarray(image))
+        elif not isinstance(image, torch.Tensor):
+            raise TypeError(f"dataset[{i}]: an image must be a PIL image, array or tensor, got "
+                            f"{type(image).__name__}")
+        images.append(image)
+        labels.append(int(label))
+    if not images:
+        raise ValueError("dataset is empty")
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images of several shapes {sorted(shapes)[:3]}: pass image_size")
+    return from_tensors(torch.stack(images), torch.tensor(labels), class_names)
+
+
+def _pil_to_array(image, image_size, channels) -> np.ndarray:
+    from PIL import Image
+    mode = {1: "L", 3: "RGB"}.get(channels, "RGB" if image.mode not in ("L", "1") else "L")
+    image = image.convert(mode)
+    if image_size is not None and image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    array = np.array(image, dtype=np.uint8)  # a writable copy
+    return array[..., None] if array.ndim == 2 else array
+
+
+# -- a folder of class folders -------------------------------------------------------------------
+def _class_folders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def folder_splits(path, split_file=None) -> dict[str, list[Path]]:
+    """The class folders of each split: from `split_file` (JSON {"train": [class names],
+    "validation": [...], "test": [...]}, names relative to `path`), else from split folders
+    (train/, val/ or validation/, test/), else a fixed random 64/16/20 split of the classes."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"data: {path} is not a folder (expected one folder per class, or "
+                         f"train/ val/ test/ folders of class folders)")
+    if split_file is not None:
+        try:
+            listed = json.loads(Path(split_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"split_file: {split_file} is not readable JSON ({exc})") from exc
+        if not isinstance(listed, dict) or not set(listed) <= set(SPLITS) or "train" not in listed:
+            raise ValueError(f"split_file: {split_file} must map 'train' (and optionally "
+                             f"'validation', 'test') to lists of class folder names")
+        splits = {}
+        for split, names in listed.items():
+            missing = [n for n in names if not (path / n).is_dir()]
+            if missing:
+                raise ValueError(f"split_file: {len(missing)} classes of '{split}' have no "
+                                 f"folder in {path}, e.g. {missing[0]!r}")
+            splits[split] = [path / n for n in names]
+        return splits
+    present = {split: next((path / n for n in names if (path / n).is_dir()), None)
+               for split, names in SPLIT_FOLDERS.items()}
+    if present["train"] is not None:
+        return {split: _class_folders(folder) for split, folder in present.items() if folder}
+    classes = _class_folders(path)
+    if len(classes) < 3:
+        raise ValueError(f"data: {path} holds {len(classes)} class folders; a split needs at "
+                         f"least 3 (or give train/ val/ test/ folders or a split file)")
+    order = list(classes)
+    random.Random(SPLIT_SEED).shuffle(order)
+    n_train = max(1, round(DEFAULT_FRACTIONS[0] * len(order)))
+    n_val = max(1, round(DEFAULT_FRACTIONS[1] * len(order)))
+    n_train = min(n_train, len(order) - n_val - 1)
+    return {"train": sorted(order[:n_train]), "validation": sorted(order[n_train:n_train + n_val]),
+            "test": sorted(order[n_train + n_val:])}
+
+
+def _fingerprint(files: list[Path], image_size: int, channels: int) -> str:
+    digest = hashlib.sha256(f"v1|{image_size}|{channels}".encode())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def decode_images(files: list[Path], image_size: int, channels: int, name: str,
+                  cache: bool = True, progress: bool = False) -> torch.Tensor:
+    """The images `files` names, decoded with Pillow and resized: uint8 [N, channels, size,
+    size]. Cached in the user cache, keyed on every file's path, size and modification time,
+    the size and the channels; an entry is verified (shape, dtype, checksum) before use."""
+    from .omniglot import _read_cache_array, _write_cache, user_cache_dir
+    entry = user_cache_dir() / "decoded" / f"{name}_{image_size}_{channels}_{_fingerprint(files, image_size, channels)}"
+    cached = _read_cache_array(entry, {"files": len(files)}) if cache else None
+    if cached is not None:
+        array = cached[0]
+    else:
+        from PIL import Image, UnidentifiedImageError
+        from tqdm import tqdm
+        array = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
+        for i, f in enumerate(tqdm(files, desc=f"decode {name}", disable=not progress, unit="img")):
+            try:
+                with Image.open(f) as image:
+                    array[i] = _pil_to_array(image, image_size, channels)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise ValueError(f"data: {f} is not an image Pillow can read ({exc})") from exc
+        if cache:
+            _write_cache(entry, array, {"files": len(files)})
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def image_folder(path, split: str = "train", image_size: int = 84, channels: int = 3,
+                 split_file=None, device="cpu", cache: bool = True, progress: bool = False) -> FewShotImages:
+    """One split of a folder of class folders (any images Pillow reads), resized to
+    image_size x image_size, `channels` 1 or 3, as uint8 on `device`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    splits = folder_splits(path, split_file)
+    if split not in splits or not splits[split]:
+        raise ValueError(f"data: {path} has no '{split}' split")
+    classes = splits[split]
+    per_class = [_image_files(c) for c in classes]
+    empty = [c.name for c, found in zip(classes, per_class) if not found]
+    if empty:
+        raise ValueError(f"data: class folder {empty[0]!r} of {path} holds no images "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    pixels = decode_images([f for group in per_class for f in group], image_size, channels,
+                           f"folder_{split}", cache, progress)
+    return FewShotImages(pixels.to(device), torch.tensor([len(g) for g in per_class]),
+                         [c.name for c in classes])
