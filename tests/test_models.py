@@ -149,3 +149,17 @@ def test_rgb_fused_head_equals_reference(body):
         torch.testing.assert_close(fused_opt.step(batch)["loss"], ref_opt.step(batch)["loss"])
     for (n, p), q in zip(ref.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q, p, msg=n)
+
+
+@pytest.mark.parametrize("body", sorted(BODIES))
+def test_rgb_bodies_train_in_bf16(body):
+    # bf16 autocast of the body (fp32 head op): finite losses that go down on a repeated batch
+    from helpers import MetaOptimizer, make, random_batch
+    spec = dict(BODIES[body])
+    ways = spec.pop("ways", 4)
+    anil = make(inner_lr=0.3, inner_steps=2, backend="fused", precision="bf16", ways=ways,
+                **spec).float()
+    opt = MetaOptimizer(anil, lr=0.003)
+    batch = random_batch(tasks=2, ways=ways, shots=1, queries=2, channels=3, dtype=torch.float32)
+    losses = [opt.step(batch)["loss"].item() for _ in range(6)]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
