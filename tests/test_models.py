@@ -115,19 +115,26 @@ BODIES = {"conv4-rgb-32": dict(name="conv4", channels=3, hidden=32),
           "resnet12": dict(name="resnet12", channels=3, ways=3)}
 
 
+def rgb_models(body, **kwargs):
+    """(ways, a tiny RGB batch, a factory of float64 ANIL models of the named body)."""
+    from helpers import make, random_batch
+    spec = dict(BODIES[body])
+    ways = spec.pop("ways", 4)
+    batch = lambda seed=0, **kw: random_batch(tasks=2, ways=ways, shots=1, queries=2,  # noqa: E731
+                                              channels=3, seed=seed, **kw)
+    return ways, batch, lambda **more: make(ways=ways, **spec, **kwargs, **more)
+
+
 @pytest.mark.parametrize("body", sorted(BODIES))
 @pytest.mark.parametrize("first_order", [False, True])
 def test_rgb_batched_body_equals_per_task_loop(body, first_order):
     # per-task BatchNorm in one batched call = the per-task loop, float64, both orders
-    from helpers import make_trainable, random_batch
-    spec = dict(BODIES[body])
-    ways = spec.pop("ways", 4)
-    kwargs = dict(inner_lr=0.2, inner_steps=2, backend="reference", first_order=first_order,
-                  ways=ways, **spec)
-    loop, loop_opt = make_trainable(batched_body=False, **kwargs)
-    batched, batched_opt = make_trainable(batched_body=True, **kwargs)
-    batch = random_batch(tasks=2, ways=ways, shots=1, queries=2, channels=3)
-    torch.testing.assert_close(batched_opt.step(batch)["loss"], loop_opt.step(batch)["loss"])
+    from helpers import MetaOptimizer
+    _, batch, build = rgb_models(body, inner_lr=0.2, inner_steps=2, backend="reference",
+                                 first_order=first_order)
+    loop, batched = build(batched_body=False), build(batched_body=True)
+    loop_opt, batched_opt = MetaOptimizer(loop), MetaOptimizer(batched)
+    torch.testing.assert_close(batched_opt.step(batch())["loss"], loop_opt.step(batch())["loss"])
     for (n, p), q in zip(loop.named_parameters(), batched.parameters()):
         torch.testing.assert_close(q, p, msg=n)
     for (n, b), c in zip(loop.named_buffers(), batched.buffers()):
@@ -136,17 +143,14 @@ def test_rgb_batched_body_equals_per_task_loop(body, first_order):
 
 @pytest.mark.parametrize("body", sorted(BODIES))
 def test_rgb_fused_head_equals_reference(body):
-    from helpers import make, random_batch
     from helpers import MetaOptimizer
-    spec = dict(BODIES[body])
-    ways = spec.pop("ways", 4)
-    kwargs = dict(inner_lr=0.3, inner_steps=3, first_order=False, batched_body=True, ways=ways,
-                  **spec)
-    ref, fused = make(backend="reference", **kwargs), make(backend="fused", **kwargs)
+    _, batch, build = rgb_models(body, inner_lr=0.3, inner_steps=3, first_order=False,
+                                 batched_body=True)
+    ref, fused = build(backend="reference"), build(backend="fused")
     ref_opt, fused_opt = MetaOptimizer(ref), MetaOptimizer(fused)
     for step in range(2):
-        batch = random_batch(tasks=2, ways=ways, shots=1, queries=2, channels=3, seed=step)
-        torch.testing.assert_close(fused_opt.step(batch)["loss"], ref_opt.step(batch)["loss"])
+        torch.testing.assert_close(fused_opt.step(batch(step))["loss"],
+                                   ref_opt.step(batch(step))["loss"])
     for (n, p), q in zip(ref.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q, p, msg=n)
 
@@ -154,12 +158,10 @@ def test_rgb_fused_head_equals_reference(body):
 @pytest.mark.parametrize("body", sorted(BODIES))
 def test_rgb_bodies_train_in_bf16(body):
     # bf16 autocast of the body (fp32 head op): finite losses that go down on a repeated batch
-    from helpers import MetaOptimizer, make, random_batch
-    spec = dict(BODIES[body])
-    ways = spec.pop("ways", 4)
-    anil = make(inner_lr=0.3, inner_steps=2, backend="fused", precision="bf16", ways=ways,
-                **spec).float()
-    opt = MetaOptimizer(anil, lr=0.003)
-    batch = random_batch(tasks=2, ways=ways, shots=1, queries=2, channels=3, dtype=torch.float32)
-    losses = [opt.step(batch)["loss"].item() for _ in range(6)]
+    from helpers import MetaOptimizer
+    _, batch, build = rgb_models(body, inner_lr=0.3, inner_steps=2, backend="fused",
+                                 precision="bf16")
+    opt = MetaOptimizer(build().float(), lr=0.003)
+    fixed = batch(dtype=torch.float32)
+    losses = [opt.step(fixed)["loss"].item() for _ in range(6)]
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]

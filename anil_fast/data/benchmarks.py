@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .fewshot import SPLITS, FewShotImages, decode_images, from_tensors
-from .omniglot import user_cache_dir
+from .omniglot import not_found, user_cache_dir
 
 BENCHMARKS = ("mini-imagenet", "cifar-fs", "fc100")
 CLASSES_PER_SPLIT = {"mini-imagenet": (64, 16, 20), "cifar-fs": (64, 16, 20), "fc100": (60, 20, 20)}
@@ -85,12 +85,12 @@ def find_mini_imagenet(root=None) -> tuple[Path | None, list[Path]]:
 def mini_imagenet(split: str, image_size: int = 84, root=None, progress: bool = False) -> FewShotImages:
     folder, tried = find_mini_imagenet(root)
     if folder is None:
-        lines = "\n  ".join(str(p) for p in tried)
-        raise FileNotFoundError(
-            f"mini-ImageNet not found (no download: ImageNet's terms ask each user for their "
-            f"own copy). Paths tried:\n  {lines}\nPlace train.csv, val.csv, test.csv (Ravi & "
-            f"Larochelle's split, 'filename,label') and an images/ folder holding those files "
-            f"in one of these folders, or set ANIL_FAST_DATA to a folder holding mini-imagenet/.")
+        raise not_found(
+            "mini-ImageNet not found (no download: ImageNet's terms ask each user for their "
+            "own copy)", tried,
+            "Place train.csv, val.csv, test.csv (Ravi & Larochelle's split, 'filename,label') "
+            "and an images/ folder holding those files in one of these folders, or set "
+            "ANIL_FAST_DATA to a folder holding mini-imagenet/.")
     table = folder / MINI_CSV[split]
     with open(table, newline="") as f:
         rows = list(csv.reader(f))
@@ -162,11 +162,11 @@ def cifar100(root=None, download: bool = True) -> tuple[np.ndarray, np.ndarray, 
             except Exception as exc:  # offline, or a checksum mismatch
                 reason = f"the download failed ({type(exc).__name__}: {exc})"
         if folder is None:
-            lines = "\n  ".join(str(p) for p in tried)
-            raise FileNotFoundError(
-                f"CIFAR-100 not found and {reason}. Paths tried:\n  {lines}\nPlace the "
-                f"official cifar-100-python folder (train, test, meta; from {CIFAR100_URL}) in "
-                f"one of these folders, or set ANIL_FAST_DATA to a folder holding cifar100/.")
+            raise not_found(
+                f"CIFAR-100 not found and {reason}", tried,
+                f"Place the official cifar-100-python folder (train, test, meta; from "
+                f"{CIFAR100_URL}) in one of these folders, or set ANIL_FAST_DATA to a folder "
+                f"holding cifar100/.")
     parts = [_read_cifar_pickle(folder / name) for name in ("train", "test")]
     meta = _read_cifar_pickle(folder / "meta")
     try:

@@ -45,6 +45,13 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("ANIL_FAST_CACHE", Path.home() / ".cache" / "anil_fast"))
 
 
+def not_found(what: str, tried, advice: str) -> FileNotFoundError:
+    """The offline error every loader gives: what is missing and why, every path tried, and
+    where to put the files."""
+    lines = "\n  ".join(str(p) for p in tried)
+    return FileNotFoundError(f"{what}. Paths tried:\n  {lines}\n{advice}")
+
+
 def search_roots(root=None) -> list[Path]:
     """The folders searched for Omniglot files, in order."""
     roots = []
@@ -306,9 +313,8 @@ class Omniglot:
                 reason = f"the download failed ({type(exc).__name__}: {exc})"
         else:
             reason = "download=False"
-        lines = "\n  ".join(str(p) for p in tried)
-        raise FileNotFoundError(
-            f"Omniglot split {split!r} not found and {reason}. Paths tried:\n  {lines}\n"
+        raise not_found(
+            f"Omniglot split {split!r} not found and {reason}", tried,
             f"Place images_{split}.npz or the official images_{split}.zip (or its unpacked "
             f"folder) in one of these folders, or set ANIL_FAST_DATA to a folder holding "
             f"omniglot/.")
