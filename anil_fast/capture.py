@@ -1,7 +1,7 @@
 """Whole meta-steps as one CUDA graph.
 
-`MetaStepRunner(meta_optimizer, capture=True)` runs the meta-steps of a MetaOptimizer (optim.py). On CUDA with capture=True the
-first call records the step (body, fused head, backward, Adam with capturable=True) into a
+`MetaStepRunner(meta_optimizer, capture=True)` runs the meta-steps of a MetaOptimizer
+(optim.py): on CUDA with capture=True the first call records the step (body, fused head, backward, Adam with capturable=True) into a
 CUDA graph on static input buffers; every later call copies the new batch into those buffers
 and replays the graph: one launch from the host, no host synchronisation inside a step (the
 returned metrics are device tensors; read them back every N steps). The sampler runs outside

@@ -129,8 +129,9 @@ def test_sampler(config: Config, device, tasks: int, batch: int = 50) -> TaskSam
 
 
 def validation_sampler(config: Config, device) -> TaskSampler:
-    """A fixed pool of validation tasks from the held-out training characters: every
-    validation of a run scores the same tasks."""
+    """A fixed pool of validation tasks (Omniglot: from the held-out training characters;
+    other datasets: from their validation split): every validation of a run scores the same
+    tasks."""
     images = split_images(config, "validation", device)
     return TaskSampler(images, config.ways, config.shots, config.queries,
                        min(50, config.val_tasks), rotations=config.rotations,

@@ -78,11 +78,14 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 
 
 class TaskSampler:
-    """Draws meta-batches of N-way K-shot tasks from images [characters, drawings, C, H, W].
+    """Draws meta-batches of N-way K-shot tasks from images [characters, drawings, C, H, W]
+    (float, every class the same count, as Omniglot) or a FewShotImages (uint8 or float,
+    classes of any size: each class's shots and queries come from its own images).
 
     With `rotations=True` every quarter turn of a character is a class of its own (the
     standard Omniglot protocol), so there are 4x as many classes; the default, False, is
-    Config's (the presets turn rotations on where their protocol has them). With `num_tasks` the sampler
+    Config's (the presets turn rotations on where their protocol has them). With `num_tasks`
+    the sampler
     draws a fixed pool of that many tasks once and walks through it in meta-batches (reshuffled
     each pass); without it, every batch is new. Deterministic for a seed; `state_dict()` and
     `load_state_dict()` carry the position for resumed runs.
