@@ -306,8 +306,8 @@ def _diverged(run: _Run, what: str):
     raise TrainingDiverged(
         f"{what}; training stopped and {kept}. Lower --outer-lr or --inner-lr and continue "
         f"with --resume (learning rates may change on resume; results.json records it), or "
-        f"start over with --overwrite (on the fused CUDA path, labels outside 0..ways-1 also "
-        f"give a NaN loss)")
+        f"start over with --overwrite (inside torch.compile or a CUDA graph, labels outside "
+        f"0..ways-1 also give a NaN loss)")
 
 
 def _checkpoint(run: _Run, best: bool = False) -> None:
