@@ -173,7 +173,8 @@ def auto_prefers_reference(support_features) -> bool:
 
 
 def adapted_query_loss(support_features, support_labels, query_features, query_labels, weight,
-                       bias, *, inner_lr, inner_steps, first_order, backend="auto"):
+                       bias, *, inner_lr, inner_steps, first_order, backend="auto",
+                       check_labels=True):
     """Per task: `inner_steps` SGD steps of the head (weight [N,D], bias [N]) on the mean
     cross-entropy of the support logits F Wᵀ + b, then the query logits [T,Q,N] and the mean
     query cross-entropy [T]. Returns (losses, query_logits).
@@ -181,22 +182,29 @@ def adapted_query_loss(support_features, support_labels, query_features, query_l
     second order (first_order=False): differentiable through the inner loop w.r.t. all four
     float tensors. First order: inner-loop gradients are constants, so the support features get
     no gradient and weight/bias get the query loss's gradient at the adapted head.
+
+    Labels outside 0..ways-1: a ValueError, on every device. check_labels=False skips that host
+    check (a sync on CUDA) where the fused op runs, whose own contract then applies on every
+    device: a NaN loss for the task (ANIL's meta-steps do this); the reference paths always
+    check, since they would index out of bounds.
     """
     backend = backend_name(backend)
     validate_head_inputs(support_features, support_labels, query_features, query_labels,
                          weight, bias, inner_lr, inner_steps)
     if not isinstance(first_order, bool):
         raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
-    check_label_values(support_labels, query_labels, weight.shape[0])
+    from . import ops  # the fused op; imported lazily (triton and the C++ build are optional)
+    device = support_features.device
+    if backend == "fused" and not ops.fused_device(device):
+        raise ValueError(f"backend 'fused' has kernels for CPU and CUDA tensors, got {device}")
+    fused = backend == "fused" or backend == "auto" and ops.fused_device(device) and not \
+        auto_prefers_reference(support_features)
+    if check_labels or not fused:
+        check_label_values(support_labels, query_labels, weight.shape[0])
     args = (support_features, support_labels, query_features, query_labels, weight, bias)
     kwargs = dict(inner_lr=float(inner_lr), inner_steps=inner_steps, first_order=first_order)
+    if fused:
+        return ops.fused_adapted_query_loss(*args, **kwargs)
     if backend == "per_task":
         return per_task_adapted_query_loss(*args, **kwargs)
-    from . import ops  # the fused op; imported lazily (triton and the C++ build are optional)
-    if backend == "fused" and not ops.fused_device(support_features.device):
-        raise ValueError(f"backend 'fused' has kernels for CPU and CUDA tensors, got "
-                         f"{support_features.device}")
-    if backend == "reference" or not ops.fused_device(support_features.device) or (
-            backend == "auto" and auto_prefers_reference(support_features)):
-        return reference_adapted_query_loss(*args, **kwargs)
-    return ops.fused_adapted_query_loss(*args, **kwargs)
+    return reference_adapted_query_loss(*args, **kwargs)

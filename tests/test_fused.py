@@ -300,3 +300,25 @@ def test_triton_float64_falls_back_to_the_torch_loop(cpu_loop, shape):
     # float64 runs the kernels' batched-torch oracle (forward and reverse), gradients included
     cpu_loop("triton")
     compare(shape, False, torch.float64)
+
+
+@pytest.mark.parametrize("backend, nan", [("fused", True), ("reference", False)])
+def test_anil_steps_never_sync_on_labels_with_the_fused_op(backend, nan):
+    # ANIL's meta-step leaves out-of-range labels to the fused op (a NaN loss for the task, no
+    # host check); the reference backend still checks them (it would index out of bounds)
+    from helpers import random_batch
+    anil = make(backend=backend, inner_lr=0.3, inner_steps=2)
+    batch = random_batch(tasks=3)
+    batch.query_y[1, 0] = 9
+    if nan:
+        with torch.no_grad():
+            losses = anil._task_losses(batch)[0]
+        assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()
+    else:
+        with pytest.raises(ValueError, match="query_labels"):
+            anil.meta_loss(batch)
+    kw = dict(inner_lr=0.1, inner_steps=1, first_order=True, backend="fused", check_labels=False)
+    fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3)
+    assert torch.isnan(adapted_query_loss(fs, ys, fq, yq + 3, w, b, **kw)[0]).all()
+    with pytest.raises(ValueError, match="support_labels"):  # the reference checks regardless
+        adapted_query_loss(fs, ys + 3, fq, yq, w, b, **{**kw, "backend": "reference"})
