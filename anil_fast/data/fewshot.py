@@ -78,14 +78,6 @@ class FewShotImages:
     def to(self, device) -> "FewShotImages":
         return FewShotImages(self.pixels.to(device), self.counts.to(device), list(self.class_names))
 
-    def select(self, classes) -> "FewShotImages":
-        """The classes listed (indices), in that order."""
-        classes = torch.as_tensor(classes, dtype=torch.int64).cpu()
-        counts, offsets = self.counts.cpu(), self.offsets.cpu()
-        rows = torch.cat([torch.arange(int(offsets[c]), int(offsets[c] + counts[c])) for c in classes])
-        names = [self.class_names[c] for c in classes.tolist()] if self.class_names else []
-        return FewShotImages(self.pixels[rows.to(self.device)], counts[classes], names)
-
     def check_examples(self, needed: int) -> None:
         """A clear error naming a class with fewer than `needed` (shots + queries) images."""
         short = (self.counts < needed).nonzero().flatten().tolist()
