@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
+                        batchnorm_parameter_names,
                         grouped_batchnorm)
 from .data import TaskBatch
 from .functional import adapted_query_loss, backend_name
@@ -69,11 +70,6 @@ def prefers_channels_last(device, precision: str, backend: str) -> bool:
         device.type == "cpu" and backend_name(backend) not in ("reference", "per_task"))
 
 
-def _batchnorm_parameter_names(body):
-    from .optim import batchnorm_parameter_names
-    return batchnorm_parameter_names(body)
-
-
 def _require_batch(batch) -> None:
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"batch must be a TaskBatch (e.g. TaskSampler.sample()), got "
@@ -119,8 +115,9 @@ class ANIL(nn.Module):
         self.inner_lr, self.inner_steps = float(inner_lr), inner_steps
         self.freeze_body, self.first_order, self.backend = freeze_body, first_order, backend
         if freeze_body:  # a frozen body trains its BatchNorm parameters only
+            trained = batchnorm_parameter_names(body)
             for name, param in body.named_parameters():
-                param.requires_grad_(name in _batchnorm_parameter_names(body))
+                param.requires_grad_(name in trained)
         self.batched_body = batched_body
         self.precision = precision
         # channels_last: the body's weights are converted here, once, in place (the caller

@@ -26,6 +26,16 @@ def batchnorm_layers(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, _BN)]
 
 
+def batchnorm_parameter_names(module: nn.Module) -> set[str]:
+    """Names (as module.named_parameters() gives them) of the BatchNorm layers' parameters."""
+    names = set()
+    for module_name, sub in module.named_modules():
+        if isinstance(sub, _BN):
+            for p_name, _ in sub.named_parameters(recurse=False):
+                names.add(f"{module_name}.{p_name}" if module_name else p_name)
+    return names
+
+
 class RunningStats:
     """Per-group statistics recorded during grouped calls, applied later in a chosen order."""
 

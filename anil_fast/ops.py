@@ -57,7 +57,8 @@ def _extension_dir() -> Path:
 
 
 def cpp_extension():
-    """The compiled C++ small loop (built once per torch version), or None with one warning."""
+    """The compiled C++ small loop (built once per torch version and CPU), or None with one
+    warning."""
     global _cpp_module, _cpp_error
     if _cpp_module is not None or _cpp_error is not None:
         return _cpp_module
@@ -67,9 +68,10 @@ def cpp_extension():
         source = Path(str(files("anil_fast.csrc") / "anil_head.cpp"))
         build = _extension_dir()
         build.mkdir(parents=True, exist_ok=True)
+        # -ffast-math lets the compiler call libmvec's vector exp in the softmax loops (the loop
+        # tests no inf/NaN); -march=native is why the build folder is keyed by the CPU
         _cpp_module = load(name="anil_fast_small_loop", sources=[str(source)],
-                           build_directory=str(build), # -ffast-math lets the compiler call the vector exp of
-                           # libmvec in the softmax loops; the code has no inf/NaN tests
+                           build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
     except Exception as exc:  # no compiler, no headers, no ninja: fall back, warn once
         _cpp_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"

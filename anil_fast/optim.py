@@ -22,23 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .anil import check_learning_rates
+from .anil import _require_batch, check_learning_rates
+from .batchnorm import batchnorm_parameter_names
 from .data import TaskBatch
-
-
-def _require_batch(batch) -> None:
-    if not isinstance(batch, TaskBatch):
-        raise TypeError(f"batch must be a TaskBatch (e.g. TaskSampler.sample()), got "
-                        f"{type(batch).__name__}")
-
-
-def batchnorm_parameter_names(body: nn.Module) -> set[str]:
-    names = set()
-    for module_name, module in body.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            for p_name, _ in module.named_parameters(recurse=False):
-                names.add(f"{module_name}.{p_name}" if module_name else p_name)
-    return names
 
 
 def multiplier_for(name: str, multipliers: dict) -> float:
@@ -130,8 +116,8 @@ class MetaOptimizer:
     def _adopt_groups(self) -> None:
         """Base lrs and warmup flags for a caller's optimizer: warmup holds the groups that
         hold only body parameters other than BatchNorm's."""
-        bn = {id(p) for n, p in self.anil.body.named_parameters()
-              if n in batchnorm_parameter_names(self.anil.body)}
+        bn_names = batchnorm_parameter_names(self.anil.body)
+        bn = {id(p) for n, p in self.anil.body.named_parameters() if n in bn_names}
         body = {id(p) for p in self.anil.body.parameters()}
         for i, group in enumerate(self.optimizer.param_groups):
             ids = {id(p) for p in group["params"]}

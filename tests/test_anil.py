@@ -188,7 +188,7 @@ def test_sgd_with_a_cosine_schedule_through_the_graph_runners_step(runner):
     anil, opt = make_trainable(inner_lr=0.3, inner_steps=2, optimizer=torch.optim.SGD, lr=0.05,
                                schedule=lambda step: 0.5 * (1 + math.cos(math.pi * step / 4)),
                                warmup_steps=1)
-    from anil_fast.optim import batchnorm_parameter_names
+    from anil_fast.batchnorm import batchnorm_parameter_names
     bn = {f"body.{n}" for n in batchnorm_parameter_names(anil.body)}
     twin = copy.deepcopy(anil)
     step = MetaStepRunner(opt, capture=True) if runner else opt.step
