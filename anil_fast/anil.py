@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,7 +12,9 @@ from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm
                         batchnorm_parameter_names,
                         grouped_batchnorm)
 from .data import TaskBatch
+from .env import cpu_has_native_bf16
 from .functional import adapted_query_loss, backend_name
+from .errors import InputError, InputTypeError, is_int
 
 BN_MODES = ("transductive", "running")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -25,16 +24,16 @@ def check_learning_rates(inner_lr, outer_lr) -> list[str]:
     """ValueError for learning rates that cannot make sense; the warnings for odd ones."""
     for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            raise InputTypeError(f"{name} must be a float, got {type(value).__name__}")
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+            raise InputError(f"{name} must be finite, got {value}")
     if inner_lr < 0:
-        raise ValueError(f"inner_lr must be >= 0, got {inner_lr}: a negative inner learning rate "
+        raise InputError(f"inner_lr must be >= 0, got {inner_lr}: a negative inner learning rate "
                          f"climbs the support loss instead of descending it")
     if outer_lr < 0:
-        raise ValueError(f"outer_lr must be >= 0, got {outer_lr}")
+        raise InputError(f"outer_lr must be >= 0, got {outer_lr}")
     if outer_lr > 1e3:  # Adam's step is about lr per parameter: float32 overflows near 3e38
-        raise ValueError(f"outer_lr must be at most 1e3, got {outer_lr:g}: Adam moves every "
+        raise InputError(f"outer_lr must be at most 1e3, got {outer_lr:g}: Adam moves every "
                          f"parameter by about the learning rate each step")
     odd = []
     if outer_lr > 1:
@@ -46,22 +45,6 @@ def check_learning_rates(inner_lr, outer_lr) -> list[str]:
     return odd
 
 
-@lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this CPU computes bf16 natively (x86 AVX-512 BF16 or AMX, Arm BF16); None when
-    its flags cannot be read. Without it, bf16 convolutions are emulated and slow."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = set()
-    for line in re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.M):
-        flags.update(line.split())
-    if not flags:
-        return None
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def prefers_channels_last(device, precision: str, backend: str) -> bool:
     """Where channels_last is faster: bf16 on CUDA (tensor cores) and the fast path on the CPU
     (oneDNN convolutions; measured 1.5x on conv4). The same numbers either way."""
@@ -70,9 +53,9 @@ def prefers_channels_last(device, precision: str, backend: str) -> bool:
         device.type == "cpu" and backend_name(backend) not in ("reference", "per_task"))
 
 
-def _require_batch(batch) -> None:
+def require_batch(batch) -> None:
     if not isinstance(batch, TaskBatch):
-        raise TypeError(f"batch must be a TaskBatch (e.g. TaskSampler.sample()), got "
+        raise InputTypeError(f"batch must be a TaskBatch (e.g. TaskSampler.sample()), got "
                         f"{type(batch).__name__}")
 
 
@@ -99,18 +82,18 @@ class ANIL(nn.Module):
                  channels_last: bool = False):
         super().__init__()
         if not isinstance(body, nn.Module):
-            raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
+            raise InputTypeError(f"body must be an nn.Module, got {type(body).__name__}")
         if not isinstance(head, nn.Linear):
-            raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
+            raise InputTypeError(f"head must be an nn.Linear, got {type(head).__name__}")
         for message in check_learning_rates(inner_lr, 0.0):
             warnings.warn(message, stacklevel=2)
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int):
-            raise TypeError(f"inner_steps must be an int, got {type(inner_steps).__name__}")
+        if not is_int(inner_steps):
+            raise InputTypeError(f"inner_steps must be an int, got {type(inner_steps).__name__}")
         if inner_steps < 0:
-            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+            raise InputError(f"inner_steps must be >= 0, got {inner_steps}")
         backend = backend_name(backend)
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.body, self.head = body, head
         self.inner_lr, self.inner_steps = float(inner_lr), inner_steps
         self.freeze_body, self.first_order, self.backend = freeze_body, first_order, backend
@@ -183,7 +166,7 @@ class ANIL(nn.Module):
         bn_mode "train": BatchNorm statistics of each task's set, running statistics updated as
         a per-task loop does; "transductive": the same statistics without updating running
         statistics; "running": running statistics (BatchNorm in eval mode)."""
-        _require_batch(batch)
+        require_batch(batch)
         tasks, s_rows = batch.support_y.shape
         q_rows = batch.query_y.shape[1]
         # First order: the support features get no gradient, so compute them without autograd.
@@ -246,7 +229,7 @@ class ANIL(nn.Module):
     def meta_loss(self, batch: TaskBatch):
         """Mean query loss over the tasks after adapting the head; differentiable to body and
         head. Call train() first (MetaOptimizer.step does)."""
-        _require_batch(batch)
+        require_batch(batch)
         return self._task_losses(batch)[0].mean()
 
     def meta_backward(self, batch: TaskBatch, total_tasks: int | None = None, all_reduce=None):
@@ -257,7 +240,7 @@ class ANIL(nn.Module):
         Data parallel (see distributed.py): `batch` is this rank's share of a meta-batch of
         `total_tasks` tasks, and `all_reduce(values)` sums the gradients and `values` over
         ranks, so every rank takes the step one process would take on all tasks."""
-        _require_batch(batch)
+        require_batch(batch)
         losses, logits = self._task_losses(batch)
         total = total_tasks or batch.num_tasks
         with self._tf32_scope():
@@ -273,12 +256,12 @@ class ANIL(nn.Module):
                  bn_mode: str = "transductive") -> dict:
         """Query accuracy before and after adapting the head on each task's support set.
         Returns accuracy_before / accuracy_after (means) and per-task tensors [T]."""
-        _require_batch(batch)
+        require_batch(batch)
         if bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+            raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         steps = self.inner_steps if inner_steps is None else inner_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        if not is_int(steps) or steps < 0:
+            raise InputError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
         was_training = self.training
         self.eval()
         try:

@@ -96,9 +96,9 @@ def _grouped_batch_norm(bn, x, groups: int, sink: RunningStats | None):
 
 
 class _GroupedBatchNormMixin:
-    """Added to a BatchNorm layer's class once: with `_anil_groups` set (inside
-    grouped_batchnorm) and in training mode it normalises per group; otherwise it is the
-    layer's own forward. A fixed method (not a per-call patch) so torch.compile traces it."""
+    """Put in front of a BatchNorm layer's class while grouped_batchnorm() is active: in
+    training mode it normalises per group; otherwise it is the layer's own forward. A fixed
+    method (not a per-call patch) so torch.compile traces it."""
     _anil_groups = 0
     _anil_sink = None
 
@@ -111,16 +111,10 @@ class _GroupedBatchNormMixin:
 _grouped_classes: dict[type, type] = {}
 
 
-def enable_grouping(body: nn.Module) -> None:
-    """Give every BatchNorm layer of `body` the grouped forward (behaviour unchanged until
-    grouped_batchnorm() switches it on). Idempotent; state dicts are unaffected."""
-    for bn in batchnorm_layers(body):
-        cls = type(bn)
-        if issubclass(cls, _GroupedBatchNormMixin):
-            continue
-        if cls not in _grouped_classes:
-            _grouped_classes[cls] = type(f"Grouped{cls.__name__}", (_GroupedBatchNormMixin, cls), {})
-        bn.__class__ = _grouped_classes[cls]
+def _grouped_class(cls: type) -> type:
+    if cls not in _grouped_classes:
+        _grouped_classes[cls] = type(f"Grouped{cls.__name__}", (_GroupedBatchNormMixin, cls), {})
+    return _grouped_classes[cls]
 
 
 @contextmanager
@@ -128,16 +122,30 @@ def grouped_batchnorm(body: nn.Module, groups: int, sink: RunningStats | None = 
     """Inside the context, every BatchNorm layer of `body` that is in training mode uses
     per-group batch statistics (groups = consecutive equal chunks of the batch) and records
     them in `sink` (or leaves running statistics untouched when sink is None). Layers in eval
-    mode keep using their running statistics."""
-    enable_grouping(body)
-    layers = batchnorm_layers(body)
-    for bn in layers:
+    mode keep using their running statistics.
+
+    The layers' classes are swapped for the grouped ones only inside the context and restored
+    on exit, so the caller's modules keep their own classes (torch.save of the whole model
+    pickles them; isinstance and type checks see what they built)."""
+    layers = [(bn, type(bn)) for bn in batchnorm_layers(body)
+              if not isinstance(bn, _GroupedBatchNormMixin)]  # nested: the outer one restores
+    for bn, cls in layers:
+        bn.__class__ = _grouped_class(cls)
+    names = ("_anil_groups", "_anil_sink")
+    saved = [(bn, {k: bn.__dict__[k] for k in names if k in bn.__dict__})
+             for bn in batchnorm_layers(body)]
+    for bn, _ in saved:
         bn._anil_groups, bn._anil_sink = groups, sink
     try:
         yield
     finally:
-        for bn in layers:
-            bn._anil_groups, bn._anil_sink = 0, None
+        for bn, before in saved:  # the settings of an enclosing context, or none
+            for name in names:
+                bn.__dict__.pop(name, None)
+                if name in before:
+                    bn.__dict__[name] = before[name]
+        for bn, cls in layers:
+            bn.__class__ = cls
 
 
 @contextmanager

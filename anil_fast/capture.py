@@ -19,13 +19,14 @@ import torch
 
 from .data import TaskBatch
 from .optim import MetaOptimizer
+from .errors import InputError, InputTypeError
 
 
 class MetaStepRunner:
     def __init__(self, meta_optimizer: MetaOptimizer, capture: bool = True,
                  warmup_iterations: int = 3, total_tasks: int | None = None, all_reduce=None):
         if not isinstance(meta_optimizer, MetaOptimizer):
-            raise TypeError(f"meta_optimizer must be a MetaOptimizer, got "
+            raise InputTypeError(f"meta_optimizer must be a MetaOptimizer, got "
                             f"{type(meta_optimizer).__name__}")
         self.meta_optimizer = meta_optimizer
         self.step_kwargs = {"total_tasks": total_tasks, "all_reduce": all_reduce}
@@ -42,7 +43,7 @@ class MetaStepRunner:
             self._record(batch)
         for static, new in zip(astuple(self.static_batch), astuple(batch)):
             if static.shape != new.shape:
-                raise ValueError(f"batch: a captured meta-step needs static shapes; got "
+                raise InputError(f"batch: a captured meta-step needs static shapes; got "
                                  f"{tuple(new.shape)}, captured {tuple(static.shape)}")
             static.copy_(new, non_blocking=True)
         self.meta_optimizer.begin_step()  # fills the lr tensors the graph reads

@@ -1,12 +1,20 @@
-"""The `anil-fast` command line: train, eval, compare, reproduce."""
+"""The `anil-fast` command line: train, eval, compare, reproduce, show-tasks.
+
+User errors (AnilFastError: bad settings, files, run folders; OSError: the disk, permissions)
+print one line and exit 2; a diverged run exits 3; anything else is a bug and keeps its
+traceback."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .anil import BN_MODES
+from .errors import AnilFastError
+from .trainer import TrainingDiverged
 from .scenarios import PRESETS, Config
+from .errors import InputError
 
 # flag -> Config field, for every override the CLI offers
 OVERRIDES = {
@@ -40,7 +48,7 @@ def _overrides(args) -> dict:
     if args.endless:
         values["tasks"] = None
         if args.meta_steps is None and args.time_budget is None:
-            raise ValueError("--endless needs --meta-steps or --time-budget")
+            raise InputError("--endless needs --meta-steps or --time-budget")
     if args.tasks is not None and args.meta_steps is None:
         values["meta_steps"] = None  # one pass over the given pool
     return values
@@ -149,68 +157,84 @@ def _print_summary(summary: dict, config, info, out=print) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from . import distributed
-    from .trainer import TrainingDiverged, evaluate_checkpoint, train
-    # Under torchrun: join the process group; only rank 0 prints.
+    # Under torchrun: join the process group; only rank 0 prints (and reads what it wrote).
     info = distributed.init_from_env(getattr(args, "device", None) or "auto")
     out = print if info.is_main else (lambda *a, **k: None)
     try:
-        if args.command == "train":
-            from .scenarios import scenario_config
-            config = scenario_config(args.scenario, **_overrides(args))
-            for note in config.notes:
-                out(note)
-            summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.no_progress)
-            _print_summary(summary, config, info, out)
-        elif args.command == "eval":
-            result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
-                                         progress=not args.json)
-            if args.json:
-                out(json.dumps(result))
-            else:
-                _print_eval(result, out)
-        elif args.command == "show-tasks":
-            from .scenarios import scenario_config
-            from .show import show_tasks
-            overrides = {k: getattr(args, k) for k in ("ways", "shots", "queries", "image_size",
-                                                       "seed", "data_root", "data", "dataset",
-                                                       "split_file")
-                         if getattr(args, k) is not None}
-            dataset = overrides.get("dataset", PRESETS[args.scenario].get("dataset", "omniglot"))
-            if args.split == "validation" and dataset == "omniglot" and "data" not in overrides \
-                    and not PRESETS[args.scenario].get("validation"):
-                raise ValueError(f"scenario {args.scenario} holds out no validation characters")
-            if "data" in overrides or dataset != "omniglot":  # Omniglot's protocol is not theirs
-                overrides.update(protocol="seed", rotations=False, validation=0)
-            config = scenario_config(args.scenario, pretrained=False, model="conv4", **overrides)
-            path = show_tasks(config, args.out, args.show_tasks, args.split)
-            out(f"wrote {path} ({args.show_tasks} {args.split} tasks of {config.scenario})")
-        elif args.command == "reproduce":
-            from .reproduce import reproduce
-            rows = reproduce(args.suite, args.out, args.budget_s, args.device, args.smoke,
-                             progress=not args.no_progress, resume=args.resume,
-                             overwrite=args.overwrite)
-            out(open(f"{args.out}/reproduce.md").read())
-            out(f"wrote {args.out}/reproduce.{{md,csv,json}} and accuracy_vs_time.png "
-                f"({len(rows)} presets)")
-        else:
-            from .compare import compare
-            names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-            rows = compare(names, args.out, _overrides(args), progress=not args.no_progress,
-                           resume=args.resume, overwrite=args.overwrite)
-            out(open(f"{args.out}/comparison.md").read())
-            out(f"wrote {args.out}/comparison.{{md,csv,json}}, loss_curves.png, accuracy.png "
-                  f"({len(rows)} scenarios)")
+        COMMANDS[args.command](args, info, out)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, OSError) as exc:  # OSError: files, folders, the disk
+    except (AnilFastError, OSError) as exc:  # OSError: files, folders, the disk
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()
     return 0
 
+
+def _train(args, info, out) -> None:
+    from .build import resolve_model
+    from .scenarios import scenario_config
+    from .trainer import train
+    config = resolve_model(scenario_config(args.scenario, **_overrides(args)))
+    for note in config.notes:
+        out(note)
+    summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.no_progress)
+    _print_summary(summary, config, info, out)
+
+
+def _eval(args, info, out) -> None:
+    from .evaluation import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
+                                 progress=not args.json)
+    if args.json:
+        out(json.dumps(result))
+    else:
+        _print_eval(result, out)
+
+
+def _show_tasks(args, info, out) -> None:
+    from .scenarios import scenario_config
+    from .show import show_tasks
+    overrides = {k: getattr(args, k) for k in ("ways", "shots", "queries", "image_size", "seed",
+                                               "data_root", "data", "dataset", "split_file")
+                 if getattr(args, k) is not None}
+    dataset = overrides.get("dataset", PRESETS[args.scenario].get("dataset", "omniglot"))
+    if args.split == "validation" and dataset == "omniglot" and "data" not in overrides \
+            and not PRESETS[args.scenario].get("validation"):
+        raise InputError(f"scenario {args.scenario} holds out no validation characters")
+    if "data" in overrides or dataset != "omniglot":  # Omniglot's protocol is not theirs
+        overrides.update(protocol="seed", rotations=False, validation=0)
+    config = scenario_config(args.scenario, pretrained=False, model="conv4", **overrides)
+    path = show_tasks(config, args.out, args.show_tasks, args.split)
+    out(f"wrote {path} ({args.show_tasks} {args.split} tasks of {config.scenario})")
+
+
+def _reproduce(args, info, out) -> None:
+    from .reproduce import reproduce
+    rows = reproduce(args.suite, args.out, args.budget_s, args.device, args.smoke,
+                     progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
+    if info.is_main:  # rank 0 alone wrote the report: the other ranks must not read it
+        out((Path(args.out) / "reproduce.md").read_text())
+    out(f"wrote {args.out}/reproduce.{{md,csv,json}} and accuracy_vs_time.png "
+        f"({len(rows)} presets)")
+
+
+def _compare(args, info, out) -> None:
+    from .compare import compare
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    rows = compare(names, args.out, _overrides(args), progress=not args.no_progress,
+                   resume=args.resume, overwrite=args.overwrite)
+    if info.is_main:  # rank 0 alone wrote the tables: the other ranks must not read them
+        out((Path(args.out) / "comparison.md").read_text())
+    out(f"wrote {args.out}/comparison.{{md,csv,json}}, loss_curves.png, accuracy.png "
+        f"({len(rows)} scenarios)")
+
+
+COMMANDS = {"train": _train, "eval": _eval, "show-tasks": _show_tasks, "reproduce": _reproduce,
+            "compare": _compare}
 
 if __name__ == "__main__":
     sys.exit(main())

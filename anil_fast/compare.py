@@ -59,11 +59,10 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 
 def write_plots(run_dirs: dict, rows: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # figures of their own: no global backend switch
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for name, run_dir in run_dirs.items():
         records = read_metrics(Path(run_dir) / METRICS)
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=name)
@@ -73,9 +72,9 @@ def write_plots(run_dirs: dict, rows: list[dict], out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     names = [r["scenario"] for r in rows]
     xs = range(len(rows))
     before = [100 * (r["accuracy_before"] or 0) for r in rows]
@@ -91,7 +90,6 @@ def write_plots(run_dirs: dict, rows: list[dict], out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
-    plt.close(fig)
 
 
 def compare(scenarios: list[str], out_dir, overrides: dict | None = None,

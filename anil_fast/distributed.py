@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .env import dist_timeout_s
+
 
 @dataclass
 class DistInfo:
@@ -50,7 +52,7 @@ def current() -> DistInfo:
 
 
 def timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("ANIL_FAST_DIST_TIMEOUT", "300")))
+    return datetime.timedelta(seconds=dist_timeout_s())
 
 
 def init_from_env(device: str = "auto") -> DistInfo:

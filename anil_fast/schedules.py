@@ -1,8 +1,9 @@
 """Schedules of the outer learning rate: a factor of `outer_lr` from the run's progress.
 
 Progress runs from 0 to 1 over the run: over its meta-steps, or over its time budget when the
-budget ends it (the larger of the two when both limit it). The warmup of body groups
-(ANIL.warmup_steps) is applied on top, as before.
+budget ends it (the larger of the two when both limit it). MetaOptimizer applies the factor
+to every group's base lr; its warmup of body groups (MetaOptimizer.warmup_steps) holds those
+at 0 on top of it.
 - "constant": 1.
 - "cosine": from 1 down to `floor` along half a cosine.
 - "step": 1, then 0.1 from half-way, 0.01 from three quarters.
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import math
 
+from .errors import InputError
+
 SCHEDULES = ("constant", "cosine", "step")
 
 
 def lr_factor(schedule: str, progress: float, floor: float = 0.05) -> float:
     if schedule not in SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise InputError(f"lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
     progress = min(max(progress, 0.0), 1.0)
     if schedule == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,5 +1,5 @@
 """`anil-fast show-tasks`: a picture of sampled tasks, to check a preset's split and
-preprocessing at a glance. Per task, one column per class (its label on top): the support
+preprocessing at a glance. Per task, one column per class (its label below): the support
 images, a rule, then the query images, exactly as the sampler hands them to a meta-step."""
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from .build import split_images
 from .data import TaskSampler
 from .scenarios import Config
+from .errors import InputError, is_int
 
 SPLITS = ("train", "validation", "test")
 
@@ -28,22 +30,19 @@ def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
                max_queries: int = 3) -> Path:
     """Write a PNG of `tasks` tasks drawn from `split` with the config's sampler settings."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if isinstance(tasks, bool) or not isinstance(tasks, int) or not 1 <= tasks <= 16:
-        raise ValueError(f"tasks must be an int in 1..16, got {tasks!r}")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+    if not is_int(tasks) or not 1 <= tasks <= 16:
+        raise InputError(f"tasks must be an int in 1..16, got {tasks!r}")
+    from matplotlib.figure import Figure  # a figure of its own: no global backend switch
 
-    from .trainer import split_images
     images = split_images(config, split, "cpu")
     sampler = TaskSampler(images, config.ways, config.shots, config.queries, tasks,
                           rotations=config.rotations, seed=config.seed)
     batch = sampler.sample()
     shown_queries = min(config.queries, max_queries)
     rows = config.shots + shown_queries
-    fig, axes = plt.subplots(tasks, 1, figsize=(max(4.0, 0.6 * config.ways + 1), 0.6 * rows * tasks + 1),
-                             squeeze=False)
+    fig = Figure(figsize=(max(4.0, 0.6 * config.ways + 1), 0.6 * rows * tasks + 1))
+    axes = fig.subplots(tasks, 1, squeeze=False)
     for t, ax in enumerate(axes[:, 0]):
         grid = task_grid(batch, t, config.ways, config.shots, config.queries)[:rows]
         r, w, c, h, wd = grid.shape
@@ -65,5 +64,4 @@ def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

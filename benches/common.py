@@ -41,6 +41,12 @@ def forward_backward(method: str, problem, first_order: bool, inner_lr=0.01, inn
     return run
 
 
+def median_seconds(benchmark) -> float | None:
+    """A pytest-benchmark fixture's median seconds; None under --benchmark-disable (the
+    function ran once, untimed: the smoke run)."""
+    return benchmark.stats.stats.median if benchmark.stats is not None else None
+
+
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -119,6 +119,14 @@ def _time_head_case(device, fused, bandwidth, tasks, dim, shape, shapes, quick):
     return rows
 
 
+def error_cells(rows: list[dict]) -> list[str]:
+    """Every cell that records an error instead of a number ("error: ..." in any column, e.g.
+    a CUDA-graph capture that failed): each one makes the check fail."""
+    return [f"{row.get('case', row.get('tasks', ''))} {column}: {value}" for row in rows
+            for column, value in row.items()
+            if isinstance(value, str) and value.startswith("error")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write all results to this JSON file")
@@ -155,8 +163,9 @@ def main(argv=None):
             step_rows = time_meta_steps(device, args.quick)
         except Exception as exc:  # keep the head results whatever happens here
             step_rows = [{"case": "error", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}]
-    result = {"info": info, "correct": ok, "check": check_rows, "head": head_rows,
-              "copy_bandwidth_gbs": bandwidth, "steps": step_rows,
+    errors = error_cells(head_rows) + error_cells(step_rows)
+    result = {"info": info, "correct": ok, "errors": errors, "check": check_rows,
+              "head": head_rows, "copy_bandwidth_gbs": bandwidth, "steps": step_rows,
               "seconds": time.perf_counter() - start}
     if args.json:
         with open(args.json, "w") as f:
@@ -168,7 +177,9 @@ def main(argv=None):
                     "\n3. Meta-steps per second (the fast path vs the per-task loop), same run")
     print_table(head_rows, list(dict.fromkeys(c for r in head_rows for c in r)),
                 "\n2. Fused head forward+backward (x = baseline time / fused time)")
-    return 0 if ok else 1
+    for error in errors:
+        print(f"FAILED: {error}")
+    return 0 if ok and not errors else 1
 
 
 if __name__ == "__main__":

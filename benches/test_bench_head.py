@@ -12,11 +12,12 @@ import torch
 
 from anil_fast.functional import auto_prefers_reference
 from common import (TASK_SHAPES, copy_bandwidth_gbs, forward_backward, episode_problem,
-                    peak_memory_bytes, saved_bytes, traffic_floor_bytes)
+                    median_seconds, peak_memory_bytes, saved_bytes, traffic_floor_bytes)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_FEATURE_BYTES_LIMIT = 256 * 2 ** 20  # the CPU runs only problems whose features fit this
 RESULTS: dict = {}
+SMOKE = {"tasks": 16, "dim": 64, "shape": "5w1s"}  # the cases `pytest benches --smoke` keeps
 
 
 def _problem_size_ok(tasks, ways, shots, queries, dim, method):
@@ -52,7 +53,7 @@ def test_head_forward_backward(benchmark, method, tasks, dim, shape, order):
     # keep numbers only: holding every problem's tensors would skew later cases' timings
     entry = RESULTS.setdefault(key, {"floor_bytes": traffic_floor_bytes(problem, first_order),
                                      "auto": "reference" if auto_prefers_reference(problem[0]) else "fused"})
-    entry[method] = benchmark.stats.stats.median
+    entry[method] = median_seconds(benchmark)
     entry[f"{method}_saved_MB"] = saved_bytes(fn) / 2 ** 20
     entry[f"{method}_peak_MB"] = (peak_memory_bytes(fn, DEVICE) or 0) / 2 ** 20 or None
     benchmark.extra_info.update({"backend": method,

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from anil_fast import ops
-from common import episode_problem
+from common import episode_problem, median_seconds
 
 # the presets' (ways, shots, queries per class), as the trainer samples them
 PRESET_SHAPES = {"5w1s": (5, 1, 5), "5w5s": (5, 5, 5), "20w1s": (20, 1, 5), "20w5s": (20, 5, 5)}
 RESULTS: dict = {}
+SMOKE = {"tasks": 8, "shape": "5w1s"}  # the case `pytest benches --smoke` keeps
 
 
 @pytest.mark.parametrize("loop", ["cpp", "torch"])
@@ -25,7 +26,7 @@ def test_small_loop(benchmark, loop, shape, tasks):
         pytest.skip("the C++ small loop could not be built here")
     small = {"cpp": ops.CPP_LOOP, "torch": ops.TORCH_LOOP}[loop]
     fs, ys, fq, yq, w, b = episode_problem(tasks, *PRESET_SHAPES[shape], 64)
-    z0, kss, aq, kqs = ops._projections(fs, fq, w, b)
+    z0, kss, aq, kqs = ops.projections(fs, fq, w, b)
     hbar = torch.randn_like(z0)
 
     def run():
@@ -33,7 +34,7 @@ def test_small_loop(benchmark, loop, shape, tasks):
         return small.reverse(z0, kss, ys, hbar, 0.1, 5)
     benchmark.group = f"small loop T{tasks} {shape}"
     benchmark.pedantic(run, rounds=20, warmup_rounds=2)
-    RESULTS.setdefault((tasks, shape), {})[loop] = benchmark.stats.stats.median
+    RESULTS.setdefault((tasks, shape), {})[loop] = median_seconds(benchmark)
 
 
 def summary_rows():

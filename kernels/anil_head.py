@@ -73,9 +73,9 @@ class Launch:
         return {**dict(self.constexprs), "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-def forward_launch(s_rows: int, q_rows: int, ways: int, arch: int | None = None) -> Launch:
-    """The forward (all inner steps + query loss) launch for one task shape. (`arch`, the
-    compute capability, is there for per-architecture choices; none is needed so far.)"""
+def forward_launch(s_rows: int, q_rows: int, ways: int) -> Launch:
+    """The forward (all inner steps + query loss) launch for one task shape (the same on every
+    architecture: kernels.report shows it fits sm_80-sm_90)."""
     bs, bn, block_q = _block(s_rows), _block(ways), min(64, _block(q_rows))
     footprint = _footprint(bs, bn)
     if footprint <= FORWARD_REGISTER_LIMIT:
@@ -85,7 +85,7 @@ def forward_launch(s_rows: int, q_rows: int, ways: int, arch: int | None = None)
                                         ("BLOCK_Q", min(block_q, 32))), num_warps=8, num_stages=1)
 
 
-def reverse_launch(s_rows: int, ways: int, arch: int | None = None) -> Launch:
+def reverse_launch(s_rows: int, ways: int) -> Launch:
     """The backward (reversed inner loop) launch for one task shape."""
     bs, bn = _block(s_rows), _block(ways)
     footprint = _footprint(bs, bn)
@@ -303,16 +303,8 @@ def kernel_supports(ways: int) -> bool:
     return HAVE_TRITON and ways <= MAX_WAYS
 
 
-def _padded(rows: int, tile: int) -> int:
+def padded_rows(rows: int, tile: int) -> int:
     return -(-rows // tile) * tile
-
-
-def _arch(t: torch.Tensor) -> int | None:
-    """Compute capability as 80, 86, 89, 90, ... (None under the interpreter)."""
-    if not t.is_cuda:
-        return None
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return 10 * major + minor
 
 
 def inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
@@ -324,9 +316,9 @@ def inner_loop_forward(z0, kss, ys, aq, kqs, yq, lr: float, steps: int):
     h = torch.empty_like(z0)
     logits = torch.empty_like(aq)
     losses = torch.empty(tasks, device=z0.device, dtype=z0.dtype)
-    launch = forward_launch(s_rows, q_rows, ways, _arch(z0))
+    launch = forward_launch(s_rows, q_rows, ways)
     if launch.kernel == "_tiled_fwd_kernel":  # H in a zeroed scratch buffer, two planes
-        s_pad = _padded(s_rows, dict(launch.constexprs)["ROWS"])
+        s_pad = padded_rows(s_rows, dict(launch.constexprs)["ROWS"])
         scratch = torch.zeros(tasks, 2, s_pad, dict(launch.constexprs)["BLOCK_N"],
                               device=z0.device, dtype=torch.float32)
         _tiled_fwd_kernel[(tasks,)](z0, kss, ys, aq, kqs, yq, scratch, h, logits, losses,
@@ -345,11 +337,11 @@ def inner_loop_reverse(z0, kss, ys, hbar, lr: float, steps: int):
         return torch_inner_loop_reverse(z0, kss, ys, hbar, lr, steps)
     if steps == 0:
         return torch.zeros_like(z0), torch.zeros_like(kss)
-    launch = reverse_launch(s_rows, ways, _arch(z0))
+    launch = reverse_launch(s_rows, ways)
     consts = dict(launch.constexprs)
     bn = consts["BLOCK_N"]
     tiled = launch.kernel == "_tiled_bwd_kernel"
-    s_pad = _padded(s_rows, consts["ROWS"]) if tiled else consts["BLOCK_S"]
+    s_pad = padded_rows(s_rows, consts["ROWS"]) if tiled else consts["BLOCK_S"]
     # per task: H history (steps + 1 planes tiled, steps planes in registers), P and ZB
     per_task = (3 * steps + 2) * s_pad * bn * 4
     chunk = max(1, min(tasks, SCRATCH_BYTES // per_task))

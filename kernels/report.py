@@ -76,9 +76,9 @@ def shapes(presets_only: bool = False) -> list[Shape]:
 def kernel_arguments(kernel, shape: Shape, constexprs: dict) -> list:
     """The launch's argument values by parameter name, tensors as ("tensor", dtype): what the
     launchers pass, for the specialisation triton derives from them."""
-    from anil_fast.kernels.anil_head import _padded
+    from anil_fast.kernels.anil_head import padded_rows
     scalars = {"S": shape.support_rows, "Q": shape.query_rows, "N": shape.ways,
-               "S_PAD": _padded(shape.support_rows, constexprs.get("ROWS", 1)),
+               "S_PAD": padded_rows(shape.support_rows, constexprs.get("ROWS", 1)),
                "steps": shape.steps, "lr": 0.1}
     labels = {"YS", "YQ"}
     args = []
@@ -157,8 +157,8 @@ def compile_one(job: dict) -> dict:
 
 
 def _cache_dir() -> Path:
-    from anil_fast.data.omniglot import user_cache_dir
-    return user_cache_dir() / "kernel-report"
+    from anil_fast.env import cache_dir
+    return cache_dir() / "kernel-report"
 
 
 def _job_key(job: dict) -> str:
@@ -172,27 +172,20 @@ def _job_key(job: dict) -> str:
 
 
 def _compile_cached(job: dict) -> dict:
+    from anil_fast.env import read_cached_json, write_cached_json
     path = _cache_dir() / f"{_job_key(job)}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
-    result = compile_one(job)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the next run its compile time
+    result = read_cached_json(path)
+    if result is None:
+        result = compile_one(job)
+        write_cached_json(path, result)  # a read-only cache only costs the next run its compiles
     return result
 
 
-def launches(shape: Shape, arch: int) -> list[tuple[str, object]]:
+def launches(shape: Shape) -> list[tuple[str, object]]:
     """(pass, Launch or None) for one shape: forward, first-order and second-order backward."""
     from anil_fast.kernels import anil_head
-    forward = anil_head.forward_launch(shape.support_rows, shape.query_rows, shape.ways, arch)
-    reverse = anil_head.reverse_launch(shape.support_rows, shape.ways, arch)
+    forward = anil_head.forward_launch(shape.support_rows, shape.query_rows, shape.ways)
+    reverse = anil_head.reverse_launch(shape.support_rows, shape.ways)
     return [("forward", forward), ("backward, first order", None),
             ("backward, second order", reverse)]
 
@@ -202,7 +195,7 @@ def build_report(arches, presets_only: bool = False, workers: int | None = None)
     rows, jobs = [], {}
     for shape in shapes(presets_only):
         for arch in arches:
-            for pass_, launch in launches(shape, arch):
+            for pass_, launch in launches(shape):
                 row = {"shape": shape.name, "ways": shape.ways, "shots": shape.shots,
                        "support_rows": shape.support_rows, "query_rows": shape.query_rows,
                        "steps": shape.steps, "preset": shape.preset, "pass": pass_, "arch": arch}

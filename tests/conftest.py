@@ -39,6 +39,16 @@ def evaluation28(omniglot_dir):
     return Omniglot("evaluation", 28, root=omniglot_dir, download=False)
 
 
+@pytest.fixture(scope="session")
+def synthetic_characters():
+    """Omniglot-shaped images [964, 20, 1, 28, 28] that need no data: each character a fixed
+    random pattern, its drawings that pattern plus noise (distinct images, learnable classes),
+    for the tests of sampling and training mechanics."""
+    g = torch.Generator().manual_seed(0)
+    patterns = (torch.rand(964, 1, 1, 28, 28, generator=g) > 0.5).float()
+    return (0.7 * patterns + 0.3 * torch.rand(964, 20, 1, 28, 28, generator=g)).contiguous()
+
+
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """A fresh user cache folder for tests that exercise the disk cache."""

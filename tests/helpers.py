@@ -54,7 +54,7 @@ def make(name="conv4", size=16, ways=4, seed=0, channels=1, hidden=None, **kwarg
     return ANIL(body.double(), head.double(), **kwargs)
 
 
-OPTIMIZER_KWARGS = ("lr", "optimizer", "multipliers", "warmup_steps", "schedule")
+OPTIMIZER_KWARGS = ("lr", "optimizer", "multipliers", "warmup_steps", "schedule", "momentum")
 
 
 def make_trainable(*args, **kwargs):

@@ -123,13 +123,13 @@ def test_evaluate_leaves_running_statistics_alone():
         anil.evaluate(random_batch(), bn_mode="magic")
 
 
-def test_bf16_autocast_trains_on_cpu(background28):
+def test_bf16_autocast_trains_on_cpu(synthetic_characters):
     from anil_fast.data import TaskSampler
     torch.manual_seed(0)
     body, head = models.build("conv4", 5, 28)
     anil = ANIL(body, head, inner_lr=0.4, precision="bf16", backend="reference")
     opt = MetaOptimizer(anil, lr=0.001)
-    sampler = TaskSampler(background28.images, 5, 1, 5, 4, rotations=False, seed=0)
+    sampler = TaskSampler(synthetic_characters, 5, 1, 5, 4, rotations=False, seed=0)
     losses = [opt.step(sampler.sample())["loss"].item() for _ in range(30)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
@@ -225,7 +225,7 @@ def test_a_callers_optimizer_keeps_its_groups():
 
 
 def test_checkpoint_of_another_model_is_a_value_error(tmp_path):
-    from anil_fast.trainer import load_model_state
+    from anil_fast.build import load_model_state
     conv4 = make()
     other = make(ways=5)
     with pytest.raises(ValueError, match="checkpoint"):
@@ -281,3 +281,48 @@ def test_a_batch_that_is_not_a_task_batch_is_named():
     for call in (opt.step, anil.meta_loss, anil.meta_backward, anil.evaluate):
         with pytest.raises(TypeError, match="TaskBatch"):
             call(as_tuple)
+
+
+# -- capture preparation and grouped BatchNorm leave the caller's objects usable ------------------
+
+def test_capture_of_an_optimizer_without_a_capturable_mode():
+    # SGD has no `capturable` argument: with a constant learning rate it is captured as it is
+    # (and steps exactly as before); with a schedule or warmup a graph would replay its first
+    # learning rate, so preparing it says so, naming the optimizer
+    anil, opt = make_trainable(inner_lr=0.3, inner_steps=2, optimizer=torch.optim.SGD, lr=0.05,
+                               momentum=0.9)
+    twin, twin_opt = make_trainable(inner_lr=0.3, inner_steps=2, optimizer=torch.optim.SGD,
+                                    lr=0.05, momentum=0.9)
+    opt.step(random_batch(seed=0))
+    twin_opt.step(random_batch(seed=0))
+    opt.make_capturable()
+    assert isinstance(opt.optimizer, torch.optim.SGD)
+    for k in range(1, 3):
+        opt.device_step(random_batch(seed=k))  # the function a graph captures, eagerly
+        opt.end_step()
+        twin_opt.step(random_batch(seed=k))
+    for (name, p), q in zip(anil.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    for kwargs in (dict(schedule=lambda step: 0.5), dict(warmup_steps=2)):
+        _, scheduled = make_trainable(optimizer=torch.optim.Adagrad, lr=0.05, **kwargs)
+        with pytest.raises(ValueError, match="Adagrad has no capturable mode"):
+            scheduled.make_capturable()
+
+
+def test_grouped_batchnorm_leaves_no_class_swap_behind(tmp_path):
+    import io
+    anil = make(inner_lr=0.3, inner_steps=1, batched_body=True, backend="fused")
+    classes = [type(bn) for bn in batchnorm_layers(anil.body)]
+    opt = MetaOptimizer(anil)
+    opt.step(random_batch())
+    anil.evaluate(random_batch(seed=1))
+    assert [type(bn) for bn in batchnorm_layers(anil.body)] == classes
+    assert all(not hasattr(bn, "_anil_sink") or bn._anil_sink is None
+               for bn in batchnorm_layers(anil.body))
+    buffer = io.BytesIO()
+    torch.save(anil.body, buffer)  # a whole module pickles (a class made at run time would not)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = random_batch().support_x[0]
+    anil.body.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), anil.body(x))

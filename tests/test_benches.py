@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_smoke_on_cpu(tmp_path, omniglot_dir):
+def test_gpu_check_smoke_on_cpu(tmp_path):  # random problems: no data needed
     env = dict(os.environ, TRITON_INTERPRET="1")  # the installed package, no PYTHONPATH
     out = subprocess.run([sys.executable, "benches/gpu_check.py", "--device", "cpu", "--json",
                           str(tmp_path / "check.json")], cwd=ROOT, env=env, capture_output=True,
@@ -21,7 +21,30 @@ def test_gpu_check_smoke_on_cpu(tmp_path, omniglot_dir):
     errors = [r for r in result["head"] if str(r.get("order", "")).startswith(("error", "skipped"))]
     errors += [r for r in result["steps"] if r.get("case") == "error"]
     assert not errors, errors
+    assert result["errors"] == []
     assert "Fused head forward+backward" in out.stdout
+
+
+def test_gpu_check_fails_on_an_error_cell(tmp_path, monkeypatch):
+    # a variant that errors (e.g. a CUDA-graph capture) is recorded, the rest still runs, and
+    # the check exits non-zero: an "error: ..." cell is a failure, not a result
+    monkeypatch.syspath_prepend(str(ROOT / "benches"))
+    import bench_steps
+    import gpu_check
+    from anil_fast import ops
+    monkeypatch.setattr(ops, "CPU_LOOP", ops.CPU_LOOP)  # gpu_check's CPU smoke switches it
+
+    def broken_steps(device, quick):
+        return [{"case": "s2 conv4 28px", "per-task it/s": 3.0,
+                 "fast bf16+graph it/s": "error: RuntimeError: capture failed"}]
+    monkeypatch.setattr(bench_steps, "time_meta_steps", broken_steps)
+    monkeypatch.setattr(gpu_check, "check_correctness", lambda device, shapes: ([{"ok": "yes"}], True))
+    monkeypatch.setattr(gpu_check, "time_head", lambda device, quick, deadline: ([], None))
+    code = gpu_check.main(["--device", "cpu", "--json", str(tmp_path / "check.json")])
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert code == 1
+    assert result["correct"] and result["errors"] == [
+        "s2 conv4 28px fast bf16+graph it/s: error: RuntimeError: capture failed"]
 
 
 def test_scaling_model_prints_its_table():

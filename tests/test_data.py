@@ -136,9 +136,9 @@ def _class_images(images, rotations):
 
 
 @pytest.mark.parametrize("rotations", [False, True])
-def test_sampler_invariants(background28, rotations):
+def test_sampler_invariants(synthetic_characters, rotations):
     ways, shots, queries, tasks = 7, 3, 4, 6
-    sampler = TaskSampler(background28.images, ways, shots, queries, tasks, rotations=rotations,
+    sampler = TaskSampler(synthetic_characters, ways, shots, queries, tasks, rotations=rotations,
                           seed=3)
     batch = sampler.sample()
     assert batch.support_x.shape == (tasks, ways * shots, 1, 28, 28)
@@ -147,7 +147,7 @@ def test_sampler_invariants(background28, rotations):
     idx = sampler.draw_indices(tasks)
     batch = sampler.materialise(idx)
     classes = idx.rotations * 964 + idx.characters
-    bank = _class_images(background28.images, rotations)
+    bank = _class_images(synthetic_characters, rotations)
     for t in range(tasks):
         assert len(set(classes[t].tolist())) == ways  # distinct classes
         for w in range(ways):
@@ -162,18 +162,18 @@ def test_sampler_invariants(background28, rotations):
         assert idx.rotations.unique().numel() > 1
 
 
-def test_sampler_labels_are_randomly_assigned(background28):
-    sampler = TaskSampler(background28.images, 5, 1, 1, 200, rotations=False, seed=0)
+def test_sampler_labels_are_randomly_assigned(synthetic_characters):
+    sampler = TaskSampler(synthetic_characters, 5, 1, 1, 200, rotations=False, seed=0)
     idx = sampler.draw_indices(200)
     # label 0's character is not always the smallest character id of its task
     smallest = (idx.characters[:, 0] == idx.characters.min(1).values).float().mean()
     assert 0.05 < smallest < 0.5
 
 
-def test_sampler_determinism_and_state(background28):
-    a = TaskSampler(background28.images, 5, 1, 5, 4, seed=11)
-    b = TaskSampler(background28.images, 5, 1, 5, 4, seed=11)
-    c = TaskSampler(background28.images, 5, 1, 5, 4, seed=12)
+def test_sampler_determinism_and_state(synthetic_characters):
+    a = TaskSampler(synthetic_characters, 5, 1, 5, 4, seed=11)
+    b = TaskSampler(synthetic_characters, 5, 1, 5, 4, seed=11)
+    c = TaskSampler(synthetic_characters, 5, 1, 5, 4, seed=12)
     xa, xb, xc = a.sample(), b.sample(), c.sample()
     assert torch.equal(xa.support_x, xb.support_x) and torch.equal(xa.query_x, xb.query_x)
     assert not torch.equal(xa.support_x, xc.support_x)
@@ -183,8 +183,8 @@ def test_sampler_determinism_and_state(background28):
     assert torch.equal(a.sample().query_x, after.query_x)
 
 
-def test_fixed_task_pool(background28):
-    sampler = TaskSampler(background28.images, 5, 1, 5, 16, rotations=False, seed=0,
+def test_fixed_task_pool(synthetic_characters):
+    sampler = TaskSampler(synthetic_characters, 5, 1, 5, 16, rotations=False, seed=0,
                           num_tasks=40)
     first_pass = [sampler.next_indices() for _ in range(3)]  # 48 tasks: the pool once, then 8
     chars = torch.cat([i.characters for i in first_pass])
@@ -197,11 +197,11 @@ def test_fixed_task_pool(background28):
     assert all(tuple(r) in pool_rows for r in later.tolist())
 
 
-def test_sampling_speed(background28):
+def test_sampling_speed(synthetic_characters):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        sampler = TaskSampler(background28.images, 5, 1, 15, 32, rotations=True, seed=0)
+        sampler = TaskSampler(synthetic_characters, 5, 1, 15, 32, rotations=True, seed=0)
         sampler.sample()
         start = time.perf_counter()
         for _ in range(50):
@@ -216,11 +216,11 @@ def test_sampling_speed(background28):
 @pytest.mark.parametrize("kwargs, word", [
     (dict(ways=2000), "ways"), (dict(shots=10, queries=11), "shots"),
     (dict(ways=1), "ways"), (dict(meta_batch=0), "meta_batch")])
-def test_bad_sampler_arguments(background28, kwargs, word):
+def test_bad_sampler_arguments(synthetic_characters, kwargs, word):
     args = dict(ways=5, shots=1, queries=5, meta_batch=4, rotations=False)
     args.update(kwargs)
     with pytest.raises(ValueError, match=word):
-        TaskSampler(background28.images, **args)
+        TaskSampler(synthetic_characters, **args)
 
 
 # -- untrusted sources: content-keyed, verified cache; incomplete splits named ------------------

@@ -100,12 +100,12 @@ def _eval_sampler():
 
 
 def _job_eval(rank, info, out_dir):
-    from anil_fast.trainer import evaluate
+    from anil_fast.evaluation import evaluate
     return evaluate(_make(), _eval_sampler(), 23)
 
 
 def test_sharded_evaluation_equals_one_process(tmp_path):
-    from anil_fast.trainer import evaluate
+    from anil_fast.evaluation import evaluate
     assert _spawn(_job_eval, tmp_path) == [0, 0], _errors(tmp_path)
     single = evaluate(_make(), _eval_sampler(), 23)
     for rank in range(2):

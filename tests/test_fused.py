@@ -150,7 +150,7 @@ def test_small_loops_agree_with_the_torch_oracle(steps):
     # each device kernel against the batched-torch oracle, forward and reverse, directly
     from anil_fast.kernels import anil_head
     fs, ys, fq, yq, w, b = head_problem(3, 9, 8, 11, 4, seed=1, dtype=torch.float32)
-    z0, kss, aq, kqs = ops._projections(fs, fq, w, b)
+    z0, kss, aq, kqs = ops.projections(fs, fq, w, b)
     hbar = torch.randn_like(z0)
     want = (*anil_head.torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, 0.3, steps),
             *anil_head.torch_inner_loop_reverse(z0, kss, ys, hbar, 0.3, steps))
@@ -166,7 +166,7 @@ def test_small_loops_agree_with_the_torch_oracle(steps):
 def test_torch_small_loop_matches_reference():
     from anil_fast.kernels import anil_head
     fs, ys, fq, yq, w, b = head_problem(3, 9, 8, 11, 4, seed=1)
-    z0, kss, aq, kqs = ops._projections(fs, fq, w, b)
+    z0, kss, aq, kqs = ops.projections(fs, fq, w, b)
     _, logits, losses = anil_head.torch_inner_loop_forward(z0, kss, ys, aq, kqs, yq, 0.3, 4)
     ref_losses, ref_logits = adapted_query_loss(fs, ys, fq, yq, w, b, inner_lr=0.3, inner_steps=4,
                                                 first_order=False, backend="reference")

@@ -50,7 +50,7 @@ def test_the_acceptance_rule_can_fail():
 def test_launchers_and_report_share_one_decision():
     from anil_fast.kernels import anil_head
     shape = report.Shape("x", 20, 5, 5, 5, True)
-    chosen = dict(report.launches(shape, 86))
-    assert chosen["forward"] == anil_head.forward_launch(100, 100, 20, 86)
-    assert chosen["backward, second order"] == anil_head.reverse_launch(100, 20, 86)
+    chosen = dict(report.launches(shape))
+    assert chosen["forward"] == anil_head.forward_launch(100, 100, 20)
+    assert chosen["backward, second order"] == anil_head.reverse_launch(100, 20)
     assert chosen["backward, first order"] is None

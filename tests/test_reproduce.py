@@ -11,7 +11,8 @@ from anil_fast.cli import main
 from anil_fast.runfolder import load_checkpoint
 from anil_fast.scenarios import scenario_config
 from anil_fast.schedules import lr_factor, progress
-from anil_fast.trainer import evaluate_checkpoint, train
+from anil_fast.evaluation import evaluate_checkpoint
+from anil_fast.trainer import train
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ import torch
 from anil_fast.cli import main
 from anil_fast.runfolder import RunFolder, load_checkpoint
 from anil_fast.scenarios import scenario_config
-from anil_fast.trainer import TrainingDiverged, evaluate_checkpoint, train
+from anil_fast.evaluation import evaluate_checkpoint
+from anil_fast.trainer import TrainingDiverged, train
 
 TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tasks", "4",
         "--inner-steps", "1", "--checkpoint-every", "2", "--no-progress", "--endless"]
@@ -271,11 +272,11 @@ def test_train_and_evaluate_leave_the_global_rng_alone(finished_run, tmp_path):
 
 @needs_data
 def test_bf16_without_native_support_trains_in_fp32_and_says_so(tmp_path, monkeypatch):
-    import anil_fast.trainer as trainer
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    import anil_fast.build as build
+    monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="no native bf16"):
         summary = train(tiny(meta_steps=2, precision="bf16"), tmp_path / "run", progress=False)
     assert summary["precision"] == "fp32"
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: True)
     summary = train(tiny(meta_steps=2, precision="bf16"), tmp_path / "run2", progress=False)
     assert summary["precision"] == "bf16"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
 from importlib.resources import files
 from pathlib import Path
@@ -25,7 +24,9 @@ import numpy as np
 import torch
 
 from .fewshot import SPLITS, FewShotImages, decode_images, from_tensors
-from .omniglot import not_found, user_cache_dir
+from ..env import cache_dir, data_roots, offline
+from .omniglot import not_found
+from ..errors import InputError
 
 BENCHMARKS = ("mini-imagenet", "cifar-fs", "fc100")
 CLASSES_PER_SPLIT = {"mini-imagenet": (64, 16, 20), "cifar-fs": (64, 16, 20), "fc100": (60, 20, 20)}
@@ -39,24 +40,14 @@ def published_splits() -> dict:
     return json.loads((files("anil_fast.data") / "splits.json").read_text())
 
 
-def benchmark_roots(folder: str, root=None) -> list[Path]:
-    """Where a benchmark's files are looked for, in order: `root`, $ANIL_FAST_DATA/<folder>,
-    the user cache's <folder>."""
-    roots = [Path(root)] if root is not None else []
-    if os.environ.get("ANIL_FAST_DATA"):
-        roots.append(Path(os.environ["ANIL_FAST_DATA"]) / folder)
-    roots.append(user_cache_dir() / folder)
-    return roots
-
-
 def load_benchmark(name: str, split: str, image_size: int | None = None, root=None,
                    device="cpu", download: bool = True, progress: bool = False) -> FewShotImages:
     """One split ("train", "validation", "test") of a benchmark, at image_size (default: the
     benchmark's own, 84 or 32 px)."""
     if name not in BENCHMARKS:
-        raise ValueError(f"dataset must be one of {BENCHMARKS}, got {name!r}")
+        raise InputError(f"dataset must be one of {BENCHMARKS}, got {name!r}")
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     size = image_size or NATIVE_SIZE[name]
     if name == "mini-imagenet":
         data = mini_imagenet(split, size, root, progress)
@@ -68,14 +59,14 @@ def load_benchmark(name: str, split: str, image_size: int | None = None, root=No
 def _check_classes(name: str, split: str, found: int, where) -> None:
     expected = CLASSES_PER_SPLIT[name][SPLITS.index(split)]
     if found != expected:
-        raise ValueError(f"{name}: the {split} split has {expected} classes in the published "
+        raise InputError(f"{name}: the {split} split has {expected} classes in the published "
                          f"split; {where} gives {found}")
 
 
 # -- mini-ImageNet -------------------------------------------------------------------------------
 def find_mini_imagenet(root=None) -> tuple[Path | None, list[Path]]:
     tried = []
-    for folder in benchmark_roots("mini-imagenet", root):
+    for folder in data_roots("mini-imagenet", root):
         tried.append(folder)
         if all((folder / f).is_file() for f in MINI_CSV.values()) and (folder / "images").is_dir():
             return folder, tried
@@ -95,18 +86,18 @@ def mini_imagenet(split: str, image_size: int = 84, root=None, progress: bool = 
     with open(table, newline="") as f:
         rows = list(csv.reader(f))
     if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
-        raise ValueError(f"mini-ImageNet: {table} must start with the header 'filename,label'")
+        raise InputError(f"mini-ImageNet: {table} must start with the header 'filename,label'")
     by_class: dict[str, list[Path]] = {}
     for number, row in enumerate(rows[1:], 2):
         if len(row) < 2:
-            raise ValueError(f"mini-ImageNet: {table}:{number} is not 'filename,label'")
+            raise InputError(f"mini-ImageNet: {table}:{number} is not 'filename,label'")
         by_class.setdefault(row[1].strip(), []).append(folder / "images" / row[0].strip())
     _check_classes("mini-imagenet", split, len(by_class), table)
     names = sorted(by_class)
     image_files = [f for name in names for f in by_class[name]]
     missing = [f for f in image_files if not f.is_file()]
     if missing:
-        raise ValueError(f"mini-ImageNet: {len(missing)} images listed in {table} are missing, "
+        raise InputError(f"mini-ImageNet: {len(missing)} images listed in {table} are missing, "
                          f"e.g. {missing[0]}")
     pixels = decode_images(image_files, image_size, 3, f"mini-imagenet_{split}", progress=progress)
     return FewShotImages(pixels, torch.tensor([len(by_class[n]) for n in names]), names)
@@ -131,12 +122,12 @@ def _read_cifar_pickle(path: Path) -> dict:
         with open(path, "rb") as f:
             return _ArraysOnly(f, encoding="latin1").load()
     except Exception as exc:
-        raise ValueError(f"CIFAR-100: {path} is not a CIFAR-100 python file ({exc})") from exc
+        raise InputError(f"CIFAR-100: {path} is not a CIFAR-100 python file ({exc})") from exc
 
 
 def find_cifar100(root=None) -> tuple[Path | None, list[Path]]:
     tried = []
-    for folder in benchmark_roots("cifar100", root):
+    for folder in data_roots("cifar100", root):
         for candidate in (folder / "cifar-100-python", folder):
             tried.append(candidate)
             if all((candidate / f).is_file() for f in ("train", "test", "meta")):
@@ -150,10 +141,10 @@ def cifar100(root=None, download: bool = True) -> tuple[np.ndarray, np.ndarray, 
     folder, tried = find_cifar100(root)
     if folder is None:
         reason = "download=False" if not download else None
-        if download and os.environ.get("ANIL_FAST_OFFLINE") == "1":
+        if download and offline():
             reason = "ANIL_FAST_OFFLINE=1"
         if reason is None:
-            target = user_cache_dir() / "cifar100"
+            target = cache_dir() / "cifar100"
             try:
                 from torchvision.datasets.utils import download_and_extract_archive
                 download_and_extract_archive(CIFAR100_URL, str(target), md5=CIFAR100_MD5)
@@ -175,9 +166,9 @@ def cifar100(root=None, download: bool = True) -> tuple[np.ndarray, np.ndarray, 
         coarse = np.concatenate([np.asarray(p["coarse_labels"], dtype=np.int64) for p in parts])
         meta = {k: list(meta[k]) for k in ("fine_label_names", "coarse_label_names")}
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"CIFAR-100: {folder} does not hold CIFAR-100's python files ({exc})") from exc
+        raise InputError(f"CIFAR-100: {folder} does not hold CIFAR-100's python files ({exc})") from exc
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not len(data) == len(fine) == len(coarse):
-        raise ValueError(f"CIFAR-100: {folder}: images must be rows of 3,072 bytes with one "
+        raise InputError(f"CIFAR-100: {folder}: images must be rows of 3,072 bytes with one "
                          f"fine and one coarse label each")
     return data.reshape(-1, 3, 32, 32), fine, coarse, meta
 
@@ -190,13 +181,13 @@ def cifar_benchmark(name: str, split: str, image_size: int = 32, root=None,
         index = {n: i for i, n in enumerate(meta["fine_label_names"])}
         unknown = [n for n in listed if n not in index]
         if unknown:
-            raise ValueError(f"CIFAR-100's meta has no class {unknown[0]!r}")
+            raise InputError(f"CIFAR-100's meta has no class {unknown[0]!r}")
         classes = [index[n] for n in listed]
     else:  # FC100: every fine class of the split's superclasses
         index = {n: i for i, n in enumerate(meta["coarse_label_names"])}
         unknown = [n for n in listed if n not in index]
         if unknown:
-            raise ValueError(f"CIFAR-100's meta has no superclass {unknown[0]!r}")
+            raise InputError(f"CIFAR-100's meta has no superclass {unknown[0]!r}")
         wanted = {index[n] for n in listed}
         classes = sorted({int(f) for f, c in zip(fine, coarse) if int(c) in wanted})
     keep = np.isin(fine, classes)

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..env import cache_dir, read_cached_array, write_cached_array
+from ..errors import InputError, InputTypeError, is_int
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 SPLITS = ("train", "validation", "test")
 # folder names a dataset may use for its splits
@@ -40,17 +43,17 @@ class FewShotImages:
 
     def __post_init__(self):
         if not isinstance(self.pixels, torch.Tensor) or self.pixels.dim() != 4:
-            raise TypeError("pixels must be a tensor [images, C, H, W]")
+            raise InputTypeError("pixels must be a tensor [images, C, H, W]")
         if self.pixels.dtype != torch.uint8 and not self.pixels.is_floating_point():
-            raise TypeError(f"pixels must be uint8 (8-bit) or floating point, got {self.pixels.dtype}")
+            raise InputTypeError(f"pixels must be uint8 (8-bit) or floating point, got {self.pixels.dtype}")
         counts = torch.as_tensor(self.counts, dtype=torch.int64)
         if counts.dim() != 1 or counts.numel() == 0 or bool((counts < 1).any()):
-            raise ValueError("counts must list at least one class, each with at least one image")
+            raise InputError("counts must list at least one class, each with at least one image")
         if int(counts.sum()) != self.pixels.shape[0]:
-            raise ValueError(f"counts sum to {int(counts.sum())}, but there are "
+            raise InputError(f"counts sum to {int(counts.sum())}, but there are "
                              f"{self.pixels.shape[0]} images")
         if self.class_names and len(self.class_names) != counts.numel():
-            raise ValueError(f"{len(self.class_names)} class names for {counts.numel()} classes")
+            raise InputError(f"{len(self.class_names)} class names for {counts.numel()} classes")
         self.counts = counts.to(self.pixels.device)
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
 
@@ -58,7 +61,7 @@ class FewShotImages:
     def from_grid(cls, images: torch.Tensor, class_names=None) -> "FewShotImages":
         """From [classes, examples, C, H, W] (every class the same count, e.g. Omniglot)."""
         if not isinstance(images, torch.Tensor) or images.dim() != 5:
-            raise TypeError("images must be a tensor [classes, examples, C, H, W]")
+            raise InputTypeError("images must be a tensor [classes, examples, C, H, W]")
         classes, examples = images.shape[:2]
         return cls(images.reshape(classes * examples, *images.shape[2:]),
                    torch.full((classes,), examples, dtype=torch.int64), list(class_names or []))
@@ -84,7 +87,7 @@ class FewShotImages:
         if short:
             c = short[0]
             name = f" ({self.class_names[c]!r})" if self.class_names else ""
-            raise ValueError(f"shots + queries = {needed}, but class {c}{name} has only "
+            raise InputError(f"shots + queries = {needed}, but class {c}{name} has only "
                              f"{int(self.counts[c])} images ({len(short)} classes have fewer "
                              f"than {needed}); lower --shots/--queries or drop those classes")
 
@@ -97,11 +100,11 @@ def from_tensors(images: torch.Tensor, labels: torch.Tensor, class_names=None) -
     """From images [N, C, H, W] (uint8 or float in 0..1) and integer labels [N]: grouped by
     label (classes in label order, examples in their original order)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise TypeError("images must be a tensor [N, C, H, W]")
+        raise InputTypeError("images must be a tensor [N, C, H, W]")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
-        raise TypeError("labels must be an integer tensor [N]")
+        raise InputTypeError("labels must be an integer tensor [N]")
     if labels.numel() != images.shape[0]:
-        raise ValueError(f"{labels.numel()} labels for {images.shape[0]} images")
+        raise InputError(f"{labels.numel()} labels for {images.shape[0]} images")
     classes, inverse, counts = torch.unique(labels.cpu(), return_inverse=True, return_counts=True)
     order = torch.sort(inverse, stable=True).indices
     names = list(class_names) if class_names is not None else [str(int(c)) for c in classes]
@@ -124,15 +127,15 @@ def from_dataset(dataset, image_size: int | None = None, channels: int | None = 
         elif isinstance(image, np.ndarray):
             image = pil_to_tensor(Image.fromarray(image))
         elif not isinstance(image, torch.Tensor):
-            raise TypeError(f"dataset[{i}]: an image must be a PIL image, array or tensor, got "
+            raise InputTypeError(f"dataset[{i}]: an image must be a PIL image, array or tensor, got "
                             f"{type(image).__name__}")
         images.append(image)
         labels.append(int(label))
     if not images:
-        raise ValueError("dataset is empty")
+        raise InputError("dataset is empty")
     shapes = {tuple(x.shape) for x in images}
     if len(shapes) != 1:
-        raise ValueError(f"images of several shapes {sorted(shapes)[:3]}: pass image_size")
+        raise InputError(f"images of several shapes {sorted(shapes)[:3]}: pass image_size")
     return from_tensors(torch.stack(images), torch.tensor(labels), class_names)
 
 
@@ -161,21 +164,21 @@ def folder_splits(path, split_file=None) -> dict[str, list[Path]]:
     (train/, val/ or validation/, test/), else a fixed random 64/16/20 split of the classes."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"data: {path} is not a folder (expected one folder per class, or "
+        raise InputError(f"data: {path} is not a folder (expected one folder per class, or "
                          f"train/ val/ test/ folders of class folders)")
     if split_file is not None:
         try:
             listed = json.loads(Path(split_file).read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"split_file: {split_file} is not readable JSON ({exc})") from exc
+            raise InputError(f"split_file: {split_file} is not readable JSON ({exc})") from exc
         if not isinstance(listed, dict) or not set(listed) <= set(SPLITS) or "train" not in listed:
-            raise ValueError(f"split_file: {split_file} must map 'train' (and optionally "
+            raise InputError(f"split_file: {split_file} must map 'train' (and optionally "
                              f"'validation', 'test') to lists of class folder names")
         splits = {}
         for split, names in listed.items():
             missing = [n for n in names if not (path / n).is_dir()]
             if missing:
-                raise ValueError(f"split_file: {len(missing)} classes of '{split}' have no "
+                raise InputError(f"split_file: {len(missing)} classes of '{split}' have no "
                                  f"folder in {path}, e.g. {missing[0]!r}")
             splits[split] = [path / n for n in names]
         return splits
@@ -185,7 +188,7 @@ def folder_splits(path, split_file=None) -> dict[str, list[Path]]:
         return {split: _class_folders(folder) for split, folder in present.items() if folder}
     classes = _class_folders(path)
     if len(classes) < 3:
-        raise ValueError(f"data: {path} holds {len(classes)} class folders; a split needs at "
+        raise InputError(f"data: {path} holds {len(classes)} class folders; a split needs at "
                          f"least 3 (or give train/ val/ test/ folders or a split file)")
     order = list(classes)
     random.Random(SPLIT_SEED).shuffle(order)
@@ -209,9 +212,8 @@ def decode_images(files: list[Path], image_size: int, channels: int, name: str,
     """The images `files` names, decoded with Pillow and resized: uint8 [N, channels, size,
     size]. Cached in the user cache, keyed on every file's path, size and modification time,
     the size and the channels; an entry is verified (shape, dtype, checksum) before use."""
-    from .omniglot import _read_cache_array, _write_cache, user_cache_dir
-    entry = user_cache_dir() / "decoded" / f"{name}_{image_size}_{channels}_{_fingerprint(files, image_size, channels)}"
-    cached = _read_cache_array(entry, {"files": len(files)}) if cache else None
+    entry = cache_dir() / "decoded" / f"{name}_{image_size}_{channels}_{_fingerprint(files, image_size, channels)}"
+    cached = read_cached_array(entry, {"files": len(files)}) if cache else None
     if cached is not None:
         array = cached[0]
     else:
@@ -223,9 +225,9 @@ def decode_images(files: list[Path], image_size: int, channels: int, name: str,
                 with Image.open(f) as image:
                     array[i] = _pil_to_array(image, image_size, channels)
             except (UnidentifiedImageError, OSError) as exc:
-                raise ValueError(f"data: {f} is not an image Pillow can read ({exc})") from exc
+                raise InputError(f"data: {f} is not an image Pillow can read ({exc})") from exc
         if cache:
-            _write_cache(entry, array, {"files": len(files)})
+            write_cached_array(entry, array, {"files": len(files)})
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
@@ -234,19 +236,19 @@ def image_folder(path, split: str = "train", image_size: int = 84, channels: int
     """One split of a folder of class folders (any images Pillow reads), resized to
     image_size x image_size, `channels` 1 or 3, as uint8 on `device`."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        raise InputError(f"channels must be 1 or 3, got {channels}")
+    if not is_int(image_size) or image_size < 8:
+        raise InputError(f"image_size must be an int >= 8, got {image_size!r}")
     splits = folder_splits(path, split_file)
     if split not in splits or not splits[split]:
-        raise ValueError(f"data: {path} has no '{split}' split")
+        raise InputError(f"data: {path} has no '{split}' split")
     classes = splits[split]
     per_class = [_image_files(c) for c in classes]
     empty = [c.name for c, found in zip(classes, per_class) if not found]
     if empty:
-        raise ValueError(f"data: class folder {empty[0]!r} of {path} holds no images "
+        raise InputError(f"data: class folder {empty[0]!r} of {path} holds no images "
                          f"({', '.join(IMAGE_SUFFIXES)})")
     pixels = decode_images([f for group in per_class for f in group], image_size, channels,
                            f"folder_{split}", cache, progress)

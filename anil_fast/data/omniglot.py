@@ -16,16 +16,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..env import cache_dir, data_roots, read_cached_array, write_cached_array
+from ..errors import InputError, InputTypeError, is_int
 
 SPLITS = {"background": 964, "evaluation": 659}
 FIRST_ID = {"background": 1, "evaluation": 965}
@@ -41,10 +41,6 @@ UPSTREAM_MD5 = {
 _PNG_NAME = re.compile(r"(\d{4})_(\d{2})\.png$")
 
 
-def user_cache_dir() -> Path:
-    return Path(os.environ.get("ANIL_FAST_CACHE", Path.home() / ".cache" / "anil_fast"))
-
-
 def not_found(what: str, tried, advice: str) -> FileNotFoundError:
     """The offline error every loader gives: what is missing and why, every path tried, and
     where to put the files."""
@@ -54,13 +50,7 @@ def not_found(what: str, tried, advice: str) -> FileNotFoundError:
 
 def search_roots(root=None) -> list[Path]:
     """The folders searched for Omniglot files, in order."""
-    roots = []
-    if root is not None:
-        roots.append(Path(root))
-    if os.environ.get("ANIL_FAST_DATA"):
-        roots.append(Path(os.environ["ANIL_FAST_DATA"]) / "omniglot")
-    roots.append(user_cache_dir() / "omniglot")
-    return roots
+    return data_roots("omniglot", root)
 
 
 def _candidates(folder: Path, split: str) -> list[Path]:
@@ -90,7 +80,7 @@ def _check_sha256(path: Path, digest: str | None = None) -> str:
         parts = line.split()
         if len(parts) == 2 and parts[1] == path.name:
             if digest != parts[0]:
-                raise ValueError(f"Omniglot file {path} is corrupt: its SHA-256 does not match "
+                raise InputError(f"Omniglot file {path} is corrupt: its SHA-256 does not match "
                                  f"{sums}; replace the file")
             break
     return digest
@@ -116,9 +106,9 @@ def load_npz(path: Path) -> np.ndarray:
         with np.load(path) as arrays:
             paper = arrays["images"]
     except Exception as exc:  # zipfile.BadZipFile, KeyError, ValueError, EOFError...
-        raise ValueError(f"Omniglot file {path} is unreadable or truncated ({exc})") from exc
+        raise InputError(f"Omniglot file {path} is unreadable or truncated ({exc})") from exc
     if paper.dtype != np.bool_ or paper.ndim != 4 or paper.shape[1:] != (DRAWINGS, 105, 105):
-        raise ValueError(f"Omniglot file {path} holds images of shape {paper.shape} and dtype "
+        raise InputError(f"Omniglot file {path} holds images of shape {paper.shape} and dtype "
                          f"{paper.dtype}; expected bool (characters, 20, 105, 105)")
     return ~paper
 
@@ -129,9 +119,9 @@ def _decode_png(data: bytes, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("1"), dtype=bool)
     except Exception as exc:
-        raise ValueError(f"Omniglot image {where} is unreadable ({exc})") from exc
+        raise InputError(f"Omniglot image {where} is unreadable ({exc})") from exc
     if arr.shape != (105, 105):
-        raise ValueError(f"Omniglot image {where} has shape {arr.shape}, expected (105, 105)")
+        raise InputError(f"Omniglot image {where} has shape {arr.shape}, expected (105, 105)")
     return ~arr  # PNG: True = white paper
 
 
@@ -143,13 +133,13 @@ def _assemble(entries, source: Path):
         by_char.setdefault(cid, {})[drawing] = ink
         alphabet_of[cid] = alphabet
     if not by_char:
-        raise ValueError(f"Omniglot source {source} holds no character images")
+        raise InputError(f"Omniglot source {source} holds no character images")
     ids = sorted(by_char)
     images = np.zeros((len(ids), DRAWINGS, 105, 105), dtype=bool)
     for i, cid in enumerate(ids):
         drawings = by_char[cid]
         if sorted(drawings) != list(range(DRAWINGS)):
-            raise ValueError(f"Omniglot source {source}: character {cid} has drawings "
+            raise InputError(f"Omniglot source {source}: character {cid} has drawings "
                              f"{sorted(d + 1 for d in drawings)}, expected 1..20")
         for d, ink in drawings.items():
             images[i, d] = ink
@@ -171,7 +161,7 @@ def load_zip(path: Path):
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"Omniglot archive {path} is unreadable or truncated ({exc})") from exc
+        raise InputError(f"Omniglot archive {path} is unreadable or truncated ({exc})") from exc
 
     def entries():
         with archive:
@@ -181,7 +171,7 @@ def load_zip(path: Path):
                     try:
                         data = archive.read(info)
                     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                        raise ValueError(f"Omniglot archive {path} is corrupt at "
+                        raise InputError(f"Omniglot archive {path} is corrupt at "
                                          f"{info.filename} ({exc})") from exc
                     yield (*parsed, _decode_png(data, f"{path}:{info.filename}"))
     return _assemble(entries(), path)
@@ -216,14 +206,14 @@ def check_complete(ids, alphabets, split: str, source: Path, partial: bool = Fal
     ids = [int(i) for i in ids]
     outside = [i for i in ids if not first <= i < first + count]
     if outside:
-        raise ValueError(f"Omniglot source {source} holds character ids {outside[0]}..{outside[-1]}, "
+        raise InputError(f"Omniglot source {source} holds character ids {outside[0]}..{outside[-1]}, "
                          f"outside the {split} set's {first}..{first + count - 1}: is it the other "
                          f"split?")
     official = packaged_alphabets(split)
     wrong = [(i, a) for i, a in zip(ids, alphabets) if a and a != official[i - first]]
     if wrong:
         i, a = wrong[0]
-        raise ValueError(f"Omniglot source {source}: character id {i} is filed under {a!r}, but "
+        raise InputError(f"Omniglot source {source}: character id {i} is filed under {a!r}, but "
                          f"belongs to {official[i - first]!r} ({len(wrong)} such characters)")
     present = set(ids)
     whole, characters = [], []  # alphabets missing entirely; characters missing from the rest
@@ -243,7 +233,7 @@ def check_complete(ids, alphabets, split: str, source: Path, partial: bool = Fal
         if whole and not partial:
             parts.append(f"{len(whole)} whole alphabets ({', '.join(whole[:5])}"
                          f"{', ...' if len(whole) > 5 else ''}; partial=True admits those)")
-        raise ValueError(f"Omniglot source {source} is incomplete: the {split} set has {count} "
+        raise InputError(f"Omniglot source {source} is incomplete: the {split} set has {count} "
                          f"characters, {len(present)} were found; missing: {'; '.join(parts)}")
 
 
@@ -280,11 +270,11 @@ class Omniglot:
     def __init__(self, split: str, image_size: int = 28, root=None, device="cpu",
                  download: bool = True, partial: bool = False):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-        if isinstance(image_size, bool) or not isinstance(image_size, int):
-            raise TypeError(f"image_size must be an int, got {type(image_size).__name__}")
+            raise InputError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        if not is_int(image_size):
+            raise InputTypeError(f"image_size must be an int, got {type(image_size).__name__}")
         if not 8 <= image_size <= ORIGINAL_SIZE:
-            raise ValueError(f"image_size must be between 8 and {ORIGINAL_SIZE}, got {image_size}")
+            raise InputError(f"image_size must be between 8 and {ORIGINAL_SIZE}, got {image_size}")
         self.split, self.image_size = split, image_size
         source, tried = find_source(split, root)
         if source is None:
@@ -305,7 +295,7 @@ class Omniglot:
 
     @staticmethod
     def _download_or_explain(split, tried, allowed):
-        target = user_cache_dir() / "omniglot"
+        target = cache_dir() / "omniglot"
         if allowed:
             try:
                 return download(split, target)
@@ -322,14 +312,14 @@ class Omniglot:
     @staticmethod
     def _load_cached(source: Path, split: str, image_size: int):
         key = hashlib.sha256(f"{source_fingerprint(source)}|{split}|{image_size}|v2".encode())
-        cache = user_cache_dir() / "omniglot" / "decoded" / f"{split}_{image_size}_{key.hexdigest()[:24]}"
+        cache = cache_dir() / "omniglot" / "decoded" / f"{split}_{image_size}_{key.hexdigest()[:24]}"
         cached = _read_cache(cache, image_size)
         if cached is not None:
             return cached
         if source.suffix == ".npz":
             ink = load_npz(source)
             if ink.shape[0] != SPLITS[split]:
-                raise ValueError(f"Omniglot file {source} holds {ink.shape[0]} characters; the "
+                raise InputError(f"Omniglot file {source} holds {ink.shape[0]} characters; the "
                                  f"{split} set has {SPLITS[split]}")
             ids = np.arange(ink.shape[0]) + FIRST_ID[split]
             alphabets = packaged_alphabets(split)
@@ -339,37 +329,14 @@ class Omniglot:
             ink, ids, alphabets = load_folder(source)
         images = resize_ink(torch.from_numpy(ink), image_size)
         stored = ink.astype(np.uint8) if image_size == ORIGINAL_SIZE else images.numpy()
-        _write_cache(cache, stored, {"character_ids": [int(i) for i in ids],
+        write_cached_array(cache, stored, {"character_ids": [int(i) for i in ids],
                                      "alphabets": list(alphabets), "source": str(source)})
         return images, np.asarray(ids), list(alphabets)
 
 
-def _checksum(array: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
-
-
-def _read_cache_array(cache: Path, expect: dict | None = None):
-    """(array, record) of a cache entry, verified against its record (shape, dtype, checksum,
-    and the record's fields named in `expect`) before it is served; None when there is none or
-    it fails a check (it is then rebuilt)."""
-    images_file, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
-    if not (images_file.exists() and meta_file.exists()):
-        return None
-    try:
-        meta = json.loads(meta_file.read_text())
-        array = np.load(images_file, allow_pickle=False)
-        if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
-                or _checksum(array) != meta["crc32"]
-                or any(meta.get(k) != v for k, v in (expect or {}).items())):
-            raise ValueError("cache entry does not match its record")
-    except Exception:  # a broken or tampered cache entry is rebuilt, never trusted
-        return None
-    return array, meta
-
-
 def _read_cache(cache: Path, image_size: int):
     """A cached Omniglot decode, verified (shape, dtype, checksum, value range)."""
-    cached = _read_cache_array(cache)
+    cached = read_cached_array(cache)
     if cached is None:
         return None
     array, meta = cached
@@ -380,22 +347,3 @@ def _read_cache(cache: Path, image_size: int):
     if image_size == ORIGINAL_SIZE:  # cached as the uint8 ink mask
         images = resize_ink(images, image_size)
     return images, np.array(meta["character_ids"]), meta["alphabets"]
-
-
-def _write_cache(cache: Path, array: np.ndarray, meta: dict) -> None:
-    """Write the array, then its record (shape, dtype, checksum), each to a unique temporary
-    name then renamed: a killed or concurrent process never leaves a half-written entry."""
-    meta = {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "crc32": _checksum(array)}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        for suffix, write in ((".npy", lambda f: np.save(f, array)),
-                              (".json", lambda f: f.write(json.dumps(meta).encode()))):
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                os.replace(tmp, cache.with_suffix(suffix))
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-    except OSError:
-        pass  # a read-only or full cache folder only costs the next load its decoding time

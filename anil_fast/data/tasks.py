@@ -8,6 +8,7 @@ import torch
 
 from .fewshot import FewShotImages
 from .omniglot import Omniglot
+from ..errors import InputError, InputTypeError, check_int
 
 
 @dataclass
@@ -23,21 +24,21 @@ class TaskBatch:
         for name in ("support_x", "query_x"):
             x = getattr(self, name)
             if not isinstance(x, torch.Tensor) or x.dim() != 5 or not x.is_floating_point():
-                raise TypeError(f"{name} must be a float tensor [tasks, rows, C, H, W]")
+                raise InputTypeError(f"{name} must be a float tensor [tasks, rows, C, H, W]")
         for name in ("support_y", "query_y"):
             y = getattr(self, name)
             if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 2:
-                raise TypeError(f"{name} must be an int64 tensor [tasks, rows]")
+                raise InputTypeError(f"{name} must be an int64 tensor [tasks, rows]")
         if self.support_y.shape != self.support_x.shape[:2]:
-            raise ValueError(f"support_y has shape {tuple(self.support_y.shape)}, support_x "
+            raise InputError(f"support_y has shape {tuple(self.support_y.shape)}, support_x "
                              f"has {tuple(self.support_x.shape[:2])} tasks x rows")
         if self.query_y.shape != self.query_x.shape[:2]:
-            raise ValueError(f"query_y has shape {tuple(self.query_y.shape)}, query_x "
+            raise InputError(f"query_y has shape {tuple(self.query_y.shape)}, query_x "
                              f"has {tuple(self.query_x.shape[:2])} tasks x rows")
         if self.support_x.shape[0] != self.query_x.shape[0]:
-            raise ValueError("support_x and query_x hold different numbers of tasks")
+            raise InputError("support_x and query_x hold different numbers of tasks")
         if self.support_x.shape[2:] != self.query_x.shape[2:]:
-            raise ValueError("support_x and query_x hold images of different shapes")
+            raise InputError("support_x and query_x hold images of different shapes")
 
     @property
     def num_tasks(self) -> int:
@@ -63,13 +64,6 @@ class TaskIndices:
 
     def __getitem__(self, index) -> "TaskIndices":
         return TaskIndices(self.characters[index], self.drawings[index], self.rotations[index])
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
@@ -98,32 +92,32 @@ class TaskSampler:
             images = images.images
         if isinstance(images, torch.Tensor):
             if images.dim() != 5:
-                raise TypeError("images must be a tensor [characters, drawings, C, H, W] or a "
+                raise InputTypeError("images must be a tensor [characters, drawings, C, H, W] or a "
                                 "FewShotImages")
             if not images.is_floating_point():
-                raise TypeError(f"images must be a floating-point tensor (e.g. values in 0..1), "
+                raise InputTypeError(f"images must be a floating-point tensor (e.g. values in 0..1), "
                                 f"got {images.dtype}; for 8-bit data use FewShotImages (uint8 "
                                 f"storage, converted per batch)")
             data = FewShotImages.from_grid(images)
         elif isinstance(images, FewShotImages):
             data = images
         else:
-            raise TypeError(f"images must be a tensor [characters, drawings, C, H, W] or a "
+            raise InputTypeError(f"images must be a tensor [characters, drawings, C, H, W] or a "
                             f"FewShotImages, got {type(images).__name__}")
         height, width = data.image_shape[-2:]
         if rotations and height != width:
-            raise ValueError(f"rotations=True needs square images, got {height}x{width} (a "
+            raise InputError(f"rotations=True needs square images, got {height}x{width} (a "
                              f"quarter turn would change their shape)")
-        _check_int("ways", ways, 2)
-        _check_int("shots", shots, 1)
-        _check_int("queries", queries, 1)
-        _check_int("meta_batch", meta_batch, 1)
+        check_int("ways", ways, 2)
+        check_int("shots", shots, 1)
+        check_int("queries", queries, 1)
+        check_int("meta_batch", meta_batch, 1)
         if num_tasks is not None:
-            _check_int("num_tasks", num_tasks, 1)
+            check_int("num_tasks", num_tasks, 1)
         data.check_examples(shots + queries)
         self.num_classes = data.num_classes * (4 if rotations else 1)
         if ways > self.num_classes:
-            raise ValueError(f"ways ({ways}) is larger than the {self.num_classes} classes of "
+            raise InputError(f"ways ({ways}) is larger than the {self.num_classes} classes of "
                              f"these images")
         self.data, self.ways, self.shots, self.queries = data, ways, shots, queries
         self.meta_batch, self.rotations, self.seed = meta_batch, rotations, seed
@@ -235,17 +229,17 @@ def load_split(protocol: str, split: str, image_size: int = 28, root=None, devic
     training part for split="validation".
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if split not in ("train", "validation", "test"):
-        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
-    _check_int("validation", validation, 0)
+        raise InputError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    check_int("validation", validation, 0)
     if protocol == "seed":
         if split == "validation":
-            raise ValueError("split='validation' exists only in the 'standard' protocol")
+            raise InputError("split='validation' exists only in the 'standard' protocol")
         name = "background" if split == "train" else "evaluation"
         return Omniglot(name, image_size, root, device, download).images
     if validation >= STANDARD_TRAIN:
-        raise ValueError(f"validation must be below {STANDARD_TRAIN}, got {validation}")
+        raise InputError(f"validation must be below {STANDARD_TRAIN}, got {validation}")
     characters = standard_characters(split, validation)
     both = torch.cat([Omniglot(s, image_size, root, "cpu", download).images
                       for s in ("background", "evaluation")])

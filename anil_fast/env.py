@@ -1,0 +1,168 @@
+"""One home for the environment and files every layer needs: the `ANIL_FAST_*` variables, the
+user cache folder, data roots, CPU feature flags, atomic writes and verified cache entries.
+
+Nothing here imports the rest of the package, so the op layer, the kernels' report and the
+data layer all take these from one place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import tempfile
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+# Every environment variable anil-fast reads (the README's table is checked against this).
+ENV_VARS = {
+    "ANIL_FAST_DATA": "folder holding the datasets (omniglot/, mini-imagenet/, cifar100/ ...); "
+                      "searched after an explicit --data-root, before the user cache",
+    "ANIL_FAST_CACHE": "the user cache folder (decoded images, C++ build, kernel report); "
+                       "default ~/.cache/anil_fast",
+    "ANIL_FAST_OFFLINE": "1: never try a download (ResNet18 weights, Omniglot, CIFAR-100)",
+    "ANIL_FAST_EXTENSIONS": "where the C++ small loop is built; default <cache>/extensions",
+    "ANIL_FAST_DIST_TIMEOUT": "seconds before a torch.distributed collective times out "
+                              "(default 300)",
+    "ANIL_FAST_ALLOW_NO_CPP": "1: the tests accept a machine without a C++ compiler (the fused "
+                              "op's batched-torch fallback)",
+}
+
+
+def _variable(name: str) -> str | None:
+    assert name in ENV_VARS, name  # every variable read is documented
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def cache_dir() -> Path:
+    """The user cache folder (ANIL_FAST_CACHE, default ~/.cache/anil_fast)."""
+    return Path(_variable("ANIL_FAST_CACHE") or Path.home() / ".cache" / "anil_fast")
+
+
+def extensions_dir() -> Path:
+    return Path(_variable("ANIL_FAST_EXTENSIONS") or cache_dir() / "extensions")
+
+
+def offline() -> bool:
+    return _variable("ANIL_FAST_OFFLINE") == "1"
+
+
+def allow_no_cpp() -> bool:
+    return _variable("ANIL_FAST_ALLOW_NO_CPP") == "1"
+
+
+def dist_timeout_s() -> float:
+    return float(_variable("ANIL_FAST_DIST_TIMEOUT") or 300)
+
+
+def data_roots(folder: str, root=None) -> list[Path]:
+    """Where a dataset's files are looked for, in order: `root`, $ANIL_FAST_DATA/<folder>, the
+    user cache's <folder>."""
+    roots = [Path(root)] if root is not None else []
+    if _variable("ANIL_FAST_DATA"):
+        roots.append(Path(_variable("ANIL_FAST_DATA")) / folder)
+    roots.append(cache_dir() / folder)
+    return roots
+
+
+# -- the CPU -----------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def cpu_flags() -> frozenset | None:
+    """The CPU's instruction-set flags (/proc/cpuinfo "flags" or Arm "Features"); None when
+    they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.M):
+        flags.update(line.split())
+    return frozenset(flags) or None
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (x86 AVX-512 BF16 or AMX, Arm BF16); None when
+    its flags cannot be read. Without it, bf16 convolutions are emulated and slow."""
+    flags = cpu_flags()
+    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_key() -> str:
+    """A short key of this CPU's instruction sets: a -march=native build cached in a folder
+    shared between machines must not be handed from one machine to another."""
+    import hashlib
+    flags = cpu_flags()
+    text = " ".join(sorted(flags)) if flags else platform.processor()
+    return f"{platform.machine()}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+# -- files -------------------------------------------------------------------------------------
+def atomic_write(target, write) -> None:
+    """write(binary file) into a unique temporary file beside `target`, then rename it over
+    `target`: a killed process or a full disk leaves the previous file intact, and the partial
+    file is removed. OSErrors propagate (callers say what they mean for them)."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checksum(array: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def read_cached_array(entry: Path, expect: dict | None = None):
+    """(array, record) of a cache entry (entry.npy + entry.json), verified against its record
+    (shape, dtype, checksum, and the record's fields named in `expect`) before it is served;
+    None when there is none or it fails a check (the caller rebuilds it)."""
+    images_file, meta_file = entry.with_suffix(".npy"), entry.with_suffix(".json")
+    if not (images_file.exists() and meta_file.exists()):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        array = np.load(images_file, allow_pickle=False)
+        if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
+                or checksum(array) != meta["crc32"]
+                or any(meta.get(k) != v for k, v in (expect or {}).items())):
+            return None
+    except Exception:  # a broken or tampered cache entry is rebuilt, never trusted
+        return None
+    return array, meta
+
+
+def write_cached_array(entry: Path, array: np.ndarray, meta: dict) -> None:
+    """Write the array, then its record (shape, dtype, checksum), each atomically: a killed or
+    concurrent process never leaves a half-written entry. A read-only or full cache folder
+    only costs the next load its decoding time."""
+    meta = {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "crc32": checksum(array)}
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(entry.with_suffix(".npy"), lambda f: np.save(f, array))
+        atomic_write(entry.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+    except OSError:
+        pass
+
+
+def read_cached_json(path: Path):
+    """A JSON cache file's value, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_cached_json(path: Path, value) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps(value).encode()))
+    except OSError:
+        pass  # a read-only cache only costs the next run its work

@@ -1,0 +1,105 @@
+"""Evaluation: accuracy before and after adaptation over many tasks with 95% confidence
+intervals (data-parallel under torchrun), the test of a run's selected checkpoint (best
+validation or last weights), and the evaluation of a checkpoint file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .anil import BN_MODES, ANIL
+from .build import build_anil, load_model_state, own_rng, resolve_device, task_sampler
+from .data import TaskSampler
+from .errors import InputError, is_int
+from .metrics import mean_ci95
+from .runfolder import load_checkpoint
+from .scenarios import Config, validate_config
+
+__all__ = ["evaluate", "score_selected", "evaluate_checkpoint"]
+
+
+def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "transductive",
+             inner_steps: int | None = None, progress: bool = False) -> dict:
+    """Mean query accuracy before and after adaptation over `tasks` tasks, with 95% CIs.
+    Under torch.distributed each rank adapts its share of every batch and the per-task
+    accuracies are gathered in task order: the same numbers as one process."""
+    info = distributed.current()
+    distributed.average_running_stats(anil.body)
+    before, after = [], []
+    done = 0
+    bar = tqdm(total=tasks, desc="eval", unit="task", disable=not (progress and info.is_main),
+               leave=False)
+    while done < tasks:
+        indices = sampler.next_indices()[: tasks - done]
+        count = indices.characters.shape[0]
+        share = distributed.shard(count, info)
+        if share.stop > share.start:
+            result = anil.evaluate(sampler.materialise(indices[share]), inner_steps, bn_mode)
+            per_before, per_after = result["per_task_before"], result["per_task_after"]
+        else:  # more ranks than tasks in this batch
+            per_before = per_after = torch.zeros(0)
+        device = indices.characters.device
+        before.append(distributed.gather_tensor(per_before.to(device)).cpu())
+        after.append(distributed.gather_tensor(per_after.to(device)).cpu())
+        done += count
+        bar.update(count)
+    bar.close()
+    before_t, after_t = torch.cat(before), torch.cat(after)
+    mean_b, ci_b = mean_ci95(before_t.numpy())
+    mean_a, ci_a = mean_ci95(after_t.numpy())
+    return {"accuracy_before": mean_b, "ci95_before": ci_b, "accuracy_after": mean_a,
+            "ci95_after": ci_a, "gain": mean_a - mean_b, "tasks": tasks, "bn_mode": bn_mode,
+            "per_task_after": after_t.tolist()}
+
+
+def score_selected(anil: ANIL, config: Config, sampler: TaskSampler, step: int,
+                  best: dict | None, best_path: Path) -> dict:
+    """Test accuracy of the last weights (in `anil`, at `step`) and, with validation, of the
+    best-validation checkpoint (`best`, its weights in `best_path`, loaded into `anil`):
+    {"evaluation": selected, "evaluation_last": last, "selected": which}."""
+    def test():
+        result = evaluate(anil, sampler, config.test_tasks, config.bn_mode,
+                          config.eval_inner_steps)
+        result.pop("per_task_after")
+        return result
+    last = test()
+    if not config.validates or best is None:
+        return {"evaluation": last, "selected": f"last (step {step})"}
+    out = {"evaluation_last": last,
+           "selected": f"best validation (step {best['step']}, "
+                       f"{100 * best['accuracy']:.2f}% on {config.val_tasks} tasks)"}
+    if best["step"] == step:
+        out["evaluation"] = last
+    else:
+        load_model_state(anil, load_checkpoint(best_path)["model"])
+        out["evaluation"] = test()
+    return out
+
+
+
+def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str = "transductive",
+                        device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was)."""
+    if not is_int(tasks) or tasks < 1:
+        raise InputError(f"tasks must be a positive int, got {tasks!r}")
+    if bn_mode not in BN_MODES:
+        raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    ckpt = load_checkpoint(path)
+    fields = dict(ckpt["config"])
+    unknown = set(fields) - {f for f in Config.__dataclass_fields__}
+    if unknown:
+        raise InputError(f"checkpoint: {path} was written with settings this anil-fast does not "
+                         f"know ({', '.join(sorted(unknown))})")
+    config = Config(**{**fields, "device": device})
+    validate_config(config)
+    dev = resolve_device(distributed.rank_device(distributed.current(), device))
+    with own_rng(dev):
+        anil = build_anil(config, dev)
+        load_model_state(anil, ckpt["model"])
+        result = evaluate(anil, task_sampler(config, "test", dev, tasks), tasks, bn_mode,
+                          config.eval_inner_steps, progress=progress)
+    result.pop("per_task_after")
+    result.update({"scenario": config.scenario, "model": config.model, "step": ckpt["step"]})
+    return result
