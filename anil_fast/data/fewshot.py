@@ -128,7 +128,7 @@ def from_dataset(dataset, image_size: int | None = None, channels: int | None = 
             image = pil_to_tensor(Image.fromarray(image))
         elif not isinstance(image, torch.Tensor):
             raise InputTypeError(f"dataset[{i}]: an image must be a PIL image, array or tensor, got "
-                            f"{type(image).__name__}")
+                                 f"{type(image).__name__}")
         images.append(image)
         labels.append(int(label))
     if not images:

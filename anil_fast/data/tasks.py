@@ -93,17 +93,17 @@ class TaskSampler:
         if isinstance(images, torch.Tensor):
             if images.dim() != 5:
                 raise InputTypeError("images must be a tensor [characters, drawings, C, H, W] or a "
-                                "FewShotImages")
+                                     "FewShotImages")
             if not images.is_floating_point():
                 raise InputTypeError(f"images must be a floating-point tensor (e.g. values in 0..1), "
-                                f"got {images.dtype}; for 8-bit data use FewShotImages (uint8 "
-                                f"storage, converted per batch)")
+                                     f"got {images.dtype}; for 8-bit data use FewShotImages (uint8 "
+                                     f"storage, converted per batch)")
             data = FewShotImages.from_grid(images)
         elif isinstance(images, FewShotImages):
             data = images
         else:
             raise InputTypeError(f"images must be a tensor [characters, drawings, C, H, W] or a "
-                            f"FewShotImages, got {type(images).__name__}")
+                                 f"FewShotImages, got {type(images).__name__}")
         height, width = data.image_shape[-2:]
         if rotations and height != width:
             raise InputError(f"rotations=True needs square images, got {height}x{width} (a "
