@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Data: ../shared/data beside the checkout unless ANIL_FAST_DATA says otherwise.
 export ANIL_FAST_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test bench gpu-check kernel-report install clean
+.PHONY: demo test bench gpu-check gpu-acceptance kernel-report install clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,12 @@ kernel-report: install
 gpu-check:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PYTHON) benches/gpu_check.py --json gpu-check.json
+
+# Every number the project owes from one lent GPU, in priority order, each step under its own
+# time limit (benches/gpu_acceptance.py): results in docs/results/<date>-<gpu>/.
+gpu-acceptance:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) benches/gpu_acceptance.py --out docs/results
 
 clean:
 	rm -rf runs build *.egg-info

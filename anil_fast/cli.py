@@ -12,7 +12,12 @@ from pathlib import Path
 
 from .anil import BN_MODES
 from .errors import AnilFastError
+from .bench import DEFAULT_CASES
 from .trainer import TrainingDiverged
+
+
+class BenchFailed(AnilFastError):
+    """A bench variant disagreed with the reference or could not run (exit code 1)."""
 from .scenarios import PRESETS, Config
 from .errors import InputError
 
@@ -109,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start every scenario's run over")
     cmp.add_argument("--no-progress", action="store_true")
     _add_overrides(cmp)
+
+    bench = sub.add_parser("bench", help="meta-steps/s of the per-task loop, a torch.func vmap "
+                                         "ANIL and ours, side by side (table, JSON, PNG)")
+    bench.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                       help="presets whose shapes to time (default: %(default)s)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--quick", action="store_true",
+                       help="two tiny cases, one short repetition: checks the command works "
+                            "(its numbers are a smoke run, not results)")
+    bench.add_argument("--out", default=None, help="folder for bench.md, bench.json, bench.png")
+    bench.add_argument("--repetitions", type=int, default=None, help="interleaved rounds (5)")
+    bench.add_argument("--seconds", type=float, default=None,
+                       help="seconds per variant per round (0.5)")
     return parser
 
 
@@ -165,6 +183,9 @@ def main(argv=None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except BenchFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (AnilFastError, OSError) as exc:  # OSError: files, folders, the disk
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -233,8 +254,22 @@ def _compare(args, info, out) -> None:
         f"({len(rows)} scenarios)")
 
 
+def _bench(args, info, out) -> None:
+    from .bench import failures, main_progress, run_bench
+    cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    rows, text = run_bench(cases, args.device, args.quick, args.out, args.repetitions,
+                           args.seconds, progress=main_progress if info.is_main else None)
+    out(text)
+    if args.out:
+        out(f"wrote {args.out}/bench.{{md,json,png}}")
+    bad = failures(rows)
+    if bad:
+        raise BenchFailed("variants that disagree with the reference or could not run: "
+                          + "; ".join(bad))
+
+
 COMMANDS = {"train": _train, "eval": _eval, "show-tasks": _show_tasks, "reproduce": _reproduce,
-            "compare": _compare}
+            "compare": _compare, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())
