@@ -36,11 +36,17 @@ def test_a_variant_that_disagrees_with_the_reference_fails_the_bench(monkeypatch
     monkeypatch.setattr(bench, "QUICK_CASES", ("s2",))
     monkeypatch.setattr(bench, "variants_for", lambda device, quick: [
         bench.Variant("loop", "fp32"), bench.Variant("fused", "fp32")])
-    real = bench.relative_error
-    monkeypatch.setattr(bench, "relative_error", lambda *args: 10 * real(*args) + 0.5)
+    real = bench._anil_stepper
+
+    def wrong_inner_lr(case, variant, device, quick):  # a fused path with a bug in it
+        step, anil = real(case, variant, device, quick)
+        if variant.name == "fused":
+            anil.inner_lr *= 1.5
+        return step, anil
+    monkeypatch.setattr(bench, "_anil_stepper", wrong_inner_lr)
     assert cli.main(["bench", "--quick", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
-    assert "s2 fused fp32" in err and "s2 loop fp32" in err
+    assert "s2 fused fp32: check failed" in err and "loop" not in err
 
 
 @pytest.mark.parametrize("cases, word", [("nope", "unknown preset"), ("s2@x", "pixels"),
