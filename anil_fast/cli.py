@@ -1,4 +1,4 @@
-"""The `anil-fast` command line: train, eval, compare, reproduce, show-tasks.
+"""The `anil-fast` command line: train, eval, compare, reproduce, show-tasks, bench.
 
 User errors (AnilFastError: bad settings, files, run folders; OSError: the disk, permissions)
 print one line and exit 2; a diverged run exits 3; anything else is a bug and keeps its
@@ -62,7 +62,14 @@ def _overrides(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anil-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_inspection_commands(sub)
+    _add_bench_command(sub)
+    return parser
 
+
+def _add_run_commands(sub) -> None:
+    """train and reproduce: commands that train into a run folder."""
     train = sub.add_parser("train", help="meta-train a scenario, then evaluate it")
     train.add_argument("--scenario", default="s2", choices=sorted(PRESETS))
     train.add_argument("--out", required=True, help="run folder (checkpoint, metrics, results)")
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--overwrite", action="store_true")
     rep.add_argument("--no-progress", action="store_true")
 
+
+def _add_inspection_commands(sub) -> None:
+    """show-tasks, eval and compare."""
     show = sub.add_parser("show-tasks", help="write a picture of sampled tasks (support above "
                                              "query, labels shown)")
     show.add_argument("--scenario", default="s2", choices=sorted(PRESETS))
@@ -115,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-progress", action="store_true")
     _add_overrides(cmp)
 
+
+def _add_bench_command(sub) -> None:
     bench = sub.add_parser("bench", help="meta-steps/s of the per-task loop, a torch.func vmap "
                                          "ANIL and ours, side by side (table, JSON, PNG)")
     bench.add_argument("--cases", default=",".join(DEFAULT_CASES),
@@ -127,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repetitions", type=int, default=None, help="interleaved rounds (5)")
     bench.add_argument("--seconds", type=float, default=None,
                        help="seconds per variant per round (0.5)")
-    return parser
 
 
 def _print_eval(result: dict, out=print) -> None:

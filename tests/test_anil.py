@@ -130,7 +130,7 @@ def test_bf16_autocast_trains_on_cpu(synthetic_characters):
     anil = ANIL(body, head, inner_lr=0.4, precision="bf16", backend="reference")
     opt = MetaOptimizer(anil, lr=0.001)
     sampler = TaskSampler(synthetic_characters, 5, 1, 5, 4, rotations=False, seed=0)
-    losses = [opt.step(sampler.sample())["loss"].item() for _ in range(30)]
+    losses = [opt.step(sampler.sample())["loss"].item() for _ in range(15)]  # learnable: fast
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 

@@ -22,10 +22,11 @@ def offline(monkeypatch):
 
 
 def test_convergence_s2_28px(tmp_path, omniglot_dir):
-    """s2 at 28 px, 5-way 1-shot, inner lr 0.4, 200 meta-steps of 8 tasks with 15 queries:
-    at least 85% after adaptation on 200 test tasks of the evaluation set."""
+    """s2 at 28 px, 5-way 1-shot, inner lr 0.4, 200 meta-steps of 8 tasks with 10 queries:
+    at least 85% after adaptation on 200 test tasks of the evaluation set (88.1% on a 2-core
+    AMD EPYC VM, 2026-12-02; 10 queries rather than make demo's 15 keep the suite short)."""
     config = scenario_config("s2", image_size=28, inner_lr=0.4, meta_steps=200, meta_batch=8,
-                             queries=15, test_tasks=200, tasks=None, device="cpu")
+                             queries=10, test_tasks=200, tasks=None, device="cpu")
     start = time.perf_counter()
     summary = train(config, tmp_path, progress=False)
     seconds = time.perf_counter() - start
