@@ -13,8 +13,8 @@ from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm
                         grouped_batchnorm)
 from .data import TaskBatch
 from .env import cpu_has_native_bf16
-from .functional import adapted_query_loss, backend_name
 from .errors import InputError, InputTypeError, is_int
+from .functional import adapted_query_loss, backend_name
 
 BN_MODES = ("transductive", "running")
 PRECISIONS = ("fp32", "tf32", "bf16")

@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 from .anil import BN_MODES
-from .errors import AnilFastError
 from .bench import DEFAULT_CASES
+from .errors import AnilFastError, InputError
+from .scenarios import PRESETS, Config
 from .trainer import TrainingDiverged
 
 
 class BenchFailed(AnilFastError):
     """A bench variant disagreed with the reference or could not run (exit code 1)."""
-from .scenarios import PRESETS, Config
-from .errors import InputError
+
 
 # flag -> Config field, for every override the CLI offers
 OVERRIDES = {

@@ -15,7 +15,7 @@ from .data import TaskSampler
 from .errors import InputError, is_int
 from .metrics import mean_ci95
 from .runfolder import load_checkpoint
-from .scenarios import Config, validate_config
+from .scenarios import Config, normalized_config, validate_config
 
 __all__ = ["evaluate", "score_selected", "evaluate_checkpoint"]
 
@@ -94,6 +94,7 @@ def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str = "transductive",
                          f"know ({', '.join(sorted(unknown))})")
     config = Config(**{**fields, "device": device})
     validate_config(config)
+    config = normalized_config(config)  # an earlier version's names in today's terms
     dev = resolve_device(distributed.rank_device(distributed.current(), device))
     with own_rng(dev):
         anil = build_anil(config, dev)

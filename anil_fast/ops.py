@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from .env import cpu_key, extensions_dir
-from .kernels import anil_head
 from .errors import InputError
+from .kernels import anil_head
 
 _cpp_module = None
 _cpp_error: str | None = None

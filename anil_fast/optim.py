@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .anil import require_batch, check_learning_rates
+from .anil import check_learning_rates, require_batch
 from .batchnorm import batchnorm_layers, batchnorm_parameter_names
 from .data import TaskBatch
-from .models import count_parameters
 from .errors import InputError, InputTypeError, is_int
+from .models import count_parameters
 
 
 def multiplier_for(name: str, multipliers: dict) -> float:

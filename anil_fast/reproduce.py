@@ -18,10 +18,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from . import distributed
+from .errors import InputError
 from .runfolder import RunFolder
 from .scenarios import SEED_FAMILY, STANDARD_FAMILY, scenario_config
 from .trainer import train
-from .errors import InputError
 
 SUITES = {"paper": STANDARD_FAMILY, "seed": SEED_FAMILY}
 # Tiny settings that keep every code path of a suite alive in seconds on a CPU.

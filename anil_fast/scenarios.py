@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, fields
 from . import models
 from .anil import BN_MODES, PRECISIONS, check_learning_rates
 from .data.benchmarks import BENCHMARKS
+from .errors import InputError, is_int
 from .functional import backend_name
 from .schedules import SCHEDULES as LR_SCHEDULES
-from .errors import InputError, is_int
 
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
 STANDARD_FAMILY = ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s")

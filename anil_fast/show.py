@@ -9,8 +9,8 @@ import torch
 
 from .build import split_images
 from .data import TaskSampler
-from .scenarios import Config
 from .errors import InputError, is_int
+from .scenarios import Config
 
 SPLITS = ("train", "validation", "test")
 

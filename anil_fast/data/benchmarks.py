@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fewshot import SPLITS, FewShotImages, decode_images, from_tensors
 from ..env import cache_dir, data_roots, offline
-from .omniglot import not_found
 from ..errors import InputError
+from .fewshot import SPLITS, FewShotImages, decode_images, from_tensors
+from .omniglot import not_found
 
 BENCHMARKS = ("mini-imagenet", "cifar-fs", "fc100")
 CLASSES_PER_SPLIT = {"mini-imagenet": (64, 16, 20), "cifar-fs": (64, 16, 20), "fc100": (60, 20, 20)}

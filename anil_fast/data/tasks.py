@@ -6,9 +6,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..errors import InputError, InputTypeError, check_int
 from .fewshot import FewShotImages
 from .omniglot import Omniglot
-from ..errors import InputError, InputTypeError, check_int
 
 
 @dataclass
