@@ -9,8 +9,10 @@ no C++ build, no network). It
 2. times the op's forward+backward against the reference backend and the per-task loop, with
    achieved GB/s against the traffic floor and the copy bandwidth measured in the same run;
 3. times whole meta-steps (MetaOptimizer.step) of the scenarios against the per-task loop;
-and prints a compact table last. Without a GPU (`--device cpu`, under TRITON_INTERPRET=1) it
-runs a tiny smoke version of the same code, which is how CI keeps it working.
+and prints a compact table last. It exits 1 when a check fails or any timing cell records an
+error (a CUDA-graph capture that failed is a failure, not a result). Without a GPU
+(`--device cpu`, under TRITON_INTERPRET=1) it runs a tiny smoke version of the same code, which
+is how CI keeps it working.
 """
 from __future__ import annotations
 
