@@ -20,7 +20,7 @@ demo: install
 		--queries 15 --meta-steps 200 --test-tasks 200 --out runs/demo
 
 test: install
-	$(PY) -m pytest -q tests benches --smoke --benchmark-disable
+	$(PY) -m pytest -q tests benches --smoke --benchmark-disable --durations=15
 
 bench: install
 	$(PY) -m pytest -q benches --benchmark-only
