@@ -309,8 +309,8 @@ def _prepare(case, variant, device, batch, reference, quick, warmup):
     """Build a variant, take its first step (checked against the reference) and its warm-up
     steps; {"step", "error", "memory_mb"} or {"failed": message}."""
     try:
-        with _Memory(device) as memory:
-            step, model = stepper(case, variant, device, quick)
+        step, model = stepper(case, variant, device, quick)
+        with _Memory(device) as memory:  # above the weights: activations, gradients, state
             loss = step(batch)
             _sync(device)
             if variant.name == "vmap":
@@ -495,8 +495,8 @@ def markdown(rows: list[dict], info: dict, quick: bool) -> str:
               "check: max relative error of the first step's loss and gradients against the "
               "per-task reference in float64, within 2e-3 (fp32) or 8e-2 (bf16), or 4x the "
               "fp32 reference's own error where that is larger (vmap: its head only, against "
-              "the fp32 reference head); peak memory: CUDA "
-              "max_memory_allocated above what was allocated before the variant was built, "
+              "the fp32 reference head); peak memory of the first and warm-up steps: CUDA "
+              "max_memory_allocated above the model's weights, "
               "CPU the growth of the process's peak RSS (0 when it set no new peak)."]
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,13 @@ PY = sys.executable
 SEED_ACCURACY = {"s1": 77.1, "s2": 77.2, "s3": 72.5, "s4": 90.5, "s5": 91.0}
 PAPER_ACCURACY = {"std-5w1s": 98.7, "std-20w1s": 96.2, "std-20w5s": 98.0}
 BENCH_CASES = "s2,s1,s2@28,std-5w1s,std-20w1s,s4"
+# The paper suite's training seconds per preset, filled in from the time its step is given:
+# 4 presets, each with about 30 s of start-up, validation and 1,000 test tasks on top.
+PRESET_BUDGET = "{preset_budget}"
+
+
+def preset_budget(limit_s: float) -> str:
+    return f"{max(5.0, (limit_s - 20) / 4 - 30):.0f}"
 
 
 def steps(out: Path, device: str, quick: bool) -> list[dict]:
@@ -46,7 +53,8 @@ def steps(out: Path, device: str, quick: bool) -> list[dict]:
     seed += (["--meta-steps", "2", "--meta-batch", "2", "--image-size", "28", "--test-tasks", "4",
               "--queries", "2"] if smoke else ["--precision", "bf16"])
     paper = [PY, "-m", "anil_fast", "reproduce", "--suite", "paper", "--device", device,
-             "--out", str(out / "paper"), "--no-progress"] + (["--smoke"] if smoke else [])
+             "--out", str(out / "paper"), "--no-progress"]
+    paper += ["--smoke"] if smoke else ["--budget-s", PRESET_BUDGET]
     return [{"name": "gpu-check", "command": check, "share": 0.18},
             {"name": "kernel-report", "command": report, "share": 0.12},
             {"name": "bench", "command": bench, "share": 0.22},
@@ -83,6 +91,8 @@ def run_all(out: Path, budget_s: float, device: str, quick: bool, plan=None) -> 
     for step in plan:
         left = deadline - time.perf_counter()
         limit = left if step["share"] is None else min(left, step["share"] * budget_s)
+        step = {**step, "command": [preset_budget(limit) if part == PRESET_BUDGET else part
+                                    for part in step["command"]]}
         print(f"[{step['name']}] up to {limit:.0f} s: {' '.join(step['command'])}", flush=True)
         record = run_step(step, limit, out) if limit >= 1 else {
             "name": step["name"], "status": "skipped: no budget left", "seconds": 0}

@@ -70,11 +70,15 @@ def test_acceptance_keeps_going_past_a_failing_or_overrunning_step(tmp_path):
     py = sys.executable
     plan = [{"name": "overruns", "command": [py, "-c", "import time; time.sleep(60)"], "share": 0.1},
             {"name": "fails", "command": [py, "-c", "raise SystemExit(3)"], "share": 0.3},
-            {"name": "works", "command": [py, "-c", "print('fine')"], "share": None}]
+            {"name": "works", "command": [py, "-c", "import sys; print('fine', sys.argv[1])",
+                                          acceptance.PRESET_BUDGET], "share": None}]
     records = acceptance.run_all(tmp_path, 20.0, "cpu", True, plan)
     assert [r["name"] for r in records] == ["overruns", "fails", "works"]
     assert [r["status"] for r in records] == ["timed out", "failed", "ok"]
     assert records[0]["seconds"] < 10 and "fine" in records[2]["tail"]
+    # the last step's per-preset budget is filled in from the time it is given
+    assert acceptance.PRESET_BUDGET not in records[2]["command"]
+    assert records[2]["tail"].split()[-1] == records[2]["command"].split()[-1]
     assert json.loads((tmp_path / "steps.json").read_text()) == records
     text = acceptance.summary(tmp_path, records, quick=True)
     assert "| overruns | timed out |" in text and "Smoke run" in text
