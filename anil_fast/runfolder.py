@@ -89,9 +89,13 @@ class RunFolder:
             return
         import fcntl
         lock_path = self.path / LOCK
-        try:
-            handle = open(lock_path, "a+")
+        try:  # O_NOFOLLOW: a .lock that is a symlink must not make us write into its target
+            handle = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666),
+                               "r+")
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RunFolderError(f"--out {self.path}: {LOCK} is a symbolic link; anil-fast "
+                                     f"writes its lock only into a plain file (remove the link)") from exc
             raise RunFolderError(f"--out {self.path} is not writable ({exc.strerror or exc})") from exc
         try:
             try:

@@ -103,8 +103,12 @@ def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overw
     checkpoint = folder.path / CHECKPOINT
     if resume and checkpoint.exists():
         _resume(run, load_checkpoint(checkpoint))
+    elif resume and present:  # never delete what --resume did not ask to delete
+        raise RunFolderError(f"--resume: {folder.path} has no {CHECKPOINT} to resume from, but "
+                             f"holds {', '.join(present)}; point --out at the run's folder, put "
+                             f"its {CHECKPOINT} back, or start over with --overwrite")
     elif info.is_main:
-        folder.clear()  # --overwrite, or --resume with nothing to resume: start from step 0
+        folder.clear()  # --overwrite, or --resume in an empty folder: start from step 0
     distributed.barrier()  # nobody starts before rank 0 has tidied the run folder
     if info.is_main:
         folder.write_json(CONFIG, config.to_dict())

@@ -280,3 +280,32 @@ def test_bf16_without_native_support_trains_in_fp32_and_says_so(tmp_path, monkey
     monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: True)
     summary = train(tiny(meta_steps=2, precision="bf16"), tmp_path / "run2", progress=False)
     assert summary["precision"] == "bf16"
+
+
+# -- never delete what a flag did not ask to delete; never follow a symlinked lock ---------------
+
+@needs_data
+def test_resume_without_a_checkpoint_names_what_is_there_and_deletes_nothing(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "copied")
+    (out / "checkpoint.pt").unlink()  # copied without it, or renamed
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"no checkpoint\.pt to resume from.*results\.json"):
+        train(tiny(), out, resume=True, progress=False)
+    assert snapshot(out) == before
+    code, text = run_cli(capsys, "train", "--scenario", "s2", "--image-size", "28",
+                         "--meta-batch", "2", "--queries", "2", "--test-tasks", "4",
+                         "--meta-steps", "4", "--device", "cpu", "--out", str(out), "--resume",
+                         "--no-progress")
+    assert code == 2 and "--overwrite" in text and snapshot(out) == before
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link"):
+        with RunFolder(out).locked():
+            pass
+    assert target.read_text() == "keep me"
