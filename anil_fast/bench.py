@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -35,9 +34,10 @@ from . import models
 from .anil import ANIL, prefers_channels_last
 from .capture import MetaStepRunner
 from .data import TaskBatch
-from .env import cpu_flags, cpu_has_native_bf16
+from .env import cpu_flags, cpu_has_native_bf16, cpu_model
 from .errors import InputError
 from .functional import adapted_query_loss
+from .metrics import peak_rss_bytes
 from .optim import MetaOptimizer
 from .scenarios import PRESETS, scenario_config
 
@@ -171,7 +171,7 @@ class Variant:
         return f"{self.name} {self.precision}"
 
 
-def variants_for(device: torch.device, quick: bool = False) -> list[Variant]:
+def variants_for(device: torch.device) -> list[Variant]:
     """Every variant this device runs: the baselines and the reference in fp32; the fast
     paths in fp32 and, where it is native (CUDA; CPUs with AVX-512 BF16, AMX or Arm BF16),
     bf16; the CUDA graph on CUDA only."""
@@ -293,7 +293,7 @@ class _Memory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.base = peak_rss_bytes()
         return self
 
     def __exit__(self, *exc):
@@ -301,7 +301,7 @@ class _Memory:
             _sync(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+            self.peak = peak_rss_bytes() - self.base
         return False
 
 
@@ -428,7 +428,7 @@ def _row(case: Case, variant: Variant, state: dict, loop_rate, floor: dict, refe
 def device_info(device: torch.device) -> dict:
     """What the numbers were measured on: the device, its driver, torch, triton, the CPU."""
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_name(), "cpu_bf16": cpu_has_native_bf16(),
+            "cpu": cpu_model(), "cpu_bf16": cpu_has_native_bf16(),
             "cpu_flags": sorted(f for f in (cpu_flags() or ()) if f.startswith(("avx512", "amx", "avx2")))}
     try:
         import triton
@@ -446,16 +446,6 @@ def device_info(device: torch.device) -> dict:
         except Exception:
             info["driver"] = None
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 COLUMNS = [("case", "case"), ("variant", "variant"), ("precision", "precision"),
@@ -541,7 +531,7 @@ def run_bench(cases=DEFAULT_CASES, device: str = "auto", quick: bool = False, ou
     info = device_info(dev)
     rows = []
     for spec in specs:
-        rows += measure_case(spec, dev, variants_for(dev, quick), repetitions, seconds, quick,
+        rows += measure_case(spec, dev, variants_for(dev), repetitions, seconds, quick,
                              progress)
         text = markdown(rows, info, quick)
         if out is not None:  # after every case: a run cut off loses only the case it was in

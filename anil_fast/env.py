@@ -71,12 +71,25 @@ def data_roots(folder: str, root=None) -> list[Path]:
 
 # -- the CPU -----------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
+def _cpuinfo() -> str | None:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    found = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo() or "", re.M)
+    return found.group(1).strip() if found else platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=None)
 def cpu_flags() -> frozenset | None:
     """The CPU's instruction-set flags (/proc/cpuinfo "flags" or Arm "Features"); None when
     they cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    text = _cpuinfo()
+    if text is None:
         return None
     flags = set()
     for line in re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.M):

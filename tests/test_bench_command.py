@@ -34,7 +34,7 @@ def test_bench_quick_writes_every_column_with_the_baselines(tmp_path, capsys):
 
 def test_a_variant_that_disagrees_with_the_reference_fails_the_bench(monkeypatch, capsys):
     monkeypatch.setattr(bench, "QUICK_CASES", ("s2",))
-    monkeypatch.setattr(bench, "variants_for", lambda device, quick: [
+    monkeypatch.setattr(bench, "variants_for", lambda device: [
         bench.Variant("loop", "fp32"), bench.Variant("fused", "fp32")])
     real = bench._anil_stepper
 
