@@ -85,6 +85,12 @@ class ANIL(nn.Module):
             raise InputTypeError(f"body must be an nn.Module, got {type(body).__name__}")
         if not isinstance(head, nn.Linear):
             raise InputTypeError(f"head must be an nn.Linear, got {type(head).__name__}")
+        if head.bias is None:
+            raise InputError("head must have a bias (nn.Linear(features, ways, bias=True)): the "
+                             "inner loop adapts weight and bias")
+        if head.out_features < 2:
+            raise InputError(f"head must have one output per way (at least 2), got "
+                             f"{head.out_features}")
         for message in check_learning_rates(inner_lr, 0.0):
             warnings.warn(message, stacklevel=2)
         if not is_int(inner_steps):
@@ -103,6 +109,7 @@ class ANIL(nn.Module):
                 param.requires_grad_(name in trained)
         self.batched_body = batched_body
         self.precision = precision
+        self._labels_checked = False  # the first training batch's labels are checked once
         # channels_last: the body's weights are converted here, once, in place (the caller
         # asked for it); inputs are converted per call. Nothing else changes the body's layout.
         self.channels_last = bool(channels_last)
@@ -209,8 +216,39 @@ class ANIL(nn.Module):
             return self.batched_body
         return self.uses_fused_head() and device.type == "cuda"
 
+    # -- checks on first use ------------------------------------------------------------------
+    def check_labels(self, batch: TaskBatch) -> None:
+        """The tasks' labels must be 0..ways-1 with ways = the head's outputs: a head with
+        more outputs would score classes no task has, fewer (or labels out of range) give NaN
+        losses and meaningless accuracies. One host sync: evaluate() runs it every call,
+        training on its first batch (later steps stay sync-free; a NaN loss stops the trainer)."""
+        ways = self.head.out_features
+        labels = torch.cat([batch.support_y.flatten(), batch.query_y.flatten()])
+        if labels.numel() == 0:
+            raise InputError("batch: tasks without labels")
+        low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
+        if low < 0 or high >= ways:
+            raise InputError(f"batch: labels must lie in 0..{ways - 1} (the head has {ways} "
+                             f"outputs, one per way), found {low}..{high}")
+        if high + 1 != ways:
+            raise InputError(f"batch: the tasks have {high + 1} ways (labels 0..{high}) but the "
+                             f"head has {ways} outputs; build the head with one output per way")
+
+    def _check_features(self, fs: torch.Tensor) -> None:
+        if fs.shape[-1] != self.head.in_features:
+            raise InputError(f"the body gives {fs.shape[-1]} features per image but the head "
+                             f"takes {self.head.in_features}; build the head as "
+                             f"nn.Linear({fs.shape[-1]}, ways)")
+
+    def _check_first_batch(self, batch: TaskBatch) -> None:
+        capturing = batch.support_y.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not self._labels_checked and not capturing:
+            self.check_labels(batch)
+            self._labels_checked = True
+
     # -- the outer loop ----------------------------------------------------------------------
     def _head_loss(self, fs, batch, fq, inner_steps, first_order):
+        self._check_features(fs)
         # The head runs outside autocast: bf16 features in, fp32 accumulation inside. No host
         # label check on the fused op (no sync in a step): out-of-range labels give the task a
         # NaN loss on every device, which the trainer stops on.
@@ -230,6 +268,7 @@ class ANIL(nn.Module):
         """Mean query loss over the tasks after adapting the head; differentiable to body and
         head. Call train() first (MetaOptimizer.step does)."""
         require_batch(batch)
+        self._check_first_batch(batch)
         return self._task_losses(batch)[0].mean()
 
     def meta_backward(self, batch: TaskBatch, total_tasks: int | None = None, all_reduce=None):
@@ -241,6 +280,7 @@ class ANIL(nn.Module):
         `total_tasks` tasks, and `all_reduce(values)` sums the gradients and `values` over
         ranks, so every rank takes the step one process would take on all tasks."""
         require_batch(batch)
+        self._check_first_batch(batch)
         losses, logits = self._task_losses(batch)
         total = total_tasks or batch.num_tasks
         with self._tf32_scope():
@@ -262,6 +302,7 @@ class ANIL(nn.Module):
         steps = self.inner_steps if inner_steps is None else inner_steps
         if not is_int(steps) or steps < 0:
             raise InputError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        self.check_labels(batch)
         was_training = self.training
         self.eval()
         try:

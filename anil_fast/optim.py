@@ -105,6 +105,11 @@ class MetaOptimizer:
             if multipliers is not None or optimizer_kwargs:
                 raise InputError("multipliers and optimizer arguments apply to an optimizer built "
                                  "here; an optimizer passed in keeps its own groups")
+            owned = {id(p) for p in anil.parameters()}
+            if not any(id(p) in owned for g in optimizer.param_groups for p in g["params"]):
+                raise InputError("optimizer: the optimizer passed in holds none of the model's "
+                                 "parameters (built over another model?); training would move "
+                                 "nothing")
             self.optimizer = optimizer
             self._adopt_groups()
         elif callable(optimizer):

@@ -326,3 +326,46 @@ def test_grouped_batchnorm_leaves_no_class_swap_behind(tmp_path):
     x = random_batch().support_x[0]
     anil.body.eval(), loaded.eval()
     torch.testing.assert_close(loaded(x), anil.body(x))
+
+
+# -- the API checks shapes and labels on first use --------------------------------------------------
+
+def test_a_head_that_does_not_fit_the_tasks_is_named_before_anything_moves():
+    from anil_fast.data import TaskBatch
+    batch = random_batch(tasks=2, ways=5, shots=3, queries=4, seed=7)
+    batch.support_y[:, :5] = torch.arange(5)  # every way present
+    torch.manual_seed(0)
+    body, head = models.build("conv4", 5, 16, channels=1)
+    body = body.double()
+    narrow = torch.nn.Linear(head.in_features, 3).double()  # fewer outputs than ways
+    wide = torch.nn.Linear(head.in_features, 7).double()  # more outputs than ways
+    for bad, message in ((narrow, r"labels must lie in 0\.\.2"), (wide, "5 ways .* 7 outputs")):
+        anil = ANIL(copy.deepcopy(body), bad)
+        with pytest.raises(ValueError, match=message):
+            anil.evaluate(batch)
+        opt = MetaOptimizer(anil)
+        before = [p.detach().clone() for p in anil.parameters()]
+        with pytest.raises(ValueError, match=message):
+            opt.step(batch)
+        assert all(torch.equal(a, b) for a, b in zip(before, anil.parameters()))  # nothing moved
+    with pytest.raises(ValueError, match="bias"):
+        ANIL(body, torch.nn.Linear(head.in_features, 5, bias=False))
+    with pytest.raises(ValueError, match="features per image"):
+        ANIL(body, torch.nn.Linear(head.in_features + 3, 5).double()).evaluate(batch)
+    # labels out of range on a head of the right size
+    anil = ANIL(body, head.double())
+    bad = TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y.clone())
+    bad.query_y[0, 0] = 9
+    with pytest.raises(ValueError, match=r"0\.\.4.*found 0\.\.9"):
+        anil.evaluate(bad)
+    bad.query_y[0, 0] = -1
+    with pytest.raises(ValueError, match="found -1"):
+        MetaOptimizer(anil).step(bad)
+
+
+def test_an_optimizer_over_other_parameters_is_refused():
+    anil = make()
+    other = make(seed=1)
+    with pytest.raises(ValueError, match="none of the model's parameters"):
+        MetaOptimizer(anil, optimizer=torch.optim.Adam(other.parameters()))
+    MetaOptimizer(anil, optimizer=torch.optim.SGD(anil.head.parameters(), lr=0.1))  # fine
