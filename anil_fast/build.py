@@ -26,6 +26,9 @@ _POOL_SEED = {"train": 0, "validation": 20_000, "test": 10_000}
 _pretrained_choice: str | None = None
 
 
+DEVICE_TYPES = ("cpu", "cuda")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,8 +36,14 @@ def resolve_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise InputError(f"device: {exc}") from exc
+    if dev.type not in DEVICE_TYPES:
+        raise InputError(f"device {device!r}: anil-fast runs on {' and '.join(DEVICE_TYPES)} "
+                         f"devices only (its fused head is a C++ op and a Triton kernel)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} asked for, but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r} asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

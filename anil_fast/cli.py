@@ -1,8 +1,8 @@
 """The `anil-fast` command line: train, eval, compare, reproduce, show-tasks, bench.
 
 User errors (AnilFastError: bad settings, files, run folders; OSError: the disk, permissions)
-print one line and exit 2; a diverged run exits 3; anything else is a bug and keeps its
-traceback."""
+print one line and exit 2; a diverged run exits 3; Ctrl-C prints one line and exits 130 (the
+last checkpoint kept); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ from .anil import BN_MODES
 from .bench import DEFAULT_CASES
 from .errors import AnilFastError, InputError
 from .scenarios import PRESETS, Config
-from .trainer import TrainingDiverged
+from .divergence import Interrupted, TrainingDiverged
 
 
 class BenchFailed(AnilFastError):
@@ -111,7 +111,11 @@ def _add_inspection_commands(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on test tasks")
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     ev.add_argument("--tasks", type=int, default=1000)
-    ev.add_argument("--bn-mode", choices=BN_MODES, default="transductive")
+    ev.add_argument("--weights", choices=("best", "last"), default=None,
+                    help="of a run folder: best.pt (the best-validation weights, the default "
+                         "when the run has them) or checkpoint.pt (the last weights)")
+    ev.add_argument("--bn-mode", choices=BN_MODES, default=None,
+                    help="BatchNorm at test time (default: the run's own)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -149,9 +153,10 @@ def _print_eval(result: dict, out=print) -> None:
         f"± {100 * result['ci95_after']:.2f}")
 
 
-# Settings that change what a test accuracy means (the task, the data, the protocol).
-REFERENCE_SETTINGS = ("ways", "shots", "queries", "image_size", "protocol", "rotations",
-                      "test_tasks", "bn_mode", "tasks")
+# A reference number is printed only for the data and task it was measured on: a run that
+# changes one of these has no reference. One that changes the others gets it with a caveat.
+REFERENCE_DATA = ("dataset", "data", "split_file", "protocol", "rotations", "ways", "shots")
+REFERENCE_SETTINGS = ("queries", "image_size", "test_tasks", "bn_mode", "tasks")
 
 
 def _print_summary(summary: dict, config, info, out=print) -> None:
@@ -172,8 +177,13 @@ def _print_summary(summary: dict, config, info, out=print) -> None:
         last = summary["evaluation_last"]
         out(f"(last weights: {100 * last['accuracy_after']:.2f}% ± {100 * last['ci95_after']:.2f})")
     table = references()
-    # the reference numbers hold for the preset's own settings: say which ones this run changed
+    # the reference numbers hold for the preset's own data and settings
     preset = Config(**PRESETS[config.scenario])
+    other_data = [k for k in REFERENCE_DATA if getattr(config, k) != getattr(preset, k)]
+    if other_data:
+        out(f"reference: none printed (the preset's references are for its own data and task; "
+            f"this run changed {', '.join(other_data)})")
+        return
     changed = [k for k in REFERENCE_SETTINGS if getattr(config, k) != getattr(preset, k)]
     caveat = f" (for the preset's own settings; this run changed {', '.join(changed)})" if changed else ""
     for suite in ("paper", "seed"):
@@ -191,6 +201,12 @@ def main(argv=None) -> int:
     out = print if info.is_main else (lambda *a, **k: None)
     try:
         COMMANDS[args.command](args, info, out)
+    except Interrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside training: nothing of a run to keep
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -220,10 +236,11 @@ def _train(args, info, out) -> None:
 def _eval(args, info, out) -> None:
     from .evaluation import evaluate_checkpoint
     result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
-                                 progress=not args.json)
+                                 progress=not args.json, weights=args.weights)
     if args.json:
         out(json.dumps(result))
     else:
+        out(f"weights: {result['weights']}, {result['checkpoint']}")
         _print_eval(result, out)
 
 

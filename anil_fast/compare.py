@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from . import distributed
+from .errors import InputError
 from .runfolder import METRICS, read_metrics
 from .scenarios import scenario_config
 from .trainer import train
@@ -97,6 +98,12 @@ def compare(scenarios: list[str], out_dir, overrides: dict | None = None,
     """Train each scenario into out_dir/<scenario> (resume/overwrite as for train), then write
     the tables and plots (rank 0 only under torchrun)."""
     out = Path(out_dir)
+    if not scenarios:
+        raise InputError("scenarios: name at least one scenario (e.g. --scenarios s1,s2)")
+    repeated = sorted({name for name in scenarios if list(scenarios).count(name) > 1})
+    if repeated:
+        raise InputError(f"scenarios: {', '.join(repeated)} named more than once (each trains "
+                         f"into its own folder of --out)")
     configs = [scenario_config(name, **(overrides or {})) for name in scenarios]  # fail early
     rows, run_dirs = [], {}
     for config in configs:

@@ -117,16 +117,24 @@ def cpu_key() -> str:
 def atomic_write(target, write) -> None:
     """write(binary file) into a unique temporary file beside `target`, then rename it over
     `target`: a killed process or a full disk leaves the previous file intact, and the partial
-    file is removed. OSErrors propagate (callers say what they mean for them)."""
+    file is removed. The file's mode follows the umask, as open() would give it. OSErrors propagate (callers say what they mean for them)."""
     target = Path(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would ignore the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it: set and restore)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def checksum(array: np.ndarray) -> int:

@@ -14,8 +14,8 @@ from .build import build_anil, load_model_state, own_rng, resolve_device, task_s
 from .data import TaskSampler
 from .errors import InputError, is_int
 from .metrics import mean_ci95
-from .runfolder import load_checkpoint
-from .scenarios import Config, normalized_config, validate_config
+from .runfolder import BEST, CHECKPOINT, load_checkpoint
+from .scenarios import MAX_TASKS, Config, normalized_config, validate_config
 
 __all__ = ["evaluate", "score_selected", "evaluate_checkpoint"]
 
@@ -79,28 +79,57 @@ def score_selected(anil: ANIL, config: Config, sampler: TaskSampler, step: int,
 
 
 
-def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str = "transductive",
-                        device: str = "auto", progress: bool = True) -> dict:
-    """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was)."""
-    if not is_int(tasks) or tasks < 1:
-        raise InputError(f"tasks must be a positive int, got {tasks!r}")
-    if bn_mode not in BN_MODES:
+WEIGHTS = ("best", "last")
+
+
+def checkpoint_file(path, weights: str | None = None) -> tuple[Path, str]:
+    """The checkpoint file to score and which weights it holds. A run folder: `weights`
+    "best" is best.pt (the best-validation weights train reported), "last" checkpoint.pt;
+    None: best.pt when the run has one, else checkpoint.pt. A file is scored as it is."""
+    if weights is not None and weights not in WEIGHTS:
+        raise InputError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    path = Path(path)
+    if not path.is_dir():
+        if weights is not None:
+            raise InputError(f"weights: --weights chooses a file of a run folder; {path} is a "
+                             f"file (pass its run folder, or leave --weights out)")
+        return path, "the file given"
+    best = path / BEST
+    if weights == "best" and not best.is_file():
+        raise InputError(f"weights: {path} has no {BEST} (the run did not validate); use "
+                         f"--weights last")
+    if weights == "best" or (weights is None and best.is_file()):
+        return best, "best validation"
+    return path / CHECKPOINT, "last"
+
+
+def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
+                        device: str = "auto", progress: bool = True,
+                        weights: str | None = None) -> dict:
+    """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was):
+    the weights `checkpoint_file` picks, with the run's own BatchNorm mode unless `bn_mode`."""
+    if not is_int(tasks) or not 1 <= tasks <= MAX_TASKS:
+        raise InputError(f"tasks must be an int in 1..{MAX_TASKS:,}, got {tasks!r}")
+    if bn_mode is not None and bn_mode not in BN_MODES:
         raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    ckpt = load_checkpoint(path)
+    dev = resolve_device(distributed.rank_device(distributed.current(), device))
+    file, which = checkpoint_file(path, weights)
+    ckpt = load_checkpoint(file)
     fields = dict(ckpt["config"])
     unknown = set(fields) - {f for f in Config.__dataclass_fields__}
     if unknown:
-        raise InputError(f"checkpoint: {path} was written with settings this anil-fast does not "
+        raise InputError(f"checkpoint: {file} was written with settings this anil-fast does not "
                          f"know ({', '.join(sorted(unknown))})")
     config = Config(**{**fields, "device": device})
     validate_config(config)
     config = normalized_config(config)  # an earlier version's names in today's terms
-    dev = resolve_device(distributed.rank_device(distributed.current(), device))
+    bn_mode = bn_mode or config.bn_mode
     with own_rng(dev):
         anil = build_anil(config, dev)
         load_model_state(anil, ckpt["model"])
         result = evaluate(anil, task_sampler(config, "test", dev, tasks), tasks, bn_mode,
                           config.eval_inner_steps, progress=progress)
     result.pop("per_task_after")
-    result.update({"scenario": config.scenario, "model": config.model, "step": ckpt["step"]})
+    result.update({"scenario": config.scenario, "model": config.model, "step": ckpt["step"],
+                   "checkpoint": str(file), "weights": f"{which} (step {ckpt['step']})"})
     return result

@@ -137,12 +137,29 @@ def write_plot(rows: list[dict], summaries: list[dict], out: Path) -> None:
     fig.savefig(out / "accuracy_vs_time.png", dpi=120)
 
 
+def _check_report_is_ours(report: Path, suite: str, overwrite: bool) -> None:
+    """One folder, one suite: another suite's report there is not replaced (unless
+    --overwrite), and neither is a reproduce.json that anil-fast did not write."""
+    if not report.exists():
+        return
+    try:
+        rows = json.loads(report.read_text())
+        suites = {r["suite"] for r in rows}
+    except (OSError, ValueError, TypeError, KeyError):
+        raise InputError(f"--out: {report} is not a report anil-fast wrote; use another --out") from None
+    if suites - {suite} and not overwrite:
+        raise InputError(f"--out: {report.parent} holds the report of the "
+                         f"{', '.join(sorted(suites - {suite}))} suite; use another --out for the "
+                         f"{suite} suite (or --overwrite to replace it)")
+
+
 def reproduce(suite: str, out_dir, budget_s: float | None = 300.0, device: str = "auto",
               smoke: bool = False, progress: bool = True, resume: bool = False,
               overwrite: bool = False, overrides: dict | None = None) -> list[dict]:
     """Train every preset of the suite into out_dir/<preset> and write the comparison."""
     configs = suite_configs(suite, budget_s, device, smoke, overrides)  # fail early
     out = Path(out_dir)
+    _check_report_is_ours(out / "reproduce.json", suite, overwrite)
     table = references()
     rows, summaries = [], []
     for config in configs:

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
-import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -60,6 +60,9 @@ class RunFolderError(InputError):
 
 class RunFolder:
     def __init__(self, path):
+        if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
+            raise RunFolderError(f"--out must name a folder, got {path!r} (an empty name would "
+                                 f"write the run into the current folder)")
         self.path = Path(path)
 
     def create(self) -> None:
@@ -76,8 +79,17 @@ class RunFolder:
         return [name for name in RUN_FILES if (self.path / name).exists()]
 
     def clear(self) -> None:
-        """Delete the files a run writes (--overwrite); nothing else in the folder is touched."""
-        for name in RUN_FILES:
+        """Delete the files a run writes (--overwrite), each only when its content shows that
+        anil-fast wrote it; a file of that name that is not ours (a user's own config.json)
+        stops the deletion before anything is deleted. Nothing else in the folder is touched."""
+        present = [name for name in RUN_FILES if (self.path / name).exists()]
+        foreign = [name for name in present if not is_our_file(self.path / name)]
+        if foreign:
+            raise RunFolderError(
+                f"--overwrite: {self.path} holds {', '.join(foreign)}, which anil-fast did not "
+                f"write (anil-fast deletes only its own run files); move "
+                f"{'it' if len(foreign) == 1 else 'them'} or use another --out")
+        for name in present:
             (self.path / name).unlink(missing_ok=True)
 
     @contextmanager
@@ -132,7 +144,31 @@ class RunFolder:
         self.write_atomic(name, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
     def save_checkpoint(self, checkpoint: dict, name: str = CHECKPOINT) -> None:
-        self.write_atomic(name, lambda f: torch.save(checkpoint, f))
+        # serialised in memory first: torch.save turns a failed write (a full disk) into a
+        # RuntimeError ("unexpected pos"); a plain write gives the OSError that names it
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        self.write_atomic(name, lambda f: f.write(buffer.getbuffer()))
+
+
+def is_our_file(path: Path) -> bool:
+    """Whether a run file's content is anil-fast's: config.json a Config, results.json a
+    run's summary, the .jsonl files metrics records, the .pt files checkpoints."""
+    name = path.name
+    try:
+        if name in (CHECKPOINT, BEST):
+            return isinstance(torch.load(path, map_location="cpu", weights_only=True), dict)
+        if name in (METRICS, VALIDATION):
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            records = [json.loads(ln) for ln in lines[:-1]]  # the last may be torn by a kill
+            return all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in records) \
+                and (not lines or lines[-1].startswith('{"step": '))
+        value = json.loads(path.read_text())
+        keys = {CONFIG: {"scenario", "ways", "shots", "inner_lr", "meta_batch"},
+                RESULTS: {"scenario", "meta_steps", "train_time_s"}}[name]
+        return isinstance(value, dict) and keys <= set(value)
+    except Exception:  # unreadable or not ours
+        return False
 
 
 def load_checkpoint(path) -> dict:
@@ -208,12 +244,3 @@ def loss_summary(path) -> dict:
     if not losses:
         return {"initial_loss": None, "final_loss": None, "min_loss": None}
     return {"initial_loss": losses[0], "final_loss": losses[-1], "min_loss": min(losses)}
-
-
-def weights_are_sane(parameters, limit: float) -> tuple[bool, float]:
-    """(all finite and |w| <= limit, the largest |w|). One reduction, one host sync."""
-    params = [p.detach() for p in parameters]
-    if not params:
-        return True, 0.0
-    largest = torch.stack([p.abs().max().float() for p in params]).max().item()
-    return math.isfinite(largest) and largest <= limit, largest

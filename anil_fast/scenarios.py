@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 from . import models
@@ -31,6 +32,10 @@ from .schedules import SCHEDULES as LR_SCHEDULES
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
 STANDARD_FAMILY = ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s")
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+# Limits checked before anything is allocated: every task of a pool is drawn up front, and a
+# conv body's activations grow with the square of the image size.
+MAX_TASKS = 1_000_000
+MAX_IMAGE_SIZE = 1024
 DATASETS = ("omniglot", *BENCHMARKS, "folder")
 
 
@@ -172,7 +177,19 @@ def normalized_config(c: Config) -> Config:
                "inner_lr": float(c.inner_lr), "outer_lr": float(c.outer_lr)}
     if c.data is not None and c.dataset == "omniglot":
         changes["dataset"] = "folder"
-    return dataclasses.replace(c, **changes, notes=list(c.notes))
+    if c.data is not None:  # absolute: eval from another folder must find the same data
+        changes["data"] = os.path.abspath(c.data)
+    if c.split_file is not None:
+        changes["split_file"] = os.path.abspath(c.split_file)
+    notes = list(c.notes)
+    if c.validation and not c.validates and NO_VALIDATION_NOTE not in notes:
+        notes.append(NO_VALIDATION_NOTE)
+    return dataclasses.replace(c, **changes, notes=notes)
+
+
+NO_VALIDATION_NOTE = ("validation: no validation runs (val_every is 0 and val_every_s is unset), so "
+                      "the last weights are tested; set --val-every or --val-every-s to select "
+                      "the best-validation checkpoint")
 
 
 def validate_config(c: Config) -> None:
@@ -229,8 +246,13 @@ def _validate_counts(c: Config, dataset: str) -> None:
     if dataset == "omniglot" and c.shots + c.queries > 20:
         raise InputError(f"shots + queries must be at most 20 (Omniglot's drawings per "
                          f"character), got {c.shots} + {c.queries}")
-    if c.tasks is not None and c.tasks < 1:
-        raise InputError(f"tasks must be >= 1, got {c.tasks}")
+    if c.image_size > MAX_IMAGE_SIZE:
+        raise InputError(f"image_size must be at most {MAX_IMAGE_SIZE} px, got {c.image_size}")
+    if c.tasks is not None and (not is_int(c.tasks) or not 1 <= c.tasks <= MAX_TASKS):
+        raise InputError(f"tasks (the training pool) must be an int in 1..{MAX_TASKS:,}, got "
+                         f"{c.tasks!r}; for more, sample endlessly (--endless)")
+    if c.test_tasks > MAX_TASKS:
+        raise InputError(f"test_tasks must be at most {MAX_TASKS:,}, got {c.test_tasks}")
     if c.meta_steps is not None and c.meta_steps < 1:
         raise InputError(f"meta_steps must be >= 1, got {c.meta_steps}")
 
@@ -247,8 +269,8 @@ def _validate_schedule_and_validation(c: Config, dataset: str) -> None:
         value = getattr(c, name)
         if not is_int(value) or value < 0:
             raise InputError(f"{name} must be an int >= 0, got {value!r}")
-    if not is_int(c.val_tasks) or c.val_tasks < 1:
-        raise InputError(f"val_tasks must be a positive int, got {c.val_tasks!r}")
+    if not is_int(c.val_tasks) or not 1 <= c.val_tasks <= MAX_TASKS:
+        raise InputError(f"val_tasks must be an int in 1..{MAX_TASKS:,}, got {c.val_tasks!r}")
     if c.val_every_s is not None and not (isinstance(c.val_every_s, (int, float)) and c.val_every_s > 0):
         raise InputError(f"val_every_s must be a positive number of seconds, got {c.val_every_s!r}")
     if c.validation and dataset == "omniglot" and c.protocol != "standard":

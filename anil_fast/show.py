@@ -28,7 +28,13 @@ def task_grid(batch, task: int, ways: int, shots: int, queries: int) -> torch.Te
 
 def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
                max_queries: int = 3) -> Path:
-    """Write a PNG of `tasks` tasks drawn from `split` with the config's sampler settings."""
+    """Write a PNG of `tasks` tasks drawn from `split` with the config's sampler settings to
+    `out` (a .png file, or an existing folder: tasks_<split>.png there); returns its path."""
+    out = Path(out)
+    if out.is_dir():
+        out = out / f"tasks_{split}.png"
+    elif out.suffix.lower() != ".png":
+        raise InputError(f"--out must be a .png file or an existing folder, got {str(out)!r}")
     if split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     if not is_int(tasks) or not 1 <= tasks <= 16:
@@ -61,7 +67,6 @@ def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
     fig.suptitle(f"{config.scenario}: {source}, {config.image_size} px"
                  f"{', rotations as classes' if config.rotations else ''}", fontsize=8)
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out

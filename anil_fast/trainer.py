@@ -8,7 +8,7 @@ _checkpoint), _summary, then evaluation.score_selected."""
 from __future__ import annotations
 
 import json
-import math
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,13 +22,15 @@ from .build import (build_anil, build_meta_optimizer, load_model_state, own_rng,
                     resolve_device, resolve_model, rng_state, set_rng_state, task_sampler)
 from .capture import MetaStepRunner
 from .data import TaskSampler
-from .errors import AnilFastError, InputError
+from .divergence import (ADVICE, LOSS_LIMIT, Interrupted, TrainingDiverged, insane_loss,
+                         insane_state)
+from .errors import InputError
 from .evaluation import evaluate, score_selected
 from .metrics import GPUMonitor, peak_memory, reset_peak_memory
 from .optim import MetaOptimizer, parameter_counts
 from .runfolder import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, METRICS, RESULTS, VALIDATION,
                         RunFolder, RunFolderError, load_checkpoint, loss_summary,
-                        read_metrics, truncate_metrics, weights_are_sane)
+                        read_metrics, truncate_metrics)
 from .scenarios import Config, normalized_config, validate_config
 from .schedules import lr_factor
 from .schedules import progress as schedule_progress
@@ -42,15 +44,7 @@ RESUMABLE_CHANGES = {"meta_steps", "device", "checkpoint_every", "log_every", "n
 RECORDED_CHANGES = {"inner_lr", "outer_lr", "meta_steps", "backend", "test_tasks",
                     "eval_inner_steps", "bn_mode", "time_budget", "lr_schedule", "lr_floor",
                     "val_every", "val_every_s"}
-# A checkpoint is only written while every parameter is finite and at most this large: no
-# network this toolkit trains has weights near it, a diverging one passes it long before NaN.
-SANE_WEIGHT_LIMIT = 1e6
-
-__all__ = ["train", "TrainingDiverged", "RunFolderError", "load_checkpoint"]
-
-
-class TrainingDiverged(AnilFastError, RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+__all__ = ["train", "TrainingDiverged", "Interrupted", "RunFolderError", "load_checkpoint"]
 
 
 @dataclass
@@ -116,7 +110,10 @@ def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overw
 
 
 def _resume(run: _Run, ckpt: dict) -> None:
-    stored, config = ckpt["config"], run.config
+    stored, config = dict(ckpt["config"]), run.config
+    for key in ("data", "split_file"):  # recorded relative by earlier versions
+        if stored.get(key) is not None:
+            stored[key] = os.path.abspath(stored[key])
     wanted = config.to_dict()
     differ = {k for k, v in wanted.items() if k not in RESUMABLE_CHANGES and stored.get(k) != v}
     if differ:
@@ -153,8 +150,9 @@ def _log(run: _Run, metrics_file, bar) -> None:
         return
     values = torch.stack([torch.stack([p[2], p[3]]) for p in run.pending]).tolist()
     for (step, elapsed, _, _), (loss, acc) in zip(run.pending, values):
-        if not math.isfinite(loss):
-            _diverged(run, f"the meta-loss became {loss} at step {step}")
+        if insane_loss(loss):
+            _diverged(run, f"the meta-loss became {loss:.3g} at step {step} (more than "
+                           f"{LOSS_LIMIT:g} or not finite)")
         if metrics_file:
             metrics_file.write(json.dumps({"step": step, "loss": loss, "accuracy": acc,
                                            "elapsed_s": round(elapsed, 4)}) + "\n")
@@ -164,24 +162,22 @@ def _log(run: _Run, metrics_file, bar) -> None:
     run.pending.clear()
 
 
-def _diverged(run: _Run, what: str):
+def _kept(run: _Run) -> str:
     ckpt = run.folder.path / CHECKPOINT
-    kept = (f"the last good checkpoint ({ckpt}, step {run.checkpoint_step}) is kept"
+    return (f"the last good checkpoint ({ckpt}, step {run.checkpoint_step}) is kept"
             if run.checkpoint_step else "no checkpoint was written yet")
-    raise TrainingDiverged(
-        f"{what}; training stopped and {kept}. Lower --outer-lr or --inner-lr and continue "
-        f"with --resume (learning rates may change on resume; results.json records it), or "
-        f"start over with --overwrite (inside torch.compile or a CUDA graph, labels outside "
-        f"0..ways-1 also give a NaN loss)")
+
+
+def _diverged(run: _Run, what: str):
+    raise TrainingDiverged(f"{what}; training stopped and {_kept(run)}. {ADVICE}")
 
 
 def _checkpoint(run: _Run, best: bool = False) -> None:
     """checkpoint.pt (and best.pt, the same content, for a new best validation score)."""
     distributed.average_running_stats(run.anil.body)  # one set of BatchNorm statistics
-    sane, largest = weights_are_sane(run.anil.parameters(), SANE_WEIGHT_LIMIT)
-    if not sane:  # finite losses can hide weights that are already lost
-        _diverged(run, f"a parameter reached |w| = {largest:.3g} at step {run.step} (more than "
-                       f"{SANE_WEIGHT_LIMIT:g} or not finite)")
+    wrong = insane_state(run.anil)  # finite losses can hide weights that are already lost
+    if wrong:
+        _diverged(run, f"{wrong} at step {run.step}")
     if run.info.is_main:
         state = {
             "format": CHECKPOINT_FORMAT, "config": run.config.to_dict(),
@@ -322,15 +318,19 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
         raise InputError("under torchrun, end runs by --meta-steps and validate by --val-every "
                          "(time-based limits could stop the ranks at different steps)")
     folder = RunFolder(out_dir)
+    device = resolve_device(distributed.rank_device(info, config.device))
     if info.is_main:
         folder.create()
-    device = resolve_device(distributed.rank_device(info, config.device))
     with folder.locked(info.is_main), own_rng(device):
         run = _set_up(config, folder, device, info, resume, overwrite, evaluate_at_end)
         reset_peak_memory(device)
         start_steps = run.steady_steps
         with GPUMonitor(device) as monitor:
-            _train_steps(run, progress)
+            try:
+                _train_steps(run, progress)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted at step {run.step}; {_kept(run)}: continue "
+                                  f"with --resume") from None
         summary = _summary(run, run.steady_steps - start_steps)
         summary.update({"gpu_utilization": monitor.average_utilization, **peak_memory(device)})
         distributed.barrier()

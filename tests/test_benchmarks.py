@@ -158,9 +158,11 @@ def test_mini_imagenet_errors(no_data):
     root = write_mini_imagenet(no_data / "mini", counts=(63, 16, 20))
     with pytest.raises(ValueError, match="64 classes"):
         load_benchmark("mini-imagenet", "train", 12, root=root)
+    good_test = (root / "test.csv").read_text()
     (root / "test.csv").write_text("file,class\n")
     with pytest.raises(ValueError, match="header"):
         load_benchmark("mini-imagenet", "test", 12, root=root)
+    (root / "test.csv").write_text(good_test)
     rows = (root / "val.csv").read_text().splitlines()
     (root / "val.csv").write_text("\n".join(rows + ["missing.jpg,n99999999"]) + "\n")
     with pytest.raises(ValueError, match="17|missing"):
@@ -178,3 +180,49 @@ def test_benchmark_presets_build_from_the_data(no_data, monkeypatch):
     assert summary["meta_steps"] == 2 and summary["evaluation"]["tasks"] == 4
     saved = json.loads((no_data / "run" / "config.json").read_text())
     assert saved["dataset"] == "fc100" and saved["image_size"] == 32
+
+
+def test_mini_imagenet_csvs_as_spreadsheets_save_them(no_data):
+    root = write_mini_imagenet(no_data / "mini")
+    for name in ("train.csv", "val.csv", "test.csv"):
+        text = (root / name).read_text().replace("\r\n", "\n")
+        (root / name).write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert load_benchmark("mini-imagenet", "test", 12, root=root).num_classes == 20
+
+
+def test_mini_imagenet_splits_that_share_images_or_classes_are_refused(no_data):
+    root = write_mini_imagenet(no_data / "mini")
+    train_rows = (root / "train.csv").read_text().splitlines()
+    test_rows = (root / "test.csv").read_text().splitlines()
+    # a test row pointing at a training image
+    leaked = train_rows[1].split(",")[0]
+    (root / "test.csv").write_text("\n".join([test_rows[0], f"{leaked},{test_rows[1].split(',')[1]}",
+                                              *test_rows[2:]]) + "\n")
+    with pytest.raises(ValueError, match=f"{leaked}.*train.csv and test.csv"):
+        load_benchmark("mini-imagenet", "test", 12, root=root)
+    # a test class that is a training class
+    train_class = train_rows[1].split(",")[1]
+    (root / "test.csv").write_text("\n".join([*test_rows, f"{test_rows[1].split(',')[0]}x,{train_class}"]) + "\n")
+    with pytest.raises(ValueError, match=f"{train_class}.*train.csv and test.csv"):
+        load_benchmark("mini-imagenet", "train", 12, root=root)
+    # a file outside images/
+    (root / "test.csv").write_text("\n".join([*test_rows, f"../../etc/passwd,{test_rows[1].split(',')[1]}"]) + "\n")
+    with pytest.raises(ValueError, match="not a file name inside"):
+        load_benchmark("mini-imagenet", "test", 12, root=root)
+
+
+def test_cifar_with_float_pixels_or_labels_out_of_range_is_refused(no_data):
+    root = write_cifar100(no_data / "c")
+    train = root / "cifar-100-python" / "train"
+    with open(train, "rb") as f:
+        part = pickle.load(f)
+    floats = dict(part, data=part["data"].astype(np.float32) / 255)
+    with open(train, "wb") as f:
+        pickle.dump(floats, f, protocol=2)
+    with pytest.raises(ValueError, match="uint8.*float32"):
+        load_benchmark("cifar-fs", "test", root=root, download=False)
+    bad = dict(part, fine_labels=[*part["fine_labels"][:-1], 100])
+    with open(train, "wb") as f:
+        pickle.dump(bad, f, protocol=2)
+    with pytest.raises(ValueError, match=r"fine labels must lie in 0\.\.99, found 0\.\.100"):
+        load_benchmark("cifar-fs", "test", root=root, download=False)

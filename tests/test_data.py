@@ -306,3 +306,34 @@ def test_sampler_refuses_images_it_cannot_use(images, rotations, error, word):
     with pytest.raises(error, match=word):
         TaskSampler(images, 5, 1, 5, 4, rotations=rotations)
     TaskSampler(images.float(), 5, 1, 5, 4, rotations=False)  # fine without rotations, as floats
+
+
+def test_large_pools_draw_in_chunks_and_absurd_ones_are_refused(synthetic_characters, monkeypatch):
+    import anil_fast.data.tasks as tasks_module
+    from anil_fast.data.fewshot import physical_memory_bytes
+    small = TaskSampler(synthetic_characters, 5, 1, 2, 4, seed=3, num_tasks=50)
+    monkeypatch.setattr(tasks_module, "DRAW_CHUNK", 16)  # 50 tasks in chunks of 16
+    chunked = TaskSampler(synthetic_characters, 5, 1, 2, 4, seed=3, num_tasks=50)
+    assert chunked.pool.drawings.shape == small.pool.drawings.shape == (50, 5, 3)
+    assert torch.equal(chunked.pool.characters[:16], small.pool.characters[:16])  # chunk 1 as before
+    assert (chunked.pool.characters < 964).all() and (chunked.pool.drawings < 20).all()
+    # each task still has distinct classes and distinct drawings
+    assert all(len(set(row.tolist())) == 5 for row in chunked.pool.characters)
+    assert all(len(set(row.tolist())) == 3 for row in chunked.pool.drawings.flatten(0, 1))
+    assert physical_memory_bytes() is not None  # the limit exists on this machine
+    with pytest.raises(ValueError, match="pool of 1,000,000,000 tasks.*limit"):
+        TaskSampler(synthetic_characters, 5, 1, 2, 4, num_tasks=1_000_000_000)
+
+
+def test_absurd_counts_and_sizes_are_refused_before_loading(monkeypatch):
+    from anil_fast import build
+    from anil_fast.evaluation import evaluate_checkpoint
+    from anil_fast.scenarios import scenario_config
+    monkeypatch.setattr(build, "split_images", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    for overrides, word in (({"tasks": 10**9}, "tasks"), ({"test_tasks": 10**9}, "test_tasks"),
+                            ({"image_size": 2048}, "image_size"),
+                            ({"val_tasks": 10**9, "protocol": "standard", "validation": 5}, "val_tasks")):
+        with pytest.raises(ValueError, match=f"{word}.*1,000,000|{word}.*1024"):
+            scenario_config("s2", **overrides)
+    with pytest.raises(ValueError, match="tasks must be an int in 1..1,000,000"):
+        evaluate_checkpoint("nowhere", tasks=10**9)

@@ -217,3 +217,189 @@ def test_readme_snippet_for_your_own_data(tmp_path, isolated_cache, monkeypatch)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert 0 <= namespace["result"]["accuracy_after"] <= 1
+
+
+# -- hostile and careless input: images, splits, the cache -----------------------------------------
+
+def _one_image_folder(root, write):
+    """Three classes of three images each; write(path, class, example) writes each image."""
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for e in range(3):
+            write(root / f"c{c}", c, e)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["png16", "tiff16", "float01", "float255", "int32"])
+def test_deep_images_are_scaled_not_clipped(tmp_path, isolated_cache, kind):
+    # 16-bit, 32-bit and float images: Pillow's own convert("L") clips 16-bit values to 255 and
+    # floats to 0/1; each class's level must come through as the same 8-bit value
+    from PIL import Image
+    levels = {0: 0.2, 1: 0.5, 2: 0.8}  # fraction of full scale
+
+    def write(folder, c, e):
+        fraction = levels[c]
+        if kind in ("png16", "tiff16"):
+            array = np.full((12, 12), round(fraction * 65535), dtype=np.uint16)
+        elif kind == "int32":
+            array = np.full((12, 12), round(fraction * 65535), dtype=np.int32)
+        else:
+            scale = 1.0 if kind == "float01" else 255.0
+            array = np.full((12, 12), fraction * scale, dtype=np.float32)
+        suffix = ".png" if kind == "png16" else ".tif"
+        Image.fromarray(array).save(folder / f"{e}{suffix}")
+
+    root = _one_image_folder(tmp_path / "data", write)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["c0", "c1", "c2"]}))
+    data = image_folder(root, "train", 12, channels=1, split_file=split)
+    got = [int(data.pixels[3 * c, 0, 6, 6]) for c in range(3)]
+    assert got == [round(levels[c] * 255) for c in range(3)], got
+
+
+def test_images_that_cannot_be_read_name_the_file(tmp_path, isolated_cache, monkeypatch):
+    import PIL.Image
+    from PIL import Image
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["c0", "c1", "c2"]}))
+
+    def negative(folder, c, e):
+        Image.fromarray(np.full((8, 8), -1.0 if (c, e) == (1, 2) else 0.5, np.float32)).save(folder / f"{e}.tif")
+    root = _one_image_folder(tmp_path / "neg", negative)
+    with pytest.raises(ValueError, match=r"c1.2\.tif.*negative"):
+        image_folder(root, "train", 8, channels=1, split_file=split)
+
+    def large(folder, c, e):
+        Image.new("L", (40, 40) if (c, e) == (2, 0) else (8, 8), 100).save(folder / f"{e}.png")
+    root = _one_image_folder(tmp_path / "bomb", large)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 500)  # 40 x 40 > 2 x 500: a "bomb"
+    with pytest.raises(ValueError, match=r"c2.0\.png.*Pillow's limit"):
+        image_folder(root, "train", 8, split_file=split)
+
+
+def test_too_many_pixels_are_refused_before_decoding(tmp_path, isolated_cache, monkeypatch):
+    import anil_fast.data.fewshot as fewshot
+    import PIL.Image
+    root = make_folder(tmp_path / "data", classes=6)
+    monkeypatch.setattr(fewshot, "physical_memory_bytes", lambda: 2**20)  # a 1 MiB machine
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    with pytest.raises(ValueError, match=r"image-size.*|limit is half"):
+        image_folder(root, "train", 2048)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="image_size"):  # and a cap on the setting itself
+        from anil_fast.scenarios import scenario_config
+        scenario_config("s2", data=str(root), image_size=4096)
+
+
+def test_split_files_are_checked(tmp_path, isolated_cache):
+    root = make_folder(tmp_path / "data", classes=6)
+    (tmp_path / "outside").mkdir()
+    split = tmp_path / "split.json"
+    cases = [
+        ({"train": ["class_00", "class_01"], "test": ["class_01"]}, "'train' and in 'test'"),
+        ({"train": ["class_00", "class_00"], "test": ["class_01"]}, "twice in 'train'"),
+        ({"train": ["class_00"], "test": ["../outside"]}, "not a class folder inside"),
+        ({"train": ["class_00"], "test": [str(tmp_path / "outside")]}, "not a class folder inside"),
+        ({"train": ["class_00"], "test": ["."]}, "not a class folder inside"),
+        ({"train": 7}, "'train' must be a list"),
+        ({"train": ["class_00", 3]}, "'train' must be a list"),
+    ]
+    for listed, message in cases:
+        split.write_text(json.dumps(listed))
+        with pytest.raises(ValueError, match=message):
+            image_folder(root, "train", 16, split_file=split)
+    # a BOM, as some editors save JSON, is read
+    split.write_bytes(b"\xef\xbb\xbf" + json.dumps({"train": ["class_00"]}).encode())
+    assert image_folder(root, "train", 16, split_file=split).class_names == ["class_00"]
+
+
+def test_split_folders_and_a_class_named_train(tmp_path, isolated_cache):
+    from PIL import Image
+    # a class folder named "train" holding images is a class, not a split folder
+    root = make_folder(tmp_path / "data", classes=5)
+    (root / "train").mkdir()
+    for e in range(4):
+        Image.new("RGB", (10, 10), (1, 2, 3)).save(root / "train" / f"{e}.png")
+    names = [p.name for s in folder_splits(root).values() for p in s]
+    assert "train" in names and len(names) == 6
+    # split folders sharing a class are refused
+    other = make_folder(tmp_path / "split", splits=True)
+    (other / "test" / "class_00").mkdir()
+    Image.new("RGB", (10, 10)).save(other / "test" / "class_00" / "0.png")
+    with pytest.raises(ValueError, match="class_00.*train/.*test/"):
+        folder_splits(other)
+
+
+def test_a_class_name_that_is_not_utf8(tmp_path, isolated_cache):
+    from PIL import Image
+    root = make_folder(tmp_path / "data", classes=4)
+    odd = os.fsencode(str(root)) + b"/caf\xe9"
+    os.mkdir(odd)
+    for e in range(4):
+        Image.new("RGB", (10, 10), (9, 9, 9)).save(os.fsdecode(odd + f"/{e}.png".encode()))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["class_00", os.fsdecode(b"caf\xe9")]},
+                                ensure_ascii=True))
+    data = image_folder(root, "train", 16, split_file=split)
+    assert data.num_classes == 2
+    for s in ("train", "validation", "test"):  # the default split decodes it too
+        image_folder(root, s, 16)
+
+
+def test_a_same_size_edit_with_its_time_restored_is_not_served_stale(tmp_path, isolated_cache):
+    # PPM files have a size fixed by their dimensions: an edit keeps the size, and the
+    # modification time is put back as copy tools and `touch -r` do
+    root = tmp_path / "data"
+
+    def ppm(path, value):
+        path.write_bytes(b"P6 8 8 255\n" + bytes([value]) * (8 * 8 * 3))
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for e in range(2):
+            ppm(root / f"c{c}" / f"{e}.ppm", 40 * c + 10)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["c0", "c1", "c2"]}))
+    first = image_folder(root, "train", 8, split_file=split)
+    victim = root / "c0" / "0.ppm"
+    before = victim.stat()
+    ppm(victim, 250)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert victim.stat().st_size == before.st_size and victim.stat().st_mtime_ns == before.st_mtime_ns
+    again = image_folder(root, "train", 8, split_file=split)
+    assert int(first.pixels[0, 0, 0, 0]) == 10 and int(again.pixels[0, 0, 0, 0]) == 250
+
+
+def test_a_run_on_your_own_data_prints_no_omniglot_reference_and_evals_from_anywhere(
+        tmp_path, isolated_cache, capsys, monkeypatch):
+    from anil_fast.cli import main
+    make_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--scenario", "s2", "--data", "data", "--image-size", "16",  # relative
+                 "--ways", "3", "--queries", "2", "--meta-steps", "2", "--meta-batch", "2",
+                 "--test-tasks", "4", "--device", "cpu", "--out", "run", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "reference: none printed" in printed and "77.2" not in printed
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"] == str(tmp_path / "data")  # recorded absolute
+    # evaluated from another folder, where "data" names nothing (or something else)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--tasks", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tasks"] == 4
+
+
+def test_show_tasks_into_a_folder_writes_the_file_it_names(tmp_path, isolated_cache, capsys):
+    from anil_fast.cli import main
+    root = make_folder(tmp_path / "data")
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    capsys.readouterr()
+    assert main(["show-tasks", "--data", str(root), "--image-size", "16", "--ways", "3",
+                 "--queries", "2", "--out", str(folder)]) == 0
+    written = folder / "tasks_train.png"
+    assert f"wrote {written}" in capsys.readouterr().out and written.stat().st_size > 0
+    assert not (tmp_path / "pictures.png").exists()
+    assert main(["show-tasks", "--data", str(root), "--out", str(tmp_path / "x.jpg")]) == 2

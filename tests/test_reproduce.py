@@ -98,9 +98,15 @@ def test_the_best_validation_checkpoint_is_tested(tmp_path, monkeypatch):
     assert load_checkpoint(out / "best.pt")["step"] == 2
     assert load_checkpoint(out)["step"] == 6
     best = evaluate_checkpoint(out / "best.pt", tasks=8, device="cpu", progress=False)
-    last = evaluate_checkpoint(out, tasks=8, device="cpu", progress=False)
+    last = evaluate_checkpoint(out, tasks=8, device="cpu", progress=False, weights="last")
     assert summary["evaluation"]["accuracy_after"] == best["accuracy_after"]
     assert summary["evaluation_last"]["accuracy_after"] == last["accuracy_after"]
+    # a run folder is scored as train scored it (best.pt), and the result says which
+    default = evaluate_checkpoint(out, tasks=8, device="cpu", progress=False)
+    assert default["accuracy_after"] == best["accuracy_after"]
+    assert default["weights"] == "best validation (step 2)" and last["weights"] == "last (step 6)"
+    with pytest.raises(ValueError, match="--weights chooses a file of a run folder"):
+        evaluate_checkpoint(out / "best.pt", tasks=8, device="cpu", weights="last")
 
 
 def test_resume_keeps_the_best_so_far(tmp_path, monkeypatch):

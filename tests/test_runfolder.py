@@ -172,24 +172,51 @@ def test_out_that_cannot_be_a_folder(tmp_path, capsys):
         assert code == 2 and word in message and str(out) in message
 
 
+class FullDisk:
+    """A file whose writes fail as on a full disk after `room` bytes (the real errno)."""
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if len(data) > self.room:
+            self.f.write(data[:self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 @needs_data
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    import anil_fast.runfolder as runfolder
-    real_save, calls = torch.save, []
+    # torch.save itself runs (it turns a failed write into "unexpected pos"); the disk fills
+    # during the second checkpoint
+    import anil_fast.env as env
+    real_fdopen, opened = os.fdopen, []
 
-    def save_then_fill_the_disk(obj, f):
-        calls.append(1)
-        if len(calls) == 2:  # the second checkpoint: some bytes, then ENOSPC
-            f.write(b"\0" * 4096)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f)
-    monkeypatch.setattr(runfolder.torch, "save", save_then_fill_the_disk)
+    def fdopen(fd, *args, **kwargs):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        f = real_fdopen(fd, *args, **kwargs)
+        if name.startswith(".checkpoint.pt."):
+            opened.append(1)
+        return FullDisk(f, 4096) if len(opened) == 2 else f
+    monkeypatch.setattr(env.os, "fdopen", fdopen)
     out = tmp_path / "run"
     code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "6", *TINY,
                             "--out", str(out))
-    assert code == 2 and "disk is full" in message and "previous checkpoint.pt" in message
+    assert code == 2 and "disk is full" in message and "previous checkpoint.pt" in message, message
+    assert "Traceback" not in message
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
-    monkeypatch.setattr(runfolder.torch, "save", real_save)
+    monkeypatch.setattr(env.os, "fdopen", real_fdopen)
     assert load_checkpoint(out)["step"] == 2
 
 
@@ -309,3 +336,138 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path):
         with RunFolder(out).locked():
             pass
     assert target.read_text() == "keep me"
+
+
+# -- issue 19: the edges a careless or hostile user finds ---------------------------------------
+
+@needs_data
+def test_overwrite_deletes_only_files_anil_fast_wrote(finished_run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "own settings"}')  # the user's, not a run's
+    (out / "notes.txt").write_text("keep")
+    before = snapshot(out)
+    code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                            "--out", str(out), "--overwrite")
+    assert code == 2 and "config.json, which anil-fast did not write" in message
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+    # a run's own files are recognised by their content and replaced
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "notes.txt").write_text("keep")
+    code, _ = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                      "--out", str(run), "--overwrite")
+    assert code == 0 and (run / "notes.txt").read_text() == "keep"
+    assert load_checkpoint(run)["step"] == 2
+
+
+def test_an_empty_out_and_unsupported_devices_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                            "--out", "")
+    assert code == 2 and "--out must name a folder" in message and list(tmp_path.iterdir()) == []
+    for device in ("mps", "meta", "cuda:7"):
+        code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                                "--out", "run", "--device", device)
+        assert code == 2 and f"device {device!r}" in message and "Traceback" not in message
+        assert not (tmp_path / "run").exists()  # refused before the folder was made
+    code, message = run_cli(capsys, "eval", "--checkpoint", "run", "--device", "mps")
+    assert code == 2 and "'mps'" in message
+
+
+@needs_data
+def test_run_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "run"
+        train(tiny(meta_steps=2), out, progress=False)
+    finally:
+        os.umask(old)
+    for name in ("config.json", "checkpoint.pt", "results.json", "metrics.jsonl"):
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name
+
+
+@needs_data
+def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    from anil_fast.optim import MetaOptimizer
+    original, calls = MetaOptimizer.step, []
+
+    def interrupted_at_step_5(self, batch, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, batch, **kwargs)
+    monkeypatch.setattr(MetaOptimizer, "step", interrupted_at_step_5)
+    out = tmp_path / "run"
+    code, message = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "8", *TINY,
+                            "--out", str(out))
+    assert code == 130 and "Traceback" not in message
+    assert "interrupted at step 4" in message and "step 4) is kept" in message and "--resume" in message
+    monkeypatch.setattr(MetaOptimizer, "step", original)
+    assert load_checkpoint(out)["step"] == 4
+    code, _ = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "8", *TINY,
+                      "--out", str(out), "--resume")
+    assert code == 0 and load_checkpoint(out)["step"] == 8
+
+
+@needs_data
+def test_a_huge_loss_and_wild_batchnorm_statistics_stop_the_run(tmp_path, monkeypatch):
+    # --inner-lr 1e30 gives finite but absurd losses (9.6e30): divergence, not a result
+    with pytest.raises(TrainingDiverged, match="meta-loss became .*more than 10000"):
+        train(tiny(meta_steps=4, inner_lr=1e30), tmp_path / "lr", progress=False)
+    assert not (tmp_path / "lr" / "results.json").exists()
+    from anil_fast.batchnorm import batchnorm_layers
+    from anil_fast.optim import MetaOptimizer
+    original, calls = MetaOptimizer.step, []
+
+    def wild_statistics(self, batch, **kwargs):
+        out = original(self, batch, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            batchnorm_layers(self.anil.body)[0].running_var.fill_(1e19)
+        return out
+    monkeypatch.setattr(MetaOptimizer, "step", wild_statistics)
+    with pytest.raises(TrainingDiverged, match=r"running statistic reached [0-9.]+e\+1[89] .*step 4"):
+        train(tiny(meta_steps=6), tmp_path / "bn", progress=False)
+    assert load_checkpoint(tmp_path / "bn")["step"] == 2
+
+
+@needs_data
+def test_results_say_what_they_are(finished_run, tmp_path, capsys):
+    from anil_fast.scenarios import NO_VALIDATION_NOTE
+    # validation asked for but never scheduled: said, not silently skipped
+    config = scenario_config("std-5w1s", validation=5, val_every=0, val_every_s=None,
+                             meta_steps=2, meta_batch=2, test_tasks=4, device="cpu")
+    assert NO_VALIDATION_NOTE in config.notes
+    code, message = run_cli(capsys, "train", "--scenario", "s2", "--protocol", "standard",
+                            "--validation", "5", "--val-every", "0", "--meta-steps", "1",
+                            *TINY, "--out", str(tmp_path / "std"))
+    assert code == 0 and "no validation runs" in message
+    # eval says which weights it scored
+    code, message = run_cli(capsys, "eval", "--checkpoint", str(finished_run), "--tasks", "4",
+                            "--device", "cpu")
+    assert code == 0 and "weights: last (step 4)" in message
+    code, message = run_cli(capsys, "eval", "--checkpoint", str(finished_run), "--tasks", "4",
+                            "--weights", "best")
+    assert code == 2 and "no best.pt" in message
+
+
+def test_compare_refuses_repeated_or_no_scenarios_before_training(tmp_path, capsys, monkeypatch):
+    import anil_fast.compare as compare
+    monkeypatch.setattr(compare, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    for names, word in (("s2,s2", "s2 named more than once"), ("", "at least one scenario"),
+                        (" , ", "at least one scenario")):
+        code, message = run_cli(capsys, "compare", "--scenarios", names, "--out", str(tmp_path / "c"))
+        assert code == 2 and word in message, message
+
+
+def test_reproduce_keeps_another_suites_report(tmp_path, capsys, monkeypatch):
+    import anil_fast.reproduce as reproduce
+    monkeypatch.setattr(reproduce, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "reproduce.json").write_text(json.dumps([{"suite": "paper", "preset": "std-5w1s"}]))
+    code, message = run_cli(capsys, "reproduce", "--suite", "seed", "--smoke", "--out", str(out))
+    assert code == 2 and "report of the paper suite" in message
+    (out / "reproduce.json").write_text("my own notes")
+    code, message = run_cli(capsys, "reproduce", "--suite", "seed", "--smoke", "--out", str(out))
+    assert code == 2 and "not a report anil-fast wrote" in message

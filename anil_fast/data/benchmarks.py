@@ -82,25 +82,60 @@ def mini_imagenet(split: str, image_size: int = 84, root=None, progress: bool = 
             "Place train.csv, val.csv, test.csv (Ravi & Larochelle's split, 'filename,label') "
             "and an images/ folder holding those files in one of these folders, or set "
             "ANIL_FAST_DATA to a folder holding mini-imagenet/.")
-    table = folder / MINI_CSV[split]
-    with open(table, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
-        raise InputError(f"mini-ImageNet: {table} must start with the header 'filename,label'")
-    by_class: dict[str, list[Path]] = {}
-    for number, row in enumerate(rows[1:], 2):
-        if len(row) < 2:
-            raise InputError(f"mini-ImageNet: {table}:{number} is not 'filename,label'")
-        by_class.setdefault(row[1].strip(), []).append(folder / "images" / row[0].strip())
+    tables = {name: _read_mini_csv(folder / MINI_CSV[name]) for name in SPLITS}
+    _check_disjoint(tables)
+    table, by_class = folder / MINI_CSV[split], tables[split]
     _check_classes("mini-imagenet", split, len(by_class), table)
     names = sorted(by_class)
-    image_files = [f for name in names for f in by_class[name]]
+    image_files = [folder / "images" / f for name in names for f in by_class[name]]
     missing = [f for f in image_files if not f.is_file()]
     if missing:
         raise InputError(f"mini-ImageNet: {len(missing)} images listed in {table} are missing, "
                          f"e.g. {missing[0]}")
     pixels = decode_images(image_files, image_size, 3, f"mini-imagenet_{split}", progress=progress)
     return FewShotImages(pixels, torch.tensor([len(by_class[n]) for n in names]), names)
+
+
+def _read_mini_csv(table: Path) -> dict[str, list[str]]:
+    """{label: [file names]} of a mini-ImageNet CSV, read as spreadsheets save it (a UTF-8
+    byte-order mark, CRLF line ends, spaces around the fields)."""
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"mini-ImageNet: {table} is not a readable CSV ({exc})") from exc
+    if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
+        raise InputError(f"mini-ImageNet: {table} must start with the header 'filename,label'")
+    by_class: dict[str, list[str]] = {}
+    for number, row in enumerate(rows[1:], 2):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise InputError(f"mini-ImageNet: {table}:{number} is not 'filename,label'")
+        name = row[0].strip()
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise InputError(f"mini-ImageNet: {table}:{number}: {name!r} is not a file name inside "
+                             f"images/")
+        by_class.setdefault(row[1].strip(), []).append(name)
+    return by_class
+
+
+def _check_disjoint(tables: dict[str, dict[str, list[str]]]) -> None:
+    """No class and no image in two splits, no image twice: else a test accuracy would be
+    measured on what the model trained on."""
+    class_owner, file_owner = {}, {}
+    for split, by_class in tables.items():
+        csv_name = MINI_CSV[split]
+        for label, names in by_class.items():
+            if label in class_owner:
+                raise InputError(f"mini-ImageNet: class {label!r} is in both "
+                                 f"{MINI_CSV[class_owner[label]]} and {csv_name}; the splits "
+                                 f"must not share classes")
+            class_owner[label] = split
+            for name in names:
+                if name in file_owner:
+                    where = (f"twice in {csv_name}" if file_owner[name] == split else
+                             f"in both {MINI_CSV[file_owner[name]]} and {csv_name}")
+                    raise InputError(f"mini-ImageNet: image {name!r} is listed {where}")
+                file_owner[name] = split
 
 
 # -- CIFAR-100 and the benchmarks built from it ----------------------------------------------------
@@ -161,16 +196,32 @@ def cifar100(root=None, download: bool = True) -> tuple[np.ndarray, np.ndarray, 
     parts = [_read_cifar_pickle(folder / name) for name in ("train", "test")]
     meta = _read_cifar_pickle(folder / "meta")
     try:
-        data = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts])
-        fine = np.concatenate([np.asarray(p["fine_labels"], dtype=np.int64) for p in parts])
-        coarse = np.concatenate([np.asarray(p["coarse_labels"], dtype=np.int64) for p in parts])
+        raw = [np.asarray(p["data"]) for p in parts]
+        fine = np.concatenate([_labels(p["fine_labels"], 100, folder, "fine") for p in parts])
+        coarse = np.concatenate([_labels(p["coarse_labels"], 20, folder, "coarse") for p in parts])
         meta = {k: list(meta[k]) for k in ("fine_label_names", "coarse_label_names")}
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"CIFAR-100: {folder} does not hold CIFAR-100's python files ({exc})") from exc
+    if any(r.dtype != np.uint8 for r in raw):  # a float copy would be cast to 0/1 silently
+        bad = next(r.dtype for r in raw if r.dtype != np.uint8)
+        raise InputError(f"CIFAR-100: {folder}: pixels must be uint8 (0..255) as in the official "
+                         f"archive, got {bad}")
+    data = np.concatenate(raw)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not len(data) == len(fine) == len(coarse):
         raise InputError(f"CIFAR-100: {folder}: images must be rows of 3,072 bytes with one "
                          f"fine and one coarse label each")
     return data.reshape(-1, 3, 32, 32), fine, coarse, meta
+
+
+def _labels(values, count: int, folder: Path, kind: str) -> np.ndarray:
+    labels = np.asarray(values)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise InputError(f"CIFAR-100: {folder}: {kind} labels must be a list of integers")
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= count):
+        raise InputError(f"CIFAR-100: {folder}: {kind} labels must lie in 0..{count - 1}, found "
+                         f"{int(labels.min())}..{int(labels.max())}")
+    return labels
 
 
 def cifar_benchmark(name: str, split: str, image_size: int = 32, root=None,

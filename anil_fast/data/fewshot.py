@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,15 +118,22 @@ def from_dataset(dataset, image_size: int | None = None, channels: int | None = 
     tensors [C, H, W]. PIL images are resized to image_size (when given) and converted to
     `channels` (1 or 3, when given); stored as uint8."""
     from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
     images, labels = [], []
     for i in range(len(dataset)):
         image, label = dataset[i]
         if isinstance(image, Image.Image):
-            image = _pil_to_array(image, image_size, channels)
+            try:
+                image = _pil_to_array(image, image_size, channels)
+            except InputError as exc:
+                raise InputError(f"dataset[{i}]: {exc}") from exc
             image = torch.from_numpy(image).permute(2, 0, 1)
-        elif isinstance(image, np.ndarray):
-            image = pil_to_tensor(Image.fromarray(image))
+        elif isinstance(image, np.ndarray):  # as Pillow reads it: 16-bit and float scaled
+            try:
+                image = Image.fromarray(image)
+            except (TypeError, ValueError) as exc:
+                raise InputTypeError(f"dataset[{i}]: an array Pillow cannot read as an image "
+                                     f"({exc})") from exc
+            image = torch.from_numpy(_pil_to_array(image, image_size, channels)).permute(2, 0, 1)
         elif not isinstance(image, torch.Tensor):
             raise InputTypeError(f"dataset[{i}]: an image must be a PIL image, array or tensor, got "
                                  f"{type(image).__name__}")
@@ -140,13 +148,48 @@ def from_dataset(dataset, image_size: int | None = None, channels: int | None = 
 
 
 def _pil_to_array(image, image_size, channels) -> np.ndarray:
+    """uint8 [H, W, channels]: 8-bit modes as Pillow converts them; deeper ones scaled into
+    0..255 first (`to_8bit`), never clipped."""
     from PIL import Image
+    image = to_8bit(image)
     mode = {1: "L", 3: "RGB"}.get(channels, "RGB" if image.mode not in ("L", "1") else "L")
     image = image.convert(mode)
     if image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BILINEAR)
     array = np.array(image, dtype=np.uint8)  # a writable copy
     return array[..., None] if array.ndim == 2 else array
+
+
+def to_8bit(image):
+    """A single-band image of more than 8 bits as an 8-bit one ("L"), scaled, not clipped
+    (Pillow's own convert("L") clips 16-bit values to 255 and floats to 0/1):
+    - 16-bit ("I;16*"): x * 255 / 65535;
+    - 32-bit integer ("I"): by the smallest of the 8-, 16- and 32-bit ranges that holds its
+      values (16-bit PNGs open as "I" in older Pillows);
+    - float ("F"): values in 0..1 times 255, values in 0..255 as they are.
+    Negative values, non-finite floats and floats above 255 are refused (a ValueError);
+    every other mode is returned as it is."""
+    from PIL import Image
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if values.size and not np.isfinite(values).all():
+        raise InputError(f"a {image.mode} image holds NaN or infinite values")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low < 0:
+        raise InputError(f"a {image.mode} image holds negative values (down to {low:g}); "
+                         f"anil-fast reads unsigned pixel values")
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "I":
+        top = next(t for t in (255.0, 65535.0, 4294967295.0) if high <= t)
+    else:  # "F"
+        if high > 255:
+            raise InputError(f"a float image holds values up to {high:g}; anil-fast reads "
+                             f"float pixels in 0..1 or 0..255")
+        top = 1.0 if high <= 1 else 255.0
+    scaled = np.rint(values * (255.0 / top)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)  # 2-D uint8: mode "L"
 
 
 # -- a folder of class folders -------------------------------------------------------------------
@@ -158,34 +201,76 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def _is_split_folder(folder: Path) -> bool:
+    """A train/ (val/, test/) folder of class folders; a folder of that name holding images
+    directly is a class of its own."""
+    return folder.is_dir() and any(p.is_dir() and not p.name.startswith(".")
+                                   for p in folder.iterdir()) and not any(
+        p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def _read_split_file(path: Path, split_file) -> dict[str, list[Path]]:
+    """A split file's class folders, checked: lists of names, each a folder inside `path`,
+    no name twice, no class in two splits."""
+    try:
+        listed = json.loads(Path(split_file).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"split_file: {split_file} is not readable JSON ({exc})") from exc
+    if not isinstance(listed, dict) or not set(listed) <= set(SPLITS) or "train" not in listed:
+        raise InputError(f"split_file: {split_file} must map 'train' (and optionally "
+                         f"'validation', 'test') to lists of class folder names")
+    root = Path(os.path.normpath(path))  # lexical: a class folder may be a symlink to elsewhere
+    splits, owner = {}, {}
+    for split, names in listed.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise InputError(f"split_file: {split_file}: '{split}' must be a list of class folder "
+                             f"names (strings), got {type(names).__name__}"
+                             + (f" {names!r}" if not isinstance(names, list) else ""))
+        folders = []
+        for name in names:
+            folder = Path(os.path.normpath(path / name))
+            if Path(name).is_absolute() or not folder.is_relative_to(root) or folder == root:
+                raise InputError(f"split_file: {split_file}: '{split}' names {name!r}, which is not "
+                                 f"a class folder inside the data folder {path}")
+            if folder in owner:
+                where = "twice in" if owner[folder] == split else f"in '{owner[folder]}' and in"
+                raise InputError(f"split_file: {split_file}: class {name!r} is listed {where} "
+                                 f"'{split}'; every class must appear once, in one split (a test "
+                                 f"class seen in training makes the test accuracy meaningless)")
+            if not folder.is_dir():
+                missing = [n for n in names if not (path / n).is_dir()]
+                raise InputError(f"split_file: {len(missing)} classes of '{split}' have no "
+                                 f"folder in {path}, e.g. {missing[0]!r}")
+            owner[folder] = split
+            folders.append(folder)
+        splits[split] = folders
+    return splits
+
+
 def folder_splits(path, split_file=None) -> dict[str, list[Path]]:
     """The class folders of each split: from `split_file` (JSON {"train": [class names],
-    "validation": [...], "test": [...]}, names relative to `path`), else from split folders
-    (train/, val/ or validation/, test/), else a fixed random 64/16/20 split of the classes."""
+    "validation": [...], "test": [...]}, names of folders inside `path`, each class in one
+    split once), else from split folders (train/, val/ or validation/, test/, each holding
+    class folders), else a fixed random 64/16/20 split of the classes."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"data: {path} is not a folder (expected one folder per class, or "
                          f"train/ val/ test/ folders of class folders)")
     if split_file is not None:
-        try:
-            listed = json.loads(Path(split_file).read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"split_file: {split_file} is not readable JSON ({exc})") from exc
-        if not isinstance(listed, dict) or not set(listed) <= set(SPLITS) or "train" not in listed:
-            raise InputError(f"split_file: {split_file} must map 'train' (and optionally "
-                             f"'validation', 'test') to lists of class folder names")
-        splits = {}
-        for split, names in listed.items():
-            missing = [n for n in names if not (path / n).is_dir()]
-            if missing:
-                raise InputError(f"split_file: {len(missing)} classes of '{split}' have no "
-                                 f"folder in {path}, e.g. {missing[0]!r}")
-            splits[split] = [path / n for n in names]
-        return splits
-    present = {split: next((path / n for n in names if (path / n).is_dir()), None)
+        return _read_split_file(path, split_file)
+    present = {split: next((path / n for n in names if _is_split_folder(path / n)), None)
                for split, names in SPLIT_FOLDERS.items()}
     if present["train"] is not None:
-        return {split: _class_folders(folder) for split, folder in present.items() if folder}
+        splits = {split: _class_folders(folder) for split, folder in present.items() if folder}
+        seen = {}
+        for split, folders in splits.items():
+            for folder in folders:
+                if folder.name in seen:
+                    raise InputError(f"data: class {folder.name!r} is in both {seen[folder.name]}/ "
+                                     f"and {folder.parent.name}/ of {path}; the splits must not "
+                                     f"share classes")
+                seen[folder.name] = folder.parent.name
+        return splits
     classes = _class_folders(path)
     if len(classes) < 3:
         raise InputError(f"data: {path} holds {len(classes)} class folders; a split needs at "
@@ -200,35 +285,72 @@ def folder_splits(path, split_file=None) -> dict[str, list[Path]]:
 
 
 def _fingerprint(files: list[Path], image_size: int, channels: int) -> str:
-    digest = hashlib.sha256(f"v1|{image_size}|{channels}".encode())
+    """The decode cache's key: the size and channels, and every file's path, size,
+    modification time, inode change time and inode number. The change time is set by the
+    kernel on every write and cannot be set back by a user (touch and copy tools restore
+    modification times only), so an edited file is never served from the cache."""
+    digest = hashlib.sha256(f"v2|{image_size}|{channels}".encode())
     for f in files:
         stat = f.stat()
-        digest.update(f"{f}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{f}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|"
+                      f"{stat.st_ino}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:24]
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_allocation(what: str, nbytes: int, hint: str) -> None:
+    """Refuse, before allocating, `nbytes` of host memory for `what` beyond half of this
+    machine's physical memory."""
+    total = physical_memory_bytes()
+    if total is not None and nbytes > total // 2:
+        raise InputError(f"{what} would need {nbytes / 2**30:.1f} GiB of memory; the limit is half "
+                         f"of this machine's {total / 2**30:.1f} GiB; {hint}")
 
 
 def decode_images(files: list[Path], image_size: int, channels: int, name: str,
                   cache: bool = True, progress: bool = False) -> torch.Tensor:
     """The images `files` names, decoded with Pillow and resized: uint8 [N, channels, size,
-    size]. Cached in the user cache, keyed on every file's path, size and modification time,
-    the size and the channels; an entry is verified (shape, dtype, checksum) before use."""
+    size]. 16-bit and float images are scaled into 0..255 (`to_8bit`). Refused before any
+    decoding: more pixels than half the machine's memory holds. Cached in the user cache
+    under `_fingerprint`'s key; an entry is verified (shape, dtype, checksum) before use."""
+    check_allocation(f"{len(files)} images of {image_size}x{image_size}x{channels}",
+                     len(files) * image_size * image_size * channels,
+                     "lower --image-size or use fewer images")
     entry = cache_dir() / "decoded" / f"{name}_{image_size}_{channels}_{_fingerprint(files, image_size, channels)}"
     cached = read_cached_array(entry, {"files": len(files)}) if cache else None
     if cached is not None:
         array = cached[0]
     else:
-        from PIL import Image, UnidentifiedImageError
         from tqdm import tqdm
         array = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
         for i, f in enumerate(tqdm(files, desc=f"decode {name}", disable=not progress, unit="img")):
-            try:
-                with Image.open(f) as image:
-                    array[i] = _pil_to_array(image, image_size, channels)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise InputError(f"data: {f} is not an image Pillow can read ({exc})") from exc
+            array[i] = read_image(f, image_size, channels)
         if cache:
             write_cached_array(entry, array, {"files": len(files)})
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def read_image(path: Path, image_size: int | None, channels: int | None) -> np.ndarray:
+    """One image file as uint8 [H, W, C], with an InputError naming the file for anything
+    Pillow cannot decode, a decompression bomb (more pixels than Pillow's limit,
+    PIL.Image.MAX_IMAGE_PIXELS x 2) or pixel values anil-fast cannot scale."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            return _pil_to_array(image, image_size, channels)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"data: {path} is larger than Pillow's limit for one image ({exc}); "
+                         f"shrink it or remove it") from exc
+    except InputError as exc:
+        raise InputError(f"data: {path}: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"data: {path} is not an image Pillow can read ({exc})") from exc
 
 
 def image_folder(path, split: str = "train", image_size: int = 84, channels: int = 3,

@@ -7,8 +7,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..errors import InputError, InputTypeError, check_int
-from .fewshot import FewShotImages
+from .fewshot import FewShotImages, check_allocation
 from .omniglot import Omniglot
+
+DRAW_CHUNK = 65_536  # tasks drawn per call; pools up to it draw exactly as one call
 
 
 @dataclass
@@ -127,6 +129,9 @@ class TaskSampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.num_tasks = num_tasks
+        if num_tasks is not None:  # the pool is drawn now: refuse one the memory cannot hold
+            check_allocation(f"a pool of {num_tasks:,} tasks", num_tasks * ways * (shots + queries + 2) * 8,
+                             "draw fewer tasks (or sample endlessly: num_tasks=None)")
         self._flat_bank = None
         self.pool = self.draw_indices(num_tasks) if num_tasks is not None else None
         self.position = 0  # next task of the pool
@@ -134,6 +139,15 @@ class TaskSampler:
 
     # -- drawing -----------------------------------------------------------------------------
     def draw_indices(self, tasks: int) -> TaskIndices:
+        """`tasks` tasks' indices, drawn DRAW_CHUNK tasks at a time (the random keys of one
+        chunk are [chunk, classes]: a pool of a million tasks must not need them all at once)."""
+        if tasks <= DRAW_CHUNK:
+            return self._draw(tasks)
+        parts = [self._draw(min(DRAW_CHUNK, tasks - start)) for start in range(0, tasks, DRAW_CHUNK)]
+        return TaskIndices(*(torch.cat([getattr(p, f.name) for p in parts])
+                             for f in fields(TaskIndices)))
+
+    def _draw(self, tasks: int) -> TaskIndices:
         g, dev = self.generator, self.device
         # Classes distinct within a task: the `ways` largest of uniform keys. Their order is
         # random, so class j of a task getting label j is a random labelling.
