@@ -1,4 +1,4 @@
-"""The `anil-fast` command line: train, eval, compare, reproduce, show-tasks, bench.
+"""The `anil-fast` command line: train, eval, compare, reproduce, show-tasks, bench, cache.
 
 User errors (AnilFastError: bad settings, files, run folders; OSError: the disk, permissions)
 print one line and exit 2; a diverged run exits 3; Ctrl-C prints one line and exits 130 (the
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_inspection_commands(sub)
     _add_bench_command(sub)
+    _add_cache_command(sub)
     return parser
 
 
@@ -128,6 +129,12 @@ def _add_inspection_commands(sub) -> None:
                      help="start every scenario's run over")
     cmp.add_argument("--no-progress", action="store_true")
     _add_overrides(cmp)
+
+
+def _add_cache_command(sub) -> None:
+    cache = sub.add_parser("cache", help="the decoded-image caches: where they are, their size, "
+                                         "or clear them (they are rebuilt from the sources)")
+    cache.add_argument("action", choices=("info", "clear"))
 
 
 def _add_bench_command(sub) -> None:
@@ -296,8 +303,21 @@ def _bench(args, info, out) -> None:
                           + "; ".join(bad))
 
 
+def _cache(args, info, out) -> None:
+    import shutil
+    from .env import decode_cache_dirs
+    for folder in decode_cache_dirs():
+        files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        size = sum(p.stat().st_size for p in files)
+        if args.action == "clear" and folder.is_dir():
+            shutil.rmtree(folder)
+            out(f"cleared {folder} ({len(files)} files, {size / 2**20:.1f} MiB)")
+        else:
+            out(f"{folder}: {len(files)} files, {size / 2**20:.1f} MiB")
+
+
 COMMANDS = {"train": _train, "eval": _eval, "show-tasks": _show_tasks, "reproduce": _reproduce,
-            "compare": _compare, "bench": _bench}
+            "compare": _compare, "bench": _bench, "cache": _cache}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -130,6 +130,21 @@ def atomic_write(target, write) -> None:
         raise
 
 
+def file_stamp(path: Path) -> str:
+    """What a decode cache keys one source file on without reading it: its size, modification
+    time, inode change time and inode number. The change time is set by the kernel on every
+    write and cannot be set back from user space (touch and copy tools restore modification
+    times only), so an edited file never matches its old stamp."""
+    st = path.stat()
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+
+def decode_cache_dirs() -> list[Path]:
+    """The folders of decoded images (rebuilt from their sources on demand): what
+    `anil-fast cache clear` deletes. Downloads and the C++ build are kept."""
+    return [cache_dir() / "decoded", cache_dir() / "omniglot" / "decoded"]
+
+
 def current_umask() -> int:
     """The process's umask (os.umask can only be read by setting it: set and restore)."""
     mask = os.umask(0o022)

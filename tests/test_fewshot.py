@@ -403,3 +403,17 @@ def test_show_tasks_into_a_folder_writes_the_file_it_names(tmp_path, isolated_ca
     assert f"wrote {written}" in capsys.readouterr().out and written.stat().st_size > 0
     assert not (tmp_path / "pictures.png").exists()
     assert main(["show-tasks", "--data", str(root), "--out", str(tmp_path / "x.jpg")]) == 2
+
+
+def test_cache_clear_empties_the_decode_caches_only(tmp_path, isolated_cache, capsys):
+    from anil_fast.cli import main
+    root = make_folder(tmp_path / "data", classes=6)
+    image_folder(root, "train", 16)
+    (isolated_cache / "extensions").mkdir(parents=True)  # the C++ build: kept
+    capsys.readouterr()
+    assert main(["cache", "info"]) == 0
+    assert f"{isolated_cache / 'decoded'}: 2 files" in capsys.readouterr().out  # .npy + .json
+    assert main(["cache", "clear"]) == 0
+    assert "cleared" in capsys.readouterr().out
+    assert not (isolated_cache / "decoded").exists() and (isolated_cache / "extensions").is_dir()
+    assert image_folder(root, "train", 16).num_classes == 4  # decoded again

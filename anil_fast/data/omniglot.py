@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..env import cache_dir, data_roots, read_cached_array, write_cached_array
+from ..env import cache_dir, data_roots, file_stamp, read_cached_array, write_cached_array
 from ..errors import InputError, InputTypeError, is_int
 
 SPLITS = {"background": 964, "evaluation": 659}
@@ -89,13 +89,13 @@ def _check_sha256(path: Path, digest: str | None = None) -> str:
 def source_fingerprint(source: Path) -> str:
     """What the decode cache is keyed on: the SHA-256 of a file's bytes (checked against
     SHA256SUMS where it is listed), or for an unpacked folder a hash of every PNG's relative
-    path, size and modification time. A changed source never meets an old cache entry."""
+    path and `env.file_stamp` (size, modification and change times, inode). A changed source
+    never meets an old cache entry."""
     if source.is_file():
         return _check_sha256(source)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"v2")
     for png in sorted(source.rglob("*.png")):
-        st = png.stat()
-        digest.update(f"{png.relative_to(source)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        digest.update(f"{png.relative_to(source)}|{file_stamp(png)}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
