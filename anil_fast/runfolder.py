@@ -183,7 +183,11 @@ def load_checkpoint(path) -> dict:
         # build other objects (or run a command) is refused.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        # torch's weights_only refusal wraps its reason in paragraphs of advice: keep the reason
+        advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(exc).splitlines()
+                 if ln.strip() and not ln.strip().startswith(advice)]
+        reason = (lines or [type(exc).__name__])[0][:300]
         raise InputError(f"checkpoint: {path} is unreadable or not a plain checkpoint "
                          f"({reason})") from exc
     if not isinstance(ckpt, dict):

@@ -186,6 +186,13 @@ def test_bad_folders_are_named(tmp_path, isolated_cache):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="at least 3"):
         image_folder(tmp_path / "empty", "train", 16)
+    # 5 classes split 64/16/20: one test class; more ways than that names the split
+    from anil_fast.build import task_sampler
+    from anil_fast.scenarios import scenario_config
+    (root / "class_01" / "broken.png").unlink()
+    config = scenario_config("s2", data=str(root), image_size=16, ways=2, queries=2)
+    with pytest.raises(ValueError, match=r"1 classes of the test split of .*data"):
+        task_sampler(config, "test", "cpu")
 
 
 def test_train_and_evaluate_on_a_folder_from_the_cli(tmp_path, isolated_cache):
