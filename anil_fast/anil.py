@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
-                        batchnorm_parameter_names,
+                        batchnorm_parameter_names, features_with_support_statistics,
                         grouped_batchnorm)
 from .data import TaskBatch
 from .env import cpu_has_native_bf16
 from .errors import InputError, InputTypeError, is_int
 from .functional import adapted_query_loss, backend_name
 
-BN_MODES = ("transductive", "running")
+BN_MODES = ("transductive", "running", "support")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -172,10 +172,16 @@ class ANIL(nn.Module):
 
         bn_mode "train": BatchNorm statistics of each task's set, running statistics updated as
         a per-task loop does; "transductive": the same statistics without updating running
-        statistics; "running": running statistics (BatchNorm in eval mode)."""
+        statistics; "running": running statistics (BatchNorm in eval mode); "support": both
+        sets normalised with the task's support statistics (evaluation only; per task)."""
         require_batch(batch)
         tasks, s_rows = batch.support_y.shape
         q_rows = batch.query_y.shape[1]
+        if bn_mode == "support":
+            pairs = [features_with_support_statistics(
+                self._body_forward, self.body, self._layout(batch.support_x[t]),
+                self._layout(batch.query_x[t])) for t in range(tasks)]
+            return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         # First order: the support features get no gradient, so compute them without autograd.
         support_grad = not (self.first_order and bn_mode == "train") and torch.is_grad_enabled()
         if not self.uses_batched_body(batch.support_x.device):
@@ -292,10 +298,11 @@ class ANIL(nn.Module):
         return sums, total
 
     @torch.no_grad()
-    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None,
-                 bn_mode: str = "transductive") -> dict:
-        """Query accuracy before and after adapting the head on each task's support set.
-        Returns accuracy_before / accuracy_after (means) and per-task tensors [T]."""
+    def adapted_logits(self, batch: TaskBatch, inner_steps: int | None = None,
+                       bn_mode: str = "transductive") -> tuple[torch.Tensor, torch.Tensor]:
+        """Query logits [T, Q, ways] before and after adapting the head on each task's support
+        set (`inner_steps` SGD steps, default the model's), BatchNorm as `bn_mode` says; the
+        model's training mode is left as it was."""
         require_batch(batch)
         if bn_mode not in BN_MODES:
             raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -310,11 +317,20 @@ class ANIL(nn.Module):
                 fs, fq = self.features(batch, bn_mode)
             fs, fq = fs.float(), fq.float()
             _, before = self._head_loss(fs, batch, fq, 0, True)
-            losses, after = self._head_loss(fs, batch, fq, steps, True)
+            _, after = self._head_loss(fs, batch, fq, steps, True)
         finally:
             self.train(was_training)
+        return before, after
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None,
+                 bn_mode: str = "transductive") -> dict:
+        """Query accuracy before and after adapting the head on each task's support set.
+        Returns accuracy_before / accuracy_after (means), loss_after and per-task tensors [T]."""
+        before, after = self.adapted_logits(batch, inner_steps, bn_mode)
+        loss = torch.nn.functional.cross_entropy(after.flatten(0, 1), batch.query_y.flatten())
         per_before = (before.argmax(-1) == batch.query_y).float().mean(1)
         per_after = (after.argmax(-1) == batch.query_y).float().mean(1)
         return {"accuracy_before": per_before.mean().item(), "accuracy_after": per_after.mean().item(),
-                "loss_after": losses.mean().item(),
+                "loss_after": loss.item(),
                 "per_task_before": per_before.cpu(), "per_task_after": per_after.cpu()}

@@ -163,3 +163,36 @@ def batch_statistics_without_update(body: nn.Module):
         for bn, training, track in saved:
             bn.track_running_stats = track
             bn.train(training)
+
+
+def features_with_support_statistics(forward, body: nn.Module, support: torch.Tensor,
+                                     query: torch.Tensor):
+    """(forward(support), forward(query)) for one task with every BatchNorm layer normalising
+    both sets with the support set's batch statistics (mean and biased variance, as training
+    mode computes them), so a query's features do not depend on the other queries (the mode
+    TaskNorm argues for). Running statistics are left as they were."""
+    layers = batchnorm_layers(body)
+    captured = {}
+
+    def capture(bn, inputs):
+        x = inputs[0].to(torch.promote_types(inputs[0].dtype, torch.float32))  # bf16: in fp32
+        dims = [0, *range(2, x.dim())]
+        captured[bn] = (x.mean(dims), x.var(dims, unbiased=False))
+    handles = [bn.register_forward_pre_hook(capture) for bn in layers]
+    try:
+        with batch_statistics_without_update(body):
+            fs = forward(support)
+    finally:
+        for handle in handles:
+            handle.remove()
+    saved = [(bn, bn.training, bn.running_mean, bn.running_var) for bn in layers]
+    try:
+        for bn in layers:  # eval mode reads running_mean/var as given: the support's statistics
+            bn.running_mean, bn.running_var = captured[bn]
+            bn.eval()
+        fq = forward(query)
+    finally:
+        for bn, training, mean, var in saved:
+            bn.running_mean, bn.running_var = mean, var
+            bn.train(training)
+    return fs, fq

@@ -1,4 +1,5 @@
-"""The `anil-fast` command line: train, eval, compare, reproduce, show-tasks, bench, cache.
+"""The `anil-fast` command line: train, eval, predict, compare, reproduce, show-tasks, bench,
+cache.
 
 User errors (AnilFastError: bad settings, files, run folders; OSError: the disk, permissions)
 print one line and exit 2; a diverged run exits 3; Ctrl-C prints one line and exits 130 (the
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_inspection_commands(sub)
     _add_bench_command(sub)
+    _add_predict_command(sub)
     _add_cache_command(sub)
     return parser
 
@@ -129,6 +131,24 @@ def _add_inspection_commands(sub) -> None:
                      help="start every scenario's run over")
     cmp.add_argument("--no-progress", action="store_true")
     _add_overrides(cmp)
+
+
+def _add_predict_command(sub) -> None:
+    pred = sub.add_parser("predict", help="classify new images with a trained model, adapted to "
+                                          "a few labelled examples of your classes")
+    pred.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    pred.add_argument("--support", required=True,
+                      help="a folder holding one folder of images per class")
+    pred.add_argument("--query", required=True, nargs="+", help="images or folders of images")
+    pred.add_argument("--weights", choices=("best", "last"), default=None,
+                      help="of a run folder: best.pt (default when the run has it) or checkpoint.pt")
+    pred.add_argument("--inner-steps", type=int, default=None,
+                      help="head adaptation steps (default: the run's evaluation setting)")
+    pred.add_argument("--bn-mode", choices=BN_MODES, default=None,
+                      help="BatchNorm (default: the run's own)")
+    pred.add_argument("--top", type=int, default=1, help="classes shown per image")
+    pred.add_argument("--json", action="store_true", help="one JSON object per image")
+    pred.add_argument("--device", default="auto")
 
 
 def _add_cache_command(sub) -> None:
@@ -303,6 +323,31 @@ def _bench(args, info, out) -> None:
                           + "; ".join(bad))
 
 
+def _predict(args, info, out) -> None:
+    from .predict import FewShotClassifier, image_paths
+    if args.top < 1:
+        raise InputError(f"--top must be at least 1, got {args.top}")
+    clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.weights, args.device,
+                                            args.inner_steps, args.bn_mode)
+    clf.fit(args.support)
+    queries = image_paths(args.query)
+    if not queries:
+        raise InputError(f"--query: no images in {' '.join(args.query)}")
+    probabilities = clf.predict_proba(queries)
+    if not args.json:
+        out(f"{clf.weights} of {clf.checkpoint}; {len(clf.classes)} classes from {args.support}, "
+            f"{len(queries)} query images (BatchNorm: {clf.bn_mode})")
+    top = min(args.top, len(clf.classes))
+    for path, row in zip(queries, probabilities):
+        p, i = row.topk(top)
+        best = [(str(clf.classes[c]), round(float(v), 4)) for v, c in zip(p, i.tolist())]
+        if args.json:
+            out(json.dumps({"image": str(path), "predictions": [
+                {"class": c, "probability": v} for c, v in best]}))
+        else:
+            out(f"{path}: " + ", ".join(f"{c} {v:.3f}" for c, v in best))
+
+
 def _cache(args, info, out) -> None:
     import shutil
     from .env import decode_cache_dirs
@@ -317,7 +362,7 @@ def _cache(args, info, out) -> None:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "show-tasks": _show_tasks, "reproduce": _reproduce,
-            "compare": _compare, "bench": _bench, "cache": _cache}
+            "compare": _compare, "bench": _bench, "predict": _predict, "cache": _cache}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ intervals (data-parallel under torchrun), the test of a run's selected checkpoin
 validation or last weights), and the evaluation of a checkpoint file."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -103,15 +104,10 @@ def checkpoint_file(path, weights: str | None = None) -> tuple[Path, str]:
     return path / CHECKPOINT, "last"
 
 
-def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
-                        device: str = "auto", progress: bool = True,
-                        weights: str | None = None) -> dict:
-    """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was):
-    the weights `checkpoint_file` picks, with the run's own BatchNorm mode unless `bn_mode`."""
-    if not is_int(tasks) or not 1 <= tasks <= MAX_TASKS:
-        raise InputError(f"tasks must be an int in 1..{MAX_TASKS:,}, got {tasks!r}")
-    if bn_mode is not None and bn_mode not in BN_MODES:
-        raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+def load_run_model(path, weights: str | None = None, device: str = "auto"):
+    """(model with the checkpoint's weights, its config, the checkpoint, the file, which
+    weights) of a run folder or checkpoint file (`checkpoint_file` picks the file). Built
+    without downloading anything: the weights come from the checkpoint."""
     dev = resolve_device(distributed.rank_device(distributed.current(), device))
     file, which = checkpoint_file(path, weights)
     ckpt = load_checkpoint(file)
@@ -123,13 +119,27 @@ def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
     config = Config(**{**fields, "device": device})
     validate_config(config)
     config = normalized_config(config)  # an earlier version's names in today's terms
-    bn_mode = bn_mode or config.bn_mode
-    with own_rng(dev):
-        anil = build_anil(config, dev)
-        load_model_state(anil, ckpt["model"])
+    anil = build_anil(dataclasses.replace(config, pretrained=False), dev)
+    load_model_state(anil, ckpt["model"])
+    return anil, config, ckpt, file, f"{which} (step {ckpt['step']})"
+
+
+def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
+                        device: str = "auto", progress: bool = True,
+                        weights: str | None = None) -> dict:
+    """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was):
+    the weights `checkpoint_file` picks, with the run's own BatchNorm mode unless `bn_mode`."""
+    if not is_int(tasks) or not 1 <= tasks <= MAX_TASKS:
+        raise InputError(f"tasks must be an int in 1..{MAX_TASKS:,}, got {tasks!r}")
+    if bn_mode is not None and bn_mode not in BN_MODES:
+        raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    with own_rng(resolve_device(distributed.rank_device(distributed.current(), device))):
+        anil, config, ckpt, file, which = load_run_model(path, weights, device)
+        bn_mode = bn_mode or config.bn_mode
+        dev = next(anil.parameters()).device
         result = evaluate(anil, task_sampler(config, "test", dev, tasks), tasks, bn_mode,
                           config.eval_inner_steps, progress=progress)
     result.pop("per_task_after")
     result.update({"scenario": config.scenario, "model": config.model, "step": ckpt["step"],
-                   "checkpoint": str(file), "weights": f"{which} (step {ckpt['step']})"})
+                   "checkpoint": str(file), "weights": which})
     return result

@@ -369,3 +369,39 @@ def test_an_optimizer_over_other_parameters_is_refused():
     with pytest.raises(ValueError, match="none of the model's parameters"):
         MetaOptimizer(anil, optimizer=torch.optim.Adam(other.parameters()))
     MetaOptimizer(anil, optimizer=torch.optim.SGD(anil.head.parameters(), lr=0.1))  # fine
+
+
+# -- BatchNorm "support": queries normalised with their task's support statistics ------------------
+
+def test_support_mode_normalises_queries_with_the_support_statistics():
+    anil = make(ways=4, seed=3)
+    batch = random_batch(tasks=2, ways=4, shots=2, queries=3, seed=5)
+    for bn in batchnorm_layers(anil.body):  # running statistics unlike any batch's
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.0)
+    saved = copy.deepcopy(anil.body.state_dict())
+    anil.eval()
+    with torch.no_grad():
+        fs, fq = anil.features(batch, "support")
+        ts, tq = anil.features(batch, "transductive")
+        # the support set through both: its own statistics, as transductive gives them
+        torch.testing.assert_close(fs, ts)
+        # queries equal to the support images get exactly the support features
+        same = type(batch)(batch.support_x, batch.support_y, batch.support_x, batch.support_y)
+        s2, q2 = anil.features(same, "support")
+        torch.testing.assert_close(q2, s2)
+        # a query's features do not depend on the other queries (transductive's do)
+        alone = type(batch)(batch.support_x, batch.support_y, batch.query_x[:, :1], batch.query_y[:, :1])
+        _, fq1 = anil.features(alone, "support")
+        torch.testing.assert_close(fq1[:, 0], fq[:, 0])
+        _, tq1 = anil.features(alone, "transductive")
+        assert not torch.allclose(tq1[:, 0], tq[:, 0])
+        # and differ from both other modes
+        _, rq = anil.features(batch, "running")
+        assert not torch.allclose(fq, tq) and not torch.allclose(fq, rq)
+    # running statistics and modes are left as they were
+    for (name, a), b in zip(saved.items(), anil.body.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not anil.training
+    result = anil.evaluate(batch, bn_mode="support")
+    assert 0 <= result["accuracy_after"] <= 1

@@ -123,7 +123,7 @@ def from_dataset(dataset, image_size: int | None = None, channels: int | None = 
         image, label = dataset[i]
         if isinstance(image, Image.Image):
             try:
-                image = _pil_to_array(image, image_size, channels)
+                image = pil_to_array(image, image_size, channels)
             except InputError as exc:
                 raise InputError(f"dataset[{i}]: {exc}") from exc
             image = torch.from_numpy(image).permute(2, 0, 1)
@@ -133,7 +133,7 @@ def from_dataset(dataset, image_size: int | None = None, channels: int | None = 
             except (TypeError, ValueError) as exc:
                 raise InputTypeError(f"dataset[{i}]: an array Pillow cannot read as an image "
                                      f"({exc})") from exc
-            image = torch.from_numpy(_pil_to_array(image, image_size, channels)).permute(2, 0, 1)
+            image = torch.from_numpy(pil_to_array(image, image_size, channels)).permute(2, 0, 1)
         elif not isinstance(image, torch.Tensor):
             raise InputTypeError(f"dataset[{i}]: an image must be a PIL image, array or tensor, got "
                                  f"{type(image).__name__}")
@@ -147,7 +147,7 @@ def from_dataset(dataset, image_size: int | None = None, channels: int | None = 
     return from_tensors(torch.stack(images), torch.tensor(labels), class_names)
 
 
-def _pil_to_array(image, image_size, channels) -> np.ndarray:
+def pil_to_array(image, image_size, channels) -> np.ndarray:
     """uint8 [H, W, channels]: 8-bit modes as Pillow converts them; deeper ones scaled into
     0..255 first (`to_8bit`), never clipped."""
     from PIL import Image
@@ -340,7 +340,7 @@ def read_image(path: Path, image_size: int | None, channels: int | None) -> np.n
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as image:
-            return _pil_to_array(image, image_size, channels)
+            return pil_to_array(image, image_size, channels)
     except Image.DecompressionBombError as exc:
         raise InputError(f"data: {path} is larger than Pillow's limit for one image ({exc}); "
                          f"shrink it or remove it") from exc

@@ -1,0 +1,213 @@
+"""A trained model as a few-shot classifier: "here are a few labelled examples of each of my
+classes, what are these new images?"
+
+    clf = FewShotClassifier.from_checkpoint("runs/s2")      # best.pt when the run has one
+    clf.fit(support_images, support_labels)                 # paths, PIL images or tensors
+    clf.predict(query_images)                               # one label per image
+    clf.predict_proba(query_images)                         # [Q, classes], columns: clf.classes
+
+`fit` keeps the support set; `predict_proba` adapts the head on it as evaluation does (the
+run's inner steps, initial head and inner learning rate) and scores the queries. BatchNorm:
+the run's mode, except that a run evaluated transductively (queries normalised with their own
+statistics, which would make each answer depend on the other images scored with it) predicts
+with its support set's statistics ("support"): every query is classified on its own. Images given as paths or
+PIL images get the preprocessing of the checkpoint's data: Omniglot's (grey ink on white
+paper inverted, area-resized) or, for every other dataset, the folder loader's (RGB or grey,
+16-bit and float images scaled, bilinear resize). Tensors are taken as model inputs: float
+[N, C, H, W] in 0..1 at the model's channels and image size (uint8 is divided by 255).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .anil import ANIL, BN_MODES
+from .data import TaskBatch
+from .data.fewshot import IMAGE_SUFFIXES, pil_to_array, read_image, to_8bit
+from .errors import InputError, InputTypeError, is_int
+
+__all__ = ["FewShotClassifier", "image_paths"]
+
+
+def image_paths(paths) -> list[Path]:
+    """Image files from files and folders (a folder: its image files, sorted, recursively)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise InputError(f"query: {p} is neither an image file nor a folder")
+    return found
+
+
+def support_folder(path) -> tuple[list[Path], list[str]]:
+    """(image files, class names) of a folder holding one folder of images per class."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"support: {path} is not a folder (expected one folder of images per class)")
+    classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(f"support: {path} holds no class folders")
+    files, labels = [], []
+    for folder in classes:
+        images = image_paths(folder)
+        if not images:
+            raise InputError(f"support: class folder {folder} holds no images "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
+        files += images
+        labels += [folder.name] * len(images)
+    return files, labels
+
+
+class FewShotClassifier:
+    """A trained ANIL model that adapts its head to your classes (see the module docstring).
+
+    anil: the trained model; image_size, channels: its inputs; omniglot: Omniglot's
+    preprocessing for paths and PIL images; inner_steps, bn_mode: the adaptation (those of
+    the run by default, as evaluation uses them)."""
+
+    def __init__(self, anil: ANIL, image_size: int, channels: int, omniglot: bool = False,
+                 inner_steps: int | None = None, bn_mode: str = "transductive"):
+        if not isinstance(anil, ANIL):
+            raise InputTypeError(f"anil must be an ANIL model, got {type(anil).__name__}")
+        if inner_steps is not None and (not is_int(inner_steps) or inner_steps < 0):
+            raise InputError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        if bn_mode not in BN_MODES:
+            raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        self.anil, self.image_size, self.channels, self.omniglot = anil, image_size, channels, omniglot
+        self.inner_steps, self.bn_mode = inner_steps, bn_mode
+        self.device = next(anil.parameters()).device
+        self.classes: list = []
+        self._support = None
+
+    @classmethod
+    def from_checkpoint(cls, path, weights: str | None = None, device: str = "auto",
+                        inner_steps: int | None = None, bn_mode: str | None = None):
+        """From a run folder (best.pt when it has one, else checkpoint.pt; `weights` "best" or
+        "last" chooses) or a checkpoint file."""
+        from .evaluation import load_run_model
+        anil, config, _, file, which = load_run_model(path, weights, device)
+        # transductive BatchNorm would make each answer depend on the other query images:
+        # a run evaluated that way predicts with its support set's statistics instead
+        default = "support" if config.bn_mode == "transductive" else config.bn_mode
+        clf = cls(anil, config.image_size, config.input_channels, config.dataset == "omniglot",
+                  config.eval_inner_steps if inner_steps is None else inner_steps,
+                  bn_mode or default)
+        clf.checkpoint, clf.weights = str(file), which
+        return clf
+
+    @property
+    def max_classes(self) -> int:
+        return self.anil.head.out_features
+
+    # -- images --------------------------------------------------------------------------------
+    def images(self, images) -> torch.Tensor:
+        """Model inputs float [N, C, S, S] in 0..1 on the model's device from paths (files or
+        folders), PIL images, or a tensor [N, C, S, S]."""
+        from PIL import Image
+        if isinstance(images, torch.Tensor):
+            return self._tensor(images)
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise InputTypeError(f"images must be paths, PIL images or a tensor [N, C, H, W], got "
+                                 f"{type(images).__name__}")
+        rows = []
+        for item in images:
+            if isinstance(item, Image.Image):
+                rows.append(self._pil(item))
+            elif isinstance(item, (str, Path)):
+                for f in image_paths(item):
+                    rows.append(self._file(f))
+            else:
+                raise InputTypeError(f"images: each must be a path or a PIL image, got "
+                                     f"{type(item).__name__}")
+        if not rows:
+            raise InputError("images: no images given")
+        return torch.stack(rows).to(self.device)
+
+    def _tensor(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (self.channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise InputError(f"images: a tensor must be [N, {', '.join(map(str, expected))}] (the "
+                             f"model's inputs), got {list(x.shape)}; pass paths or PIL images to "
+                             f"have them resized")
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        return x.to(self.device)
+
+    def _file(self, path: Path) -> torch.Tensor:
+        if self.omniglot:
+            from PIL import Image
+            try:
+                with Image.open(path) as image:
+                    return self._pil(image)
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise InputError(f"data: {path} is not an image Pillow can read ({exc})") from exc
+        array = read_image(path, self.image_size, self.channels)
+        return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+
+    def _pil(self, image) -> torch.Tensor:
+        if not self.omniglot:
+            array = pil_to_array(image, self.image_size, self.channels)
+            return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+        # Omniglot: ink 1.0 on paper 0.0, area-resized, as the Omniglot loader stores it
+        grey = np.asarray(to_8bit(image).convert("L"), dtype=np.float32)
+        ink = torch.from_numpy(1.0 - grey / 255.0)[None, None]
+        return F.interpolate(ink, size=(self.image_size, self.image_size), mode="area")[0]
+
+    # -- fit and predict -----------------------------------------------------------------------
+    def fit(self, images, labels=None) -> "FewShotClassifier":
+        """Keep a support set: images (paths, PIL images or a tensor) with one label each (any
+        hashable: class names or numbers), or a folder of class folders with labels None."""
+        if labels is None:
+            if not isinstance(images, (str, Path)):
+                raise InputError("labels: give one label per image, or a folder of class folders "
+                                 "as images")
+            images, labels = support_folder(images)
+        x = self.images(images)
+        labels = list(labels.tolist() if isinstance(labels, torch.Tensor) else labels)
+        if len(labels) != x.shape[0]:
+            raise InputError(f"labels: {len(labels)} labels for {x.shape[0]} support images")
+        classes = sorted(set(labels), key=lambda c: (str(type(c)), c))
+        if len(classes) < 2:
+            raise InputError(f"support: {len(classes)} class given; a few-shot task needs at "
+                             f"least 2")
+        if len(classes) > self.max_classes:
+            raise InputError(f"support: {len(classes)} classes, but this model's head serves at "
+                             f"most {self.max_classes} (the ways it was trained for)")
+        index = {c: i for i, c in enumerate(classes)}
+        y = torch.tensor([index[c] for c in labels], device=self.device)
+        self.classes, self._support = classes, (x, y)
+        return self
+
+    def predict_proba(self, images) -> torch.Tensor:
+        """Class probabilities [Q, len(classes)] of the query images (columns: self.classes)."""
+        if self._support is None:
+            raise InputError("fit() the support set first")
+        x, y = self._support
+        q = self.images(images)
+        ways = len(self.classes)
+        head = nn.Linear(self.anil.head.in_features, ways).to(self.device)
+        with torch.no_grad():  # the learned initial head's first rows: labels are arbitrary
+            head.weight.copy_(self.anil.head.weight[:ways])
+            head.bias.copy_(self.anil.head.bias[:ways])
+        model = ANIL(self.anil.body, head, inner_lr=self.anil.inner_lr,
+                     inner_steps=self.anil.inner_steps, backend=self.anil.backend,
+                     precision=self.anil.precision)
+        model.channels_last = self.anil.channels_last
+        batch = TaskBatch(x[None], y[None], q[None], torch.zeros(1, q.shape[0], dtype=torch.int64,
+                                                                device=self.device))
+        _, logits = model.adapted_logits(batch, self.inner_steps, self.bn_mode)
+        return logits[0].softmax(-1).cpu()
+
+    def predict(self, images) -> list:
+        """The most probable class of each query image."""
+        return [self.classes[i] for i in self.predict_proba(images).argmax(-1).tolist()]
