@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_commands(sub) -> None:
     """train and reproduce: commands that train into a run folder."""
     train = sub.add_parser("train", help="meta-train a scenario, then evaluate it")
-    train.add_argument("--scenario", default="s2", choices=sorted(PRESETS))
+    train.add_argument("--scenario", default=None, choices=sorted(PRESETS),
+                       help="the preset to start from (default s2)")
+    train.add_argument("--config", default=None,
+                       help="a run's config.json: every setting from it, the flags on top")
     train.add_argument("--out", required=True, help="run folder (checkpoint, metrics, results)")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--overwrite", action="store_true",
@@ -250,9 +253,16 @@ def main(argv=None) -> int:
 
 def _train(args, info, out) -> None:
     from .build import resolve_model
-    from .scenarios import scenario_config
+    from .scenarios import config_from_file, scenario_config
     from .trainer import train
-    config = resolve_model(scenario_config(args.scenario, **_overrides(args)))
+    if args.config is not None:
+        if args.scenario is not None:
+            raise InputError("--scenario and --config exclude each other (the file holds every "
+                             "setting, its scenario included)")
+        config = config_from_file(args.config, **_overrides(args))
+    else:
+        config = scenario_config(args.scenario or "s2", **_overrides(args))
+    config = resolve_model(config)
     for note in config.notes:
         out(note)
     summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite,

@@ -16,7 +16,7 @@ from .data import TaskSampler
 from .errors import InputError, is_int
 from .metrics import mean_ci95
 from .runfolder import BEST, CHECKPOINT, load_checkpoint
-from .scenarios import MAX_TASKS, Config, normalized_config, validate_config
+from .scenarios import MAX_TASKS, Config, config_from_dict
 
 __all__ = ["evaluate", "score_selected", "evaluate_checkpoint"]
 
@@ -111,14 +111,8 @@ def load_run_model(path, weights: str | None = None, device: str = "auto"):
     dev = resolve_device(distributed.rank_device(distributed.current(), device))
     file, which = checkpoint_file(path, weights)
     ckpt = load_checkpoint(file)
-    fields = dict(ckpt["config"])
-    unknown = set(fields) - {f for f in Config.__dataclass_fields__}
-    if unknown:
-        raise InputError(f"checkpoint: {file} was written with settings this anil-fast does not "
-                         f"know ({', '.join(sorted(unknown))})")
-    config = Config(**{**fields, "device": device})
-    validate_config(config)
-    config = normalized_config(config)  # an earlier version's names in today's terms
+    # every recorded key and type checked; an earlier version's names in today's terms
+    config = config_from_dict({**ckpt["config"], "device": device}, f"checkpoint: {file}")
     anil = build_anil(dataclasses.replace(config, pretrained=False), dev)
     load_model_state(anil, ckpt["model"])
     return anil, config, ckpt, file, f"{which} (step {ckpt['step']})"

@@ -170,6 +170,50 @@ def scenario_config(name: str, **overrides) -> Config:
     return normalized_config(config)
 
 
+# The types a recorded setting may have, by Config field annotation (JSON gives ints for
+# floats that are whole numbers).
+_FIELD_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float),
+                "list": (list,), "str | None": (str, type(None)), "int | None": (int, type(None)),
+                "float | None": (int, float, type(None))}
+
+
+def config_from_dict(values, where: str) -> Config:
+    """A Config from recorded settings (a run's config.json, a checkpoint's), every key and
+    type checked; the recorded notes are dropped (a run derives its own)."""
+    if not isinstance(values, dict):
+        raise InputError(f"{where}: expected a JSON object of settings, got {type(values).__name__}")
+    unknown = sorted(set(values) - FIELD_NAMES)
+    if unknown:
+        raise InputError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(FIELD_NAMES))}")
+    for f in fields(Config):
+        if f.name in values:
+            allowed = _FIELD_TYPES[f.type]
+            value = values[f.name]
+            if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+                raise InputError(f"{where}: {f.name} must be {f.type.replace(' | None', ' or null')}, "
+                                 f"got {value!r}")
+    config = Config(**{k: v for k, v in values.items() if k != "notes"})
+    validate_config(config)
+    return normalized_config(config)
+
+
+def config_from_file(path, **overrides) -> Config:
+    """The settings of a JSON file (a run's config.json), then `overrides` on top: the same
+    run again, or a variation of it."""
+    import json
+    try:
+        values = json.loads(open(path, encoding="utf-8-sig").read())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--config: {path} is not a readable JSON file ({exc})") from exc
+    if isinstance(values, dict):
+        unknown = set(overrides) - FIELD_NAMES
+        if unknown:
+            raise InputError(f"unknown override(s) {sorted(unknown)}")
+        values = {**values, **overrides}
+    return config_from_dict(values, f"--config {path}")
+
+
 def normalized_config(c: Config) -> Config:
     """A copy of a valid config in today's terms: an earlier version's backend name becomes
     today's, `data` alone means dataset "folder", integer learning rates become floats."""

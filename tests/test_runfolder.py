@@ -472,3 +472,46 @@ def test_reproduce_keeps_another_suites_report(tmp_path, capsys, monkeypatch):
     (out / "reproduce.json").write_text("my own notes")
     code, message = run_cli(capsys, "reproduce", "--suite", "seed", "--smoke", "--out", str(out))
     assert code == 2 and "not a report anil-fast wrote" in message
+
+
+# -- a run replayed from its config.json (issue 22) ---------------------------------------------
+
+@needs_data
+def test_train_config_replays_a_run_bit_for_bit(finished_run, tmp_path, capsys):
+    again = tmp_path / "again"
+    code, _ = run_cli(capsys, "train", "--config", str(finished_run / "config.json"),
+                      "--out", str(again), "--no-progress")
+    assert code == 0
+    first, second = load_checkpoint(finished_run), load_checkpoint(again)
+    assert first["step"] == second["step"] == 4
+    for name, tensor in first["model"].items():
+        assert torch.equal(tensor, second["model"][name]), name
+    losses = [[json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (finished_run, again)]
+    assert losses[0] == losses[1]
+    assert json.loads((again / "config.json").read_text()) == json.loads((finished_run / "config.json").read_text())
+    # the flags on top of the file
+    code, _ = run_cli(capsys, "train", "--config", str(finished_run / "config.json"),
+                      "--meta-steps", "2", "--seed", "5", "--out", str(tmp_path / "other"), "--no-progress")
+    recorded = json.loads((tmp_path / "other" / "config.json").read_text())
+    assert code == 0 and recorded["meta_steps"] == 2 and recorded["seed"] == 5
+
+
+def test_train_config_names_unknown_keys_and_wrong_types(finished_run, tmp_path, capsys):
+    settings = json.loads((finished_run / "config.json").read_text())
+    for change, word in (({"wayz": 5}, "unknown setting(s) wayz"),
+                         ({"ways": "5"}, "ways must be int, got '5'"),
+                         ({"first_order": "yes"}, "first_order must be bool"),
+                         ({"inner_lr": None}, "inner_lr must be float"),
+                         ({"ways": True}, "ways must be int")):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({**settings, **change}))
+        code, message = run_cli(capsys, "train", "--config", str(path), "--out", str(tmp_path / "r"))
+        assert code == 2 and word in message, message
+    path.write_text("[1, 2]")
+    code, message = run_cli(capsys, "train", "--config", str(path), "--out", str(tmp_path / "r"))
+    assert code == 2 and "JSON object" in message
+    code, message = run_cli(capsys, "train", "--config", str(finished_run / "config.json"),
+                            "--scenario", "s1", "--out", str(tmp_path / "r"))
+    assert code == 2 and "exclude each other" in message
+    assert not (tmp_path / "r").exists()
