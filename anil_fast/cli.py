@@ -83,6 +83,9 @@ def _add_run_commands(sub) -> None:
     train.add_argument("--overwrite", action="store_true",
                        help="start over in an --out that holds a run (deletes its run files)")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                       help="write TensorBoard scalars to DIR (default: OUT/tensorboard); "
+                            "needs pip install 'anil-fast[tensorboard]'")
     _add_overrides(train)
 
     rep = sub.add_parser("reproduce", help="our numbers beside the papers' (paper) or the "
@@ -97,6 +100,8 @@ def _add_run_commands(sub) -> None:
     rep.add_argument("--resume", action="store_true")
     rep.add_argument("--overwrite", action="store_true")
     rep.add_argument("--no-progress", action="store_true")
+    rep.add_argument("--tensorboard", action="store_true",
+                     help="TensorBoard scalars in each preset's OUT/<preset>/tensorboard")
 
 
 def _add_inspection_commands(sub) -> None:
@@ -133,6 +138,8 @@ def _add_inspection_commands(sub) -> None:
     cmp.add_argument("--overwrite", action="store_true",
                      help="start every scenario's run over")
     cmp.add_argument("--no-progress", action="store_true")
+    cmp.add_argument("--tensorboard", action="store_true",
+                     help="TensorBoard scalars in each scenario's OUT/<scenario>/tensorboard")
     _add_overrides(cmp)
 
 
@@ -265,8 +272,9 @@ def _train(args, info, out) -> None:
     config = resolve_model(config)
     for note in config.notes:
         out(note)
+    board = None if args.tensorboard is None else (args.tensorboard or Path(args.out) / "tensorboard")
     summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, tensorboard=board)
     _print_summary(summary, config, info, out)
 
 
@@ -301,7 +309,8 @@ def _show_tasks(args, info, out) -> None:
 def _reproduce(args, info, out) -> None:
     from .reproduce import reproduce
     rows = reproduce(args.suite, args.out, args.budget_s, args.device, args.smoke,
-                     progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
+                     progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
+                     tensorboard=args.tensorboard)
     if info.is_main:  # rank 0 alone wrote the report: the other ranks must not read it
         out((Path(args.out) / "reproduce.md").read_text())
     out(f"wrote {args.out}/reproduce.{{md,csv,json}} and accuracy_vs_time.png "
@@ -312,7 +321,7 @@ def _compare(args, info, out) -> None:
     from .compare import compare
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     rows = compare(names, args.out, _overrides(args), progress=not args.no_progress,
-                   resume=args.resume, overwrite=args.overwrite)
+                   resume=args.resume, overwrite=args.overwrite, tensorboard=args.tensorboard)
     if info.is_main:  # rank 0 alone wrote the tables: the other ranks must not read them
         out((Path(args.out) / "comparison.md").read_text())
     out(f"wrote {args.out}/comparison.{{md,csv,json}}, loss_curves.png, accuracy.png "

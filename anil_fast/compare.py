@@ -94,9 +94,11 @@ def write_plots(run_dirs: dict, rows: list[dict], out: Path) -> None:
 
 
 def compare(scenarios: list[str], out_dir, overrides: dict | None = None,
-            progress: bool = True, resume: bool = False, overwrite: bool = False) -> list[dict]:
-    """Train each scenario into out_dir/<scenario> (resume/overwrite as for train), then write
-    the tables and plots (rank 0 only under torchrun)."""
+            progress: bool = True, resume: bool = False, overwrite: bool = False,
+            tensorboard: bool = False) -> list[dict]:
+    """Train each scenario into out_dir/<scenario> (resume/overwrite as for train; TensorBoard
+    scalars in its tensorboard/ with `tensorboard`), then write the tables and plots (rank 0
+    only under torchrun)."""
     out = Path(out_dir)
     if not scenarios:
         raise InputError("scenarios: name at least one scenario (e.g. --scenarios s1,s2)")
@@ -108,7 +110,8 @@ def compare(scenarios: list[str], out_dir, overrides: dict | None = None,
     rows, run_dirs = [], {}
     for config in configs:
         run_dir = out / config.scenario
-        summary = train(config, run_dir, progress=progress, resume=resume, overwrite=overwrite)
+        summary = train(config, run_dir, progress=progress, resume=resume, overwrite=overwrite,
+                        tensorboard=run_dir / "tensorboard" if tensorboard else None)
         rows.append(row_of(summary))
         run_dirs[config.scenario] = run_dir
     if distributed.current().is_main:

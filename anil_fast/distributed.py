@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .env import dist_timeout_s
+from .errors import InputError
 
 
 @dataclass
@@ -174,3 +175,13 @@ def shutdown() -> None:
         except Exception:  # a peer is already gone: nothing left to wait for
             pass
         dist.destroy_process_group()
+
+
+def check_config(config, info: DistInfo) -> None:
+    """What a data-parallel run needs of its settings (nothing when not under torchrun)."""
+    if info.active and config.meta_batch < info.world_size:
+        raise InputError(f"meta_batch ({config.meta_batch}) must be at least the number of "
+                         f"ranks ({info.world_size})")
+    if info.active and (config.time_budget is not None or config.val_every_s is not None):
+        raise InputError("under torchrun, end runs by --meta-steps and validate by --val-every "
+                         "(time-based limits could stop the ranks at different steps)")

@@ -34,6 +34,11 @@ class Interrupted(AnilFastError):
     """Ctrl-C (SIGINT) during training; the last checkpoint is kept (exit code 130)."""
 
 
+def kept_checkpoint(path, step: int) -> str:
+    return (f"the last good checkpoint ({path}, step {step}) is kept" if step
+            else "no checkpoint was written yet")
+
+
 def largest_magnitude(tensors) -> float:
     """The largest |x| over `tensors` (inf or nan when one is not finite; 0 for none). One
     reduction, one host sync."""

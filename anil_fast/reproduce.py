@@ -155,16 +155,19 @@ def _check_report_is_ours(report: Path, suite: str, overwrite: bool) -> None:
 
 def reproduce(suite: str, out_dir, budget_s: float | None = 300.0, device: str = "auto",
               smoke: bool = False, progress: bool = True, resume: bool = False,
-              overwrite: bool = False, overrides: dict | None = None) -> list[dict]:
-    """Train every preset of the suite into out_dir/<preset> and write the comparison."""
+              overwrite: bool = False, overrides: dict | None = None,
+              tensorboard: bool = False) -> list[dict]:
+    """Train every preset of the suite into out_dir/<preset> (TensorBoard scalars in its
+    tensorboard/ with `tensorboard`) and write the comparison."""
     configs = suite_configs(suite, budget_s, device, smoke, overrides)  # fail early
     out = Path(out_dir)
     _check_report_is_ours(out / "reproduce.json", suite, overwrite)
     table = references()
     rows, summaries = [], []
     for config in configs:
-        summary = train(config, out / config.scenario, progress=progress, resume=resume,
-                        overwrite=overwrite)
+        run_dir = out / config.scenario
+        summary = train(config, run_dir, progress=progress, resume=resume, overwrite=overwrite,
+                        tensorboard=run_dir / "tensorboard" if tensorboard else None)
         summaries.append(summary)
         rows.append(row_of(suite, summary, config, smoke, table))
     if distributed.current().is_main:

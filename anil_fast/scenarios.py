@@ -108,6 +108,11 @@ class Config:
     def validates(self) -> bool:
         return self.validation > 0 and (self.val_every > 0 or self.val_every_s is not None)
 
+    def training_tasks(self, steps: int) -> int:
+        """Distinct training tasks a run of `steps` steps sees: its pool, or every task drawn."""
+        drawn = max(steps, 1) * self.meta_batch
+        return min(self.tasks, drawn) if self.tasks else drawn
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, tensorboard_log
 from .anil import ANIL
 from .build import (build_anil, build_meta_optimizer, load_model_state, own_rng,
                     resolve_device, resolve_model, rng_state, set_rng_state, task_sampler)
 from .capture import MetaStepRunner
 from .data import TaskSampler
 from .divergence import (ADVICE, LOSS_LIMIT, Interrupted, TrainingDiverged, insane_loss,
-                         insane_state)
+                         insane_state, kept_checkpoint)
 from .errors import InputError
 from .evaluation import evaluate, score_selected
 from .metrics import GPUMonitor, peak_memory, reset_peak_memory
@@ -41,9 +41,8 @@ RESUMABLE_CHANGES = {"meta_steps", "device", "checkpoint_every", "log_every", "n
                      "eval_inner_steps", "bn_mode", "time_budget", "lr_schedule", "lr_floor",
                      "val_every", "val_every_s"}
 # Of those, the ones that change what is computed: a resume records them (results.json).
-RECORDED_CHANGES = {"inner_lr", "outer_lr", "meta_steps", "backend", "test_tasks",
-                    "eval_inner_steps", "bn_mode", "time_budget", "lr_schedule", "lr_floor",
-                    "val_every", "val_every_s"}
+RECORDED_CHANGES = RESUMABLE_CHANGES - {"device", "checkpoint_every", "log_every", "notes",
+                                        "compile", "capture"}
 __all__ = ["train", "TrainingDiverged", "Interrupted", "RunFolderError", "load_checkpoint"]
 
 
@@ -69,6 +68,7 @@ class _Run:
     val_records: list = field(default_factory=list)
     one_time: dict = field(default_factory=dict)  # seconds of set-up, build, first step
     validation_s: float = 0.0
+    board: object = None  # tensorboard_log.TensorBoardLog, when asked for (rank 0)
 
 
 def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overwrite: bool,
@@ -156,20 +156,20 @@ def _log(run: _Run, metrics_file, bar) -> None:
         if metrics_file:
             metrics_file.write(json.dumps({"step": step, "loss": loss, "accuracy": acc,
                                            "elapsed_s": round(elapsed, 4)}) + "\n")
+        if run.board:
+            run.board.scalars(step, {"train/loss": loss, "train/accuracy": acc})
     if metrics_file:
         metrics_file.flush()
+    if run.board:
+        run.board.progress(run.step, run.optimizer.learning_rates(), run.device,
+                           run.steady_steps / run.elapsed if run.elapsed else None)
     bar.set_postfix(loss=f"{values[-1][0]:.3f}", acc=f"{values[-1][1]:.3f}")
     run.pending.clear()
 
 
-def _kept(run: _Run) -> str:
-    ckpt = run.folder.path / CHECKPOINT
-    return (f"the last good checkpoint ({ckpt}, step {run.checkpoint_step}) is kept"
-            if run.checkpoint_step else "no checkpoint was written yet")
-
-
 def _diverged(run: _Run, what: str):
-    raise TrainingDiverged(f"{what}; training stopped and {_kept(run)}. {ADVICE}")
+    kept = kept_checkpoint(run.folder.path / CHECKPOINT, run.checkpoint_step)
+    raise TrainingDiverged(f"{what}; training stopped and {kept}. {ADVICE}")
 
 
 def _checkpoint(run: _Run, best: bool = False) -> None:
@@ -199,6 +199,8 @@ def _validate(run: _Run) -> None:
     record = {"step": run.step, "elapsed_s": round(run.elapsed, 4),
               "accuracy": result["accuracy_after"], "ci95": result["ci95_after"]}
     run.val_records.append(record)
+    if run.board:
+        run.board.scalars(run.step, {"validation/accuracy": record["accuracy"]})
     if run.info.is_main:
         with open(run.folder.path / VALIDATION, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -277,7 +279,7 @@ def _summary(run: _Run, session_steps: int) -> dict:
     session_it_s = session_steps / run.elapsed if run.elapsed else 0.0
     rank_it_s = distributed.gather_values(session_it_s)
     counts = parameter_counts(anil, run.optimizer)
-    tasks = training_tasks(config, run.step)
+    tasks = config.training_tasks(run.step)
     budget = config.time_budget
     return {"scenario": config.scenario, "model": config.model, "notes": config.notes,
             "meta_steps": run.step, "train_time_s": run.elapsed,
@@ -297,7 +299,7 @@ def _summary(run: _Run, session_steps: int) -> dict:
 
 
 def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
-          evaluate_at_end: bool = True, overwrite: bool = False) -> dict:
+          evaluate_at_end: bool = True, overwrite: bool = False, tensorboard=None) -> dict:
     """Meta-train one scenario into the run folder `out_dir`; return its summary (also
     results.json). A folder that already holds a run is refused unless `resume` (continue
     from its checkpoint) or `overwrite` (delete its run files and start over). The run ends at
@@ -305,18 +307,16 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
     (standard protocol) the test accuracy reported is the best-validation checkpoint's.
 
     Under torchrun (torch.distributed initialised) every rank runs this with the same
-    config: ranks share each meta-batch's tasks, rank 0 writes the files (distributed.py)."""
+    config: ranks share each meta-batch's tasks, rank 0 writes the files (distributed.py).
+    `tensorboard`: a folder for TensorBoard scalars (tensorboard_log.py)."""
     validate_config(config)
+    if tensorboard is not None:
+        tensorboard_log.require()
     config = resolve_model(normalized_config(config))
     if resume and overwrite:
         raise InputError("resume and overwrite exclude each other")
     info = distributed.current()
-    if info.active and config.meta_batch < info.world_size:
-        raise InputError(f"meta_batch ({config.meta_batch}) must be at least the number of "
-                         f"ranks ({info.world_size})")
-    if info.active and (config.time_budget is not None or config.val_every_s is not None):
-        raise InputError("under torchrun, end runs by --meta-steps and validate by --val-every "
-                         "(time-based limits could stop the ranks at different steps)")
+    distributed.check_config(config, info)
     folder = RunFolder(out_dir)
     device = resolve_device(distributed.rank_device(info, config.device))
     if info.is_main:
@@ -325,12 +325,15 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
         run = _set_up(config, folder, device, info, resume, overwrite, evaluate_at_end)
         reset_peak_memory(device)
         start_steps = run.steady_steps
-        with GPUMonitor(device) as monitor:
+        with GPUMonitor(device) as monitor, ExitStack() as boards:
+            if tensorboard is not None and info.is_main:
+                run.board = boards.enter_context(tensorboard_log.TensorBoardLog(tensorboard))
             try:
                 _train_steps(run, progress)
             except KeyboardInterrupt:
-                raise Interrupted(f"interrupted at step {run.step}; {_kept(run)}: continue "
-                                  f"with --resume") from None
+                kept = kept_checkpoint(folder.path / CHECKPOINT, run.checkpoint_step)
+                raise Interrupted(f"interrupted at step {run.step}; {kept}: continue with "
+                                  f"--resume") from None
         summary = _summary(run, run.steady_steps - start_steps)
         summary.update({"gpu_utilization": monitor.average_utilization, **peak_memory(device)})
         distributed.barrier()
@@ -342,8 +345,3 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
             folder.write_json(RESULTS, summary)
     return summary
 
-
-def training_tasks(config: Config, steps: int) -> int:
-    """Distinct training tasks a run of `steps` steps sees: its pool, or every task it draws."""
-    drawn = max(steps, 1) * config.meta_batch
-    return min(config.tasks, drawn) if config.tasks else drawn

@@ -1,0 +1,50 @@
+"""Training scalars for TensorBoard (`train --tensorboard [DIR]`), written with
+torch.utils.tensorboard when the `tensorboard` package is installed (the optional extra:
+pip install 'anil-fast[tensorboard]'). Training never depends on it: without the package,
+asking for it is a clear error before anything starts.
+
+Scalars (step = meta-step): train/loss, train/accuracy, train/it_s, lr/<group>, memory/<kind>
+(peak GPU memory or peak RSS, MiB), validation/accuracy."""
+from __future__ import annotations
+
+import importlib.util
+
+from .errors import InputError
+
+
+def require() -> None:
+    """Raise a clear InputError when the tensorboard package is missing."""
+    if importlib.util.find_spec("tensorboard") is None:  # torch.utils.tensorboard imports it
+        raise InputError("--tensorboard needs the tensorboard package: pip install "
+                         "'anil-fast[tensorboard]' (or pip install tensorboard); training "
+                         "itself does not need it")
+
+
+class TensorBoardLog:
+    def __init__(self, log_dir):
+        require()
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, step: int, values: dict) -> None:
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name, float(value), step)
+
+    def progress(self, step: int, learning_rates: dict, device, it_s: float | None) -> None:
+        """The rates of the steps so far: learning rate per group, it/s, peak memory (MiB)."""
+        from .metrics import peak_memory
+        memory = {f"memory/{k.removesuffix('_bytes')}_MiB": v / 2**20
+                  for k, v in peak_memory(device).items() if v is not None}
+        self.scalars(step, {"train/it_s": it_s, **memory,
+                            **{f"lr/{k}": v for k, v in learning_rates.items()}})
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
