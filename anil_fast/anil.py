@@ -10,7 +10,7 @@ from torch import nn
 
 from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
                         batchnorm_parameter_names, features_with_support_statistics,
-                        grouped_batchnorm)
+                        grouped_batchnorm, unbatchable_layers)
 from .data import TaskBatch
 from .env import cpu_has_native_bf16
 from .errors import InputError, InputTypeError, is_int
@@ -110,6 +110,7 @@ class ANIL(nn.Module):
         self.batched_body = batched_body
         self.precision = precision
         self._labels_checked = False  # the first training batch's labels are checked once
+        self._unbatchable = None  # layers that keep the body from running batched (found once)
         # channels_last: the body's weights are converted here, once, in place (the caller
         # asked for it); inputs are converted per call. Nothing else changes the body's layout.
         self.channels_last = bool(channels_last)
@@ -217,10 +218,18 @@ class ANIL(nn.Module):
     def uses_batched_body(self, device: torch.device) -> bool:
         """batched_body=None: one batched call on CUDA (launch-bound per-task calls waste the
         GPU), the per-task loop on the CPU (measured faster there: small batches stay in
-        cache); never batched for backend="reference"."""
-        if self.batched_body is not None:
-            return self.batched_body
-        return self.uses_fused_head() and device.type == "cuda"
+        cache); never batched for backend="reference". A body whose normalisation layers the
+        batched call cannot reproduce exactly (batchnorm.unbatchable_layers) runs per task,
+        said once."""
+        wanted = self.batched_body if self.batched_body is not None else (
+            self.uses_fused_head() and device.type == "cuda")
+        if wanted and self._unbatchable is None:
+            self._unbatchable = unbatchable_layers(self.body)
+            if self._unbatchable:
+                warnings.warn(f"the body runs per task: its layers {', '.join(self._unbatchable[:3])}"
+                              f"{' ...' if len(self._unbatchable) > 3 else ''} normalise in a way "
+                              f"the batched call cannot reproduce exactly", stacklevel=3)
+        return wanted and not self._unbatchable
 
     # -- checks on first use ------------------------------------------------------------------
     def check_labels(self, batch: TaskBatch) -> None:

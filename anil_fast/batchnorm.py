@@ -36,6 +36,25 @@ def batchnorm_parameter_names(module: nn.Module) -> set[str]:
     return names
 
 
+_PLAIN_FORWARDS = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward,
+                   _BN.forward}
+
+
+def unbatchable_layers(body: nn.Module) -> list[str]:
+    """Layers that keep grouped_batchnorm from reproducing the per-task loop: BatchNorm
+    subclasses with a forward of their own (timm's BatchNormAct2d adds an activation, which
+    the grouped forward would drop) and other layers that normalise over the batch (class
+    names with "Batch" that are not BatchNorm, e.g. EvoNormBatch2d). Empty: batchable."""
+    found = []
+    for name, m in body.named_modules():
+        if isinstance(m, _BN):
+            if type(m).forward not in _PLAIN_FORWARDS:
+                found.append(f"{name} ({type(m).__name__})")
+        elif "Batch" in type(m).__name__:
+            found.append(f"{name} ({type(m).__name__})")
+    return found
+
+
 class RunningStats:
     """Per-group statistics recorded during grouped calls, applied later in a chosen order."""
 

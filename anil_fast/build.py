@@ -90,7 +90,7 @@ def build_anil(config: Config, device) -> ANIL:
     torch.manual_seed(config.seed)
     body, head = models.build(config.model, config.ways, config.image_size,
                               channels=config.input_channels, pretrained=config.pretrained,
-                              hidden=config.hidden)
+                              hidden=config.hidden, weights_file=config.weights_file)
     channels_last = prefers_channels_last(device, precision, config.backend)
     return ANIL(body.to(device), head.to(device), inner_lr=config.inner_lr,
                 inner_steps=config.inner_steps, freeze_body=config.freeze_body,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, InputTypeError, is_int
+from .timm_bodies import is_timm, timm_body
 
 MODELS = ("conv4", "resnet12", "resnet18", "vgg11_bn", "efficientnet_lite0")
 # Smallest input each body turns into at least one feature pixel.
@@ -170,11 +171,12 @@ class EfficientNetLite0Body(nn.Module):
 
 
 def build(name: str, ways: int, image_size: int, channels: int = 1, pretrained=False,
-          hidden: int | None = None):
-    """(body, head) for a named body; head = nn.Linear(feature_dim, ways). `hidden`: conv4's
-    filters (64; 32 for mini-ImageNet as in MAML/ANIL)."""
-    if name not in MODELS:
-        raise InputError(f"model must be one of {MODELS}, got {name!r}")
+          hidden: int | None = None, weights_file: str | None = None):
+    """(body, head) for a named body, or any timm model as "timm:NAME" (timm_bodies.py);
+    head = nn.Linear(feature_dim, ways). `hidden`: conv4's filters (64; 32 for mini-ImageNet
+    as in MAML/ANIL). `weights_file`: a timm body's pretrained weights."""
+    if name not in MODELS and not is_timm(name):
+        raise InputError(f"model must be one of {MODELS} or timm:NAME, got {name!r}")
     for arg, value in (("ways", ways), ("image_size", image_size), ("channels", channels)):
         if not is_int(value):
             raise InputTypeError(f"{arg} must be an int, got {type(value).__name__}")
@@ -182,6 +184,18 @@ def build(name: str, ways: int, image_size: int, channels: int = 1, pretrained=F
         raise InputError(f"ways must be at least 2, got {ways}")
     if channels < 1:
         raise InputError(f"channels must be at least 1, got {channels}")
+    if is_timm(name):
+        if hidden is not None:
+            raise InputError(f"hidden: for conv4 only; got {hidden!r} for {name}")
+        body = timm_body(name, channels, image_size, bool(pretrained), weights_file)
+        try:
+            feature_dim = feature_dim_of(body, channels, image_size)
+        except RuntimeError as exc:  # too small an input for the architecture, most often
+            raise InputError(f"model {name!r} cannot take {image_size} px images "
+                             f"({str(exc).splitlines()[0][:200]})") from exc
+        return body, nn.Linear(feature_dim, ways)
+    if weights_file is not None:
+        raise InputError(f"weights_file: for timm:NAME bodies; {name} takes pretrained=PATH")
     if image_size < max(8, MIN_IMAGE_SIZE[name]):
         raise InputError(f"image_size must be at least {max(8, MIN_IMAGE_SIZE[name])} for "
                          f"{name}, got {image_size}")

@@ -28,6 +28,8 @@ from .data.benchmarks import BENCHMARKS
 from .errors import InputError, is_int
 from .functional import backend_name
 from .schedules import SCHEDULES as LR_SCHEDULES
+from .timm_bodies import check_name as check_timm_name
+from .timm_bodies import is_timm
 
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
 STANDARD_FAMILY = ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s")
@@ -42,8 +44,9 @@ DATASETS = ("omniglot", *BENCHMARKS, "folder")
 @dataclass
 class Config:
     scenario: str = "s2"
-    model: str = "conv4"
+    model: str = "conv4"  # or "pretrained" (s3-s5), or any timm model as "timm:NAME"
     pretrained: bool = False
+    weights_file: str | None = None  # a timm body's pretrained weights (else its local cache)
     first_order: bool = True
     freeze_body: bool = False
     multipliers: str = "none"  # "none", "paper" (as given), "full" (every block)
@@ -230,6 +233,8 @@ def normalized_config(c: Config) -> Config:
         changes["data"] = os.path.abspath(c.data)
     if c.split_file is not None:
         changes["split_file"] = os.path.abspath(c.split_file)
+    if c.weights_file is not None:
+        changes["weights_file"] = os.path.abspath(c.weights_file)
     notes = list(c.notes)
     if c.validation and not c.validates and NO_VALIDATION_NOTE not in notes:
         notes.append(NO_VALIDATION_NOTE)
@@ -245,8 +250,14 @@ def validate_config(c: Config) -> None:
     """Raise an InputError naming the first setting of `c` that cannot be used; `c` itself is
     left as it is (normalized_config gives the copy a run uses). model "pretrained" (s3-s5)
     is resolved when the model is built (build.resolve_model), never here."""
-    if c.model not in (*models.MODELS, "pretrained"):
-        raise InputError(f"model must be one of {models.MODELS} or 'pretrained', got {c.model!r}")
+    if is_timm(c.model):
+        check_timm_name(c.model)  # timm installed, architecture known
+    elif c.model not in (*models.MODELS, "pretrained"):
+        raise InputError(f"model must be one of {models.MODELS}, 'pretrained' or timm:NAME, got "
+                         f"{c.model!r}")
+    if c.weights_file is not None and not (is_timm(c.model) and c.pretrained):
+        raise InputError("weights_file: the pretrained weights of a timm:NAME body (with "
+                         "--pretrained)")
     if c.multipliers not in ("none", "paper", "full"):
         raise InputError(f"multipliers must be 'none', 'paper' or 'full', got {c.multipliers!r}")
     if c.bn_mode not in BN_MODES:
