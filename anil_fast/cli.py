@@ -13,9 +13,9 @@ from pathlib import Path
 
 from .anil import BN_MODES
 from .bench import DEFAULT_CASES
+from .divergence import Interrupted, TrainingDiverged
 from .errors import AnilFastError, InputError
 from .scenarios import PRESETS, Config
-from .divergence import Interrupted, TrainingDiverged
 
 
 class BenchFailed(AnilFastError):
@@ -156,7 +156,8 @@ def _add_predict_command(sub) -> None:
     pred.add_argument("--inner-steps", type=int, default=None,
                       help="head adaptation steps (default: the run's evaluation setting)")
     pred.add_argument("--bn-mode", choices=BN_MODES, default=None,
-                      help="BatchNorm (default: the run's own)")
+                      help="BatchNorm (default: the run's own, 'support' for a transductive run: "
+                           "each query classified on its own)")
     pred.add_argument("--top", type=int, default=1, help="classes shown per image")
     pred.add_argument("--json", action="store_true", help="one JSON object per image")
     pred.add_argument("--device", default="auto")
