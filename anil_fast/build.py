@@ -11,7 +11,7 @@ import torch
 from . import models
 from .anil import ANIL, prefers_channels_last
 from .data import TaskSampler, image_folder, load_benchmark, load_split
-from .env import cpu_has_native_bf16, offline
+from .env import cpu_has_native_bf16, cpu_model, offline
 from .errors import InputError
 from .optim import MetaOptimizer
 from .scenarios import MAX_SEED, Config, body_lr_multipliers
@@ -66,13 +66,30 @@ def pretrained_body_name() -> str:
     return _pretrained_choice
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bf16 natively: CUDA sm_80 and newer, CPUs with AVX-512
+    BF16, AMX or Arm BF16."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and cpu_has_native_bf16() is True
+
+
 def resolve_model(config: Config) -> Config:
-    """The config with model "pretrained" (s3-s5) replaced by the body this machine can load,
-    noted in config.notes; any other config is returned as it is."""
-    if config.model != "pretrained":
-        return config
-    name = pretrained_body_name()
-    return dataclasses.replace(config, model=name, notes=[*config.notes, f"pretrained body: {name}"])
+    """The config in this machine's terms, each choice noted in config.notes: model
+    "pretrained" (s3-s5) becomes the body this machine can load, precision "auto" bf16 where
+    the device has it natively (native_bf16), else fp32. Other configs are returned as they are."""
+    changes, notes = {}, list(config.notes)
+    if config.model == "pretrained":
+        changes["model"] = pretrained_body_name()
+        notes.append(f"pretrained body: {changes['model']}")
+    if config.precision == "auto":
+        device = resolve_device(config.device)
+        native = native_bf16(device)
+        changes["precision"] = "bf16" if native else "fp32"
+        where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+        notes.append(f"precision auto: {changes['precision']} ({'' if native else 'no '}native "
+                     f"bf16 on {where})")
+    return dataclasses.replace(config, **changes, notes=notes) if changes else config
 
 
 def build_anil(config: Config, device) -> ANIL:

@@ -84,7 +84,7 @@ class Config:
     backend: str = "auto"
     checkpoint_every: int = 25
     log_every: int = 10  # metrics are read back from the device every N steps
-    precision: str = "fp32"
+    precision: str = "fp32"  # or "tf32", "bf16", "auto" (bf16 where native: build.native_bf16)
     compile: bool = False
     capture: bool = False  # whole-step CUDA graph (CUDA only; see capture.py)
     data_root: str | None = None
@@ -262,8 +262,8 @@ def validate_config(c: Config) -> None:
         raise InputError(f"multipliers must be 'none', 'paper' or 'full', got {c.multipliers!r}")
     if c.bn_mode not in BN_MODES:
         raise InputError(f"bn_mode must be one of {BN_MODES}, got {c.bn_mode!r}")
-    if c.precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    if c.precision not in (*PRECISIONS, "auto"):
+        raise InputError(f"precision must be one of {(*PRECISIONS, 'auto')}, got {c.precision!r}")
     backend_name(c.backend)  # raises for an unknown name; earlier versions' names are known
     dataset = _validate_data(c)
     _validate_counts(c, dataset)

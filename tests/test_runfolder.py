@@ -515,3 +515,16 @@ def test_train_config_names_unknown_keys_and_wrong_types(finished_run, tmp_path,
                             "--scenario", "s1", "--out", str(tmp_path / "r"))
     assert code == 2 and "exclude each other" in message
     assert not (tmp_path / "r").exists()
+
+
+@needs_data
+def test_precision_auto_picks_bf16_only_where_it_is_native(tmp_path, monkeypatch, capsys):
+    import anil_fast.build as build
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: native)
+        out = tmp_path / expected
+        code, text = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "1", *TINY,
+                             "--precision", "auto", "--out", str(out))
+        assert code == 0 and f"precision auto: {expected}" in text
+        assert json.loads((out / "config.json").read_text())["precision"] == expected
+        assert json.loads((out / "results.json").read_text())["precision"] == expected
