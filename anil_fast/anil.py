@@ -16,7 +16,7 @@ from .env import cpu_has_native_bf16
 from .errors import InputError, InputTypeError, is_int
 from .functional import adapted_query_loss, backend_name
 
-BN_MODES = ("transductive", "running", "support")
+BN_MODES = ("transductive", "running", "support", "joint")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -79,7 +79,7 @@ class ANIL(nn.Module):
                  inner_steps: int = 5, freeze_body: bool = False, first_order: bool = True,
                  backend: str = "auto", batched_body: bool | None = None,
                  precision: str = "fp32", compile: bool | str = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, joint_batchnorm: bool = False):
         super().__init__()
         if not isinstance(body, nn.Module):
             raise InputTypeError(f"body must be an nn.Module, got {type(body).__name__}")
@@ -109,6 +109,8 @@ class ANIL(nn.Module):
                 param.requires_grad_(name in trained)
         self.batched_body = batched_body
         self.precision = precision
+        # meta-training normalises each task's support and query together (bn_mode "joint")
+        self.joint_batchnorm = bool(joint_batchnorm)
         self._labels_checked = False  # the first training batch's labels are checked once
         self._unbatchable = None  # layers that keep the body from running batched (found once)
         # channels_last: the body's weights are converted here, once, in place (the caller
@@ -174,8 +176,12 @@ class ANIL(nn.Module):
         bn_mode "train": BatchNorm statistics of each task's set, running statistics updated as
         a per-task loop does; "transductive": the same statistics without updating running
         statistics; "running": running statistics (BatchNorm in eval mode); "support": both
-        sets normalised with the task's support statistics (evaluation only; per task)."""
+        sets normalised with the task's support statistics (evaluation only; per task);
+        "joint": support and query in one call per task, one set of statistics (learn2learn's
+        convention; "train" does the same when the model was built with joint_batchnorm)."""
         require_batch(batch)
+        if bn_mode == "joint" or (bn_mode == "train" and self.joint_batchnorm):
+            return self._joint_features(batch, training=bn_mode == "train")
         tasks, s_rows = batch.support_y.shape
         q_rows = batch.query_y.shape[1]
         if bn_mode == "support":
@@ -214,6 +220,31 @@ class ANIL(nn.Module):
         if sink is not None:
             sink.apply()
         return fs.view(tasks, s_rows, -1), fq.view(tasks, q_rows, -1)
+
+    def _joint_features(self, batch: TaskBatch, training: bool):
+        """Each task's support and query images through the body in one call: BatchNorm
+        normalises them with one set of statistics per task. training: running statistics
+        updated once per task (as learn2learn's loop does); else left untouched."""
+        tasks, s_rows = batch.support_y.shape
+        both = torch.cat([batch.support_x, batch.query_x], 1)  # [T, S+Q, C, H, W]
+        if not self.uses_batched_body(both.device):
+            with nullcontext() if training else batch_statistics_without_update(self.body):
+                f = torch.stack([self._body_forward(self._layout(both[t])) for t in range(tasks)])
+            return f[:, :s_rows], f[:, s_rows:]
+        sink = RunningStats() if training else None
+        saved = [(bn, bn.training) for bn in batchnorm_layers(self.body)]
+        for bn, _ in saved:  # batch statistics (training mode), per task
+            bn.train(bn.training or not training)
+        try:
+            with grouped_batchnorm(self.body, tasks, sink):
+                f = self._body_forward(self._layout(both.flatten(0, 1)))
+        finally:
+            for bn, mode in saved:
+                bn.train(mode)
+        if sink is not None:
+            sink.apply()
+        f = f.view(tasks, both.shape[1], -1)
+        return f[:, :s_rows], f[:, s_rows:]
 
     def uses_batched_body(self, device: torch.device) -> bool:
         """batched_body=None: one batched call on CUDA (launch-bound per-task calls waste the

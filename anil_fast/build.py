@@ -112,7 +112,8 @@ def build_anil(config: Config, device) -> ANIL:
     return ANIL(body.to(device), head.to(device), inner_lr=config.inner_lr,
                 inner_steps=config.inner_steps, freeze_body=config.freeze_body,
                 first_order=config.first_order, backend=config.backend,
-                precision=precision, compile=config.compile, channels_last=channels_last)
+                precision=precision, compile=config.compile, channels_last=channels_last,
+                joint_batchnorm=config.bn_mode == "joint")
 
 
 def load_model_state(anil: ANIL, state: dict) -> None:

@@ -405,3 +405,40 @@ def test_support_mode_normalises_queries_with_the_support_statistics():
     assert not anil.training
     result = anil.evaluate(batch, bn_mode="support")
     assert 0 <= result["accuracy_after"] <= 1
+
+
+# -- BatchNorm "joint": support and query through the body in one call per task -------------------
+
+def test_joint_mode_is_one_call_per_task_batched_or_not():
+    batch = random_batch(tasks=3, ways=4, shots=2, queries=3, seed=11)
+    loop = make(ways=4, seed=2, joint_batchnorm=True, batched_body=False, inner_lr=0.2,
+                inner_steps=2, first_order=False)
+    batched = make(ways=4, seed=2, joint_batchnorm=True, batched_body=True, inner_lr=0.2,
+                   inner_steps=2, first_order=False)
+    # the plain per-task call learn2learn makes, on a copy: features and running statistics
+    plain = copy.deepcopy(loop.body).train()
+    expected = [plain(torch.cat([batch.support_x[t], batch.query_x[t]])) for t in range(3)]
+    for model in (loop, batched):
+        model.train()
+        fs, fq = model.features(batch, "train")
+        for t in range(3):
+            torch.testing.assert_close(torch.cat([fs[t], fq[t]]), expected[t])
+        for (n, b), c in zip(plain.named_buffers(), model.body.buffers()):
+            torch.testing.assert_close(c, b, msg=n)  # updated once per task, in task order
+    # evaluation: the same statistics, running statistics untouched; differs from per-set
+    before = copy.deepcopy(batched.body.state_dict())
+    with torch.no_grad():
+        js, jq = batched.features(batch, "joint")
+        ts, tq = batched.features(batch, "transductive")
+    ref = copy.deepcopy(batched.body).train()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([js[0], jq[0]]), ref(torch.cat([batch.support_x[0], batch.query_x[0]])))
+    assert not torch.allclose(jq, tq)
+    for (n, a), b in zip(before.items(), batched.body.state_dict().values()):
+        assert torch.equal(a, b), n
+    # a meta-step: batched and per-task joint alike (float64, second order)
+    fresh = lambda batched_body: make(ways=4, seed=2, joint_batchnorm=True,  # noqa: E731
+                                      batched_body=batched_body, inner_lr=0.2, inner_steps=2,
+                                      first_order=False)
+    assert_trains_alike(fresh(False), fresh(True))
+    assert 0 <= batched.evaluate(batch, bn_mode="joint")["accuracy_after"] <= 1

@@ -528,3 +528,15 @@ def test_precision_auto_picks_bf16_only_where_it_is_native(tmp_path, monkeypatch
         assert code == 0 and f"precision auto: {expected}" in text
         assert json.loads((out / "config.json").read_text())["precision"] == expected
         assert json.loads((out / "results.json").read_text())["precision"] == expected
+
+
+@needs_data
+@pytest.mark.parametrize("mode", ["joint", "support"])
+def test_every_batchnorm_mode_trains_and_evaluates_from_the_cli(mode, tmp_path, capsys):
+    out = tmp_path / mode
+    code, text = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "2", *TINY,
+                         "--bn-mode", mode, "--out", str(out))
+    assert code == 0 and f"(BatchNorm: {mode})" in text
+    assert json.loads((out / "results.json").read_text())["evaluation"]["bn_mode"] == mode
+    code, text = run_cli(capsys, "eval", "--checkpoint", str(out), "--tasks", "4")
+    assert code == 0 and f"(BatchNorm: {mode})" in text
