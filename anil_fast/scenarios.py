@@ -153,13 +153,15 @@ for _shots, _batch in ((1, 4), (5, 2)):
         log_every=50, validation=1, val_tasks=200, val_every=2000)
 # CIFAR-FS and FC100: learn2learn's ANIL example (examples/vision/anil_fc100.py): conv4 with 64
 # filters at 32 px, 5 inner steps at lr 0.1, meta-batch 32, as many queries as shots, second
-# order, Adam 0.001, its default 1,000 meta-steps, 600 test tasks.
+# order, Adam 0.001, its default 1,000 meta-steps, 600 test tasks, and its BatchNorm: support
+# and query through the body in one call ("joint").
 for _name, _dataset in (("cifarfs", "cifar-fs"), ("fc100", "fc100")):
     for _shots in (1, 5):
         PRESETS[f"{_name}-5w{_shots}s"] = dict(
             dataset=_dataset, model="conv4", image_size=32, ways=5, shots=_shots, queries=_shots,
             inner_lr=0.1, inner_steps=5, eval_inner_steps=5, meta_batch=32, first_order=False,
-            tasks=None, meta_steps=1000, test_tasks=600, checkpoint_every=250, log_every=25)
+            tasks=None, meta_steps=1000, test_tasks=600, checkpoint_every=250, log_every=25,
+            bn_mode="joint")
 FIELD_NAMES = {f.name for f in fields(Config)}
 
 
