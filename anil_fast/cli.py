@@ -103,6 +103,11 @@ def _add_run_commands(sub) -> None:
     rep.add_argument("--no-progress", action="store_true")
     rep.add_argument("--tensorboard", action="store_true",
                      help="TensorBoard scalars in each preset's OUT/<preset>/tensorboard")
+    rep.add_argument("--seeds", type=int, default=1,
+                     help="train each preset with this many seeds (0, 1, ...): every row the "
+                          "mean ± std over seeds, each seed's own numbers in the JSON")
+    rep.add_argument("--presets", default=None,
+                     help="comma-separated presets of the suite to run (default: all)")
 
 
 def _add_inspection_commands(sub) -> None:
@@ -312,7 +317,9 @@ def _reproduce(args, info, out) -> None:
     from .reproduce import reproduce
     rows = reproduce(args.suite, args.out, args.budget_s, args.device, args.smoke,
                      progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
-                     tensorboard=args.tensorboard)
+                     tensorboard=args.tensorboard, seeds=args.seeds,
+                     presets=None if args.presets is None else
+                     [p.strip() for p in args.presets.split(",") if p.strip()])
     if info.is_main:  # rank 0 alone wrote the report: the other ranks must not read it
         out((Path(args.out) / "reproduce.md").read_text())
     out(f"wrote {args.out}/reproduce.{{md,csv,json}} and accuracy_vs_time.png "

@@ -13,12 +13,13 @@ command working on a CPU); its numbers are labelled as smoke and mean nothing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from importlib.resources import files
 from pathlib import Path
 
 from . import distributed
-from .errors import InputError
+from .errors import InputError, is_int
 from .runfolder import RunFolder
 from .scenarios import SEED_FAMILY, STANDARD_FAMILY, scenario_config
 from .trainer import train
@@ -38,9 +39,17 @@ def references() -> dict:
 
 
 def suite_configs(suite: str, budget_s: float | None = 300.0, device: str = "auto",
-                  smoke: bool = False, overrides: dict | None = None) -> list:
+                  smoke: bool = False, overrides: dict | None = None, presets=None) -> list:
+    """The configs of a suite's presets (all, or those named in `presets`, in suite order)."""
     if suite not in SUITES:
         raise InputError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
+    names = list(SUITES[suite])
+    if presets is not None:
+        unknown = [p for p in presets if p not in names]
+        if unknown or not presets:
+            raise InputError(f"presets: the {suite} suite holds {', '.join(names)}; got "
+                             f"{', '.join(presets) or 'none'}")
+        names = [n for n in names if n in presets]
     if budget_s is not None and not budget_s > 0:
         raise InputError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
     values = dict(device=device)
@@ -49,7 +58,7 @@ def suite_configs(suite: str, budget_s: float | None = 300.0, device: str = "aut
     if smoke:
         values.update(SMOKE[suite])
     values.update(overrides or {})
-    return [scenario_config(name, **values) for name in SUITES[suite]]
+    return [scenario_config(name, **values) for name in names]
 
 
 def row_of(suite: str, summary: dict, config, smoke: bool, table: dict) -> dict:
@@ -60,7 +69,8 @@ def row_of(suite: str, summary: dict, config, smoke: bool, table: dict) -> dict:
     return {
         "suite": suite, "preset": config.scenario, "run": "smoke" if smoke else "full",
         "ways": config.ways, "shots": config.shots, "body": summary["model"],
-        "accuracy": round(ours, 2), "ci95": round(100 * ev["ci95_after"], 2),
+        "accuracy": round(ours, 2), "std": None, "seeds": 1, "seed": config.seed,
+        "ci95": round(100 * ev["ci95_after"], 2),
         "test_tasks": ev["tasks"], "bn_mode": ev["bn_mode"], "selected": summary.get("selected"),
         "train_time_s": round(summary["train_time_s"], 1),
         "it_s": None if summary["it_s"] is None else round(summary["it_s"], 3),
@@ -74,7 +84,28 @@ def row_of(suite: str, summary: dict, config, smoke: bool, table: dict) -> dict:
     }
 
 
-COLUMNS = [("preset", "preset"), ("body", "body"), ("accuracy", "ours (%)"), ("ci95", "± CI95"),
+def combine_seeds(rows: list[dict]) -> dict:
+    """One row of several seeds' rows: accuracy the mean over seeds with its standard
+    deviation (ddof=1), CI95 the mean of the seeds' own, each seed's numbers kept."""
+    import numpy as np
+    first = dict(rows[0])
+    accuracies = np.array([r["accuracy"] for r in rows], dtype=np.float64)
+    mean = float(accuracies.mean())
+    first.update(
+        accuracy=round(mean, 2), std=round(float(accuracies.std(ddof=1)), 2), seeds=len(rows),
+        ci95=round(float(np.mean([r["ci95"] for r in rows])), 2),
+        train_time_s=round(float(np.mean([r["train_time_s"] for r in rows])), 1),
+        it_s=None if any(r["it_s"] is None for r in rows) else round(float(np.mean([r["it_s"] for r in rows])), 3),
+        meta_steps=round(float(np.mean([r["meta_steps"] for r in rows])), 1),
+        gap_points=None if first["reference_accuracy"] is None else round(mean - first["reference_accuracy"], 2),
+        selected="per seed (see per_seed)",
+        per_seed=[{k: r[k] for k in ("seed", "accuracy", "ci95", "train_time_s", "it_s",
+                                      "meta_steps", "selected")} for r in rows])
+    return first
+
+
+COLUMNS = [("preset", "preset"), ("body", "body"), ("accuracy", "ours (%)"),
+           ("std", "± std over seeds"), ("seeds", "seeds"), ("ci95", "± CI95"),
            ("reference", "reference (%)"), ("gap_points", "gap (points)"),
            ("bn_mode", "BatchNorm"), ("train_time_s", "train time (s)"), ("it_s", "it/s"),
            ("meta_steps", "meta-steps"), ("test_tasks", "test tasks"), ("device", "device"),
@@ -103,35 +134,43 @@ def write_tables(rows: list[dict], out: Path) -> None:
     (out / "reproduce.md").write_text("\n".join(lines) + "\n")
 
 
-def write_plot(rows: list[dict], summaries: list[dict], out: Path) -> None:
-    """Accuracy against training seconds: validation curves (paper) or before/after (seed),
-    the test accuracy of the selected checkpoint as a dot, the reference as a dotted line."""
+def write_plot(rows: list[dict], summaries: list[list[dict]], out: Path) -> None:
+    """Accuracy against training seconds: each seed's validation curve (paper) or before/after
+    line (seed suite), the test accuracy as a dot (error bar: the std over seeds, or the
+    CI95 of one seed), the reference as a dotted line."""
     from matplotlib.figure import Figure  # a figure of its own: no global backend switch
 
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
-    for i, (row, summary) in enumerate(zip(rows, summaries)):
-        color = f"C{i}"
-        validation = summary.get("validation")
-        if validation and validation["records"]:
-            recs = validation["records"]
-            ax.plot([r["elapsed_s"] for r in recs], [100 * r["accuracy"] for r in recs],
-                    color=color, label=f"{row['preset']} (validation)")
-        else:
-            before = 100 * summary["evaluation"]["accuracy_before"]
-            ax.plot([0, row["train_time_s"]], [before, row["accuracy"]], color=color,
-                    linestyle="--", label=f"{row['preset']} (test, before/after)")
-        best = validation["best"] if validation else None
-        selected_at = best["elapsed_s"] if best else row["train_time_s"]
-        ax.errorbar([selected_at], [row["accuracy"]], yerr=[row["ci95"]], color=color,
-                    marker="o", capsize=3)
+    for i, (row, runs) in enumerate(zip(rows, summaries)):
+        color, selected_at = f"C{i}", []
+        for k, summary in enumerate(runs):
+            label = None if k else row["preset"]
+            validation = summary.get("validation")
+            if validation and validation["records"]:
+                recs = validation["records"]
+                ax.plot([r["elapsed_s"] for r in recs], [100 * r["accuracy"] for r in recs],
+                        color=color, linewidth=1 if len(runs) > 1 else 1.5,
+                        label=label and f"{label} (validation)")
+            else:
+                ax.plot([0, summary["train_time_s"]],
+                        [100 * summary["evaluation"]["accuracy_before"],
+                         100 * summary["evaluation"]["accuracy_after"]], color=color,
+                        linestyle="--", label=label and f"{label} (test, before/after)")
+            best = validation["best"] if validation else None
+            selected_at.append(best["elapsed_s"] if best else summary["train_time_s"])
+        spread = row["std"] if row.get("seeds", 1) > 1 else row["ci95"]
+        ax.errorbar([sum(selected_at) / len(selected_at)], [row["accuracy"]], yerr=[spread],
+                    color=color, marker="o", capsize=3)
         if row["reference_accuracy"] is not None:
             ax.axhline(row["reference_accuracy"], color=color, linestyle=":", linewidth=1)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("accuracy after adaptation (%)")
     smoke = any(r["run"] == "smoke" for r in rows)
-    ax.set_title(("SMOKE RUN - " if smoke else "") + "accuracy against training time "
-                 "(dot: test, dotted: reference)")
+    seeds = max(r.get("seeds", 1) for r in rows)
+    ax.set_title(("SMOKE RUN - " if smoke else "") + "accuracy against training time (dot: "
+                 + (f"test, mean ± std over {seeds} seeds" if seeds > 1 else "test ± CI95")
+                 + "; dotted: reference)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_time.png", dpi=120)
@@ -156,20 +195,30 @@ def _check_report_is_ours(report: Path, suite: str, overwrite: bool) -> None:
 def reproduce(suite: str, out_dir, budget_s: float | None = 300.0, device: str = "auto",
               smoke: bool = False, progress: bool = True, resume: bool = False,
               overwrite: bool = False, overrides: dict | None = None,
-              tensorboard: bool = False) -> list[dict]:
-    """Train every preset of the suite into out_dir/<preset> (TensorBoard scalars in its
-    tensorboard/ with `tensorboard`) and write the comparison."""
-    configs = suite_configs(suite, budget_s, device, smoke, overrides)  # fail early
+              tensorboard: bool = False, seeds: int = 1, presets=None) -> list[dict]:
+    """Train every preset of the suite (or those in `presets`) into out_dir/<preset> (with
+    `seeds` > 1: out_dir/<preset>/seed<k> for the config's seed and the next ones, each row
+    the mean ± std over seeds) and write the comparison. TensorBoard scalars in each run's
+    tensorboard/ with `tensorboard`."""
+    if not is_int(seeds) or not 1 <= seeds <= 100:
+        raise InputError(f"seeds must be an int in 1..100, got {seeds!r}")
+    configs = suite_configs(suite, budget_s, device, smoke, overrides, presets)  # fail early
     out = Path(out_dir)
     _check_report_is_ours(out / "reproduce.json", suite, overwrite)
     table = references()
     rows, summaries = [], []
     for config in configs:
-        run_dir = out / config.scenario
-        summary = train(config, run_dir, progress=progress, resume=resume, overwrite=overwrite,
-                        tensorboard=run_dir / "tensorboard" if tensorboard else None)
-        summaries.append(summary)
-        rows.append(row_of(suite, summary, config, smoke, table))
+        seed_rows, seed_summaries = [], []
+        for k in range(seeds):
+            seeded = dataclasses.replace(config, seed=config.seed + k)
+            run_dir = out / config.scenario / (f"seed{seeded.seed}" if seeds > 1 else "")
+            summary = train(seeded, run_dir, progress=progress, resume=resume,
+                            overwrite=overwrite,
+                            tensorboard=run_dir / "tensorboard" if tensorboard else None)
+            seed_summaries.append(summary)
+            seed_rows.append(row_of(suite, summary, seeded, smoke, table))
+        summaries.append(seed_summaries)
+        rows.append(seed_rows[0] if seeds == 1 else combine_seeds(seed_rows))
     if distributed.current().is_main:
         write_tables(rows, out)
         write_plot(rows, summaries, out)

@@ -176,3 +176,25 @@ def test_reproduce_smoke(suite, presets, tmp_path, capsys):
     assert (out / "reproduce.csv").read_text().count("\n") == len(presets) + 1
     assert (out / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
     assert "reference" in capsys.readouterr().out.lower()
+
+
+def test_reproduce_over_seeds_reports_mean_and_spread(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    assert main(["reproduce", "--suite", "seed", "--presets", "s2", "--seeds", "3", "--smoke",
+                 "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    [row] = json.loads((out / "reproduce.json").read_text())
+    assert row["preset"] == "s2" and row["seeds"] == 3
+    per_seed = row["per_seed"]
+    assert [r["seed"] for r in per_seed] == [0, 1, 2]
+    accuracies = [r["accuracy"] for r in per_seed]
+    assert row["accuracy"] == pytest.approx(sum(accuracies) / 3, abs=0.01)
+    import statistics
+    assert row["std"] == pytest.approx(statistics.stdev(accuracies), abs=0.01)
+    for k in range(3):  # each seed a run folder of its own, trained with its seed
+        assert json.loads((out / "s2" / f"seed{k}" / "config.json").read_text())["seed"] == k
+    assert "± std over seeds" in (out / "reproduce.md").read_text()
+    assert (out / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["reproduce", "--suite", "seed", "--presets", "std-5w1s", "--smoke",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert main(["reproduce", "--suite", "seed", "--seeds", "0", "--smoke",
+                 "--out", str(tmp_path / "bad")]) == 2
