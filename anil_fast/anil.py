@@ -18,6 +18,7 @@ from .functional import adapted_query_loss, backend_name
 
 BN_MODES = ("transductive", "running", "support", "joint")
 PRECISIONS = ("fp32", "tf32", "bf16")
+HEAD_INITS = ("learned", "zero", "proto")
 
 
 def check_learning_rates(inner_lr, outer_lr) -> list[str]:
@@ -79,7 +80,8 @@ class ANIL(nn.Module):
                  inner_steps: int = 5, freeze_body: bool = False, first_order: bool = True,
                  backend: str = "auto", batched_body: bool | None = None,
                  precision: str = "fp32", compile: bool | str = False,
-                 channels_last: bool = False, joint_batchnorm: bool = False):
+                 channels_last: bool = False, joint_batchnorm: bool = False,
+                 head_init: str = "learned"):
         super().__init__()
         if not isinstance(body, nn.Module):
             raise InputTypeError(f"body must be an nn.Module, got {type(body).__name__}")
@@ -109,6 +111,15 @@ class ANIL(nn.Module):
                 param.requires_grad_(name in trained)
         self.batched_body = batched_body
         self.precision = precision
+        if head_init not in HEAD_INITS:
+            raise InputError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        # Each task's initial head: "learned" (head.weight, head.bias, meta-learned as in the
+        # ANIL paper), "zero", or "proto" (Proto-MAML: W0_c = 2 s p_c, b0_c = -s |p_c|^2 from
+        # the task's support prototypes p_c, with a meta-learned scale s starting at 1)
+        self.head_init = head_init
+        if head_init == "proto":
+            self.proto_scale = nn.Parameter(torch.ones((), dtype=head.weight.dtype,
+                                                       device=head.weight.device))
         # meta-training normalises each task's support and query together (bn_mode "joint")
         self.joint_batchnorm = bool(joint_batchnorm)
         self._labels_checked = False  # the first training batch's labels are checked once
@@ -190,7 +201,9 @@ class ANIL(nn.Module):
                 self._layout(batch.query_x[t])) for t in range(tasks)]
             return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         # First order: the support features get no gradient, so compute them without autograd.
-        support_grad = not (self.first_order and bn_mode == "train") and torch.is_grad_enabled()
+        # (a prototype head is made of them: then they need it in both orders)
+        support_grad = not (self.first_order and bn_mode == "train" and self.head_init != "proto") \
+            and torch.is_grad_enabled()
         if not self.uses_batched_body(batch.support_x.device):
             ctx = batch_statistics_without_update(self.body) if bn_mode == "transductive" else nullcontext()
             # the reference backends keep the plain loop; the fast path skips autograd where
@@ -299,10 +312,28 @@ class ANIL(nn.Module):
         # label check on the fused op (no sync in a step): out-of-range labels give the task a
         # NaN loss on every device, which the trainer stops on.
         with torch.autocast(fs.device.type, enabled=False):
+            weight, bias = self.initial_head(fs, batch.support_y)
             return adapted_query_loss(
-                fs, batch.support_y, fq, batch.query_y, self.head.weight, self.head.bias,
+                fs, batch.support_y, fq, batch.query_y, weight, bias,
                 inner_lr=self.inner_lr, inner_steps=inner_steps, first_order=first_order,
                 backend=self.backend, check_labels=False)
+
+    def initial_head(self, fs: torch.Tensor, support_y: torch.Tensor):
+        """The head each task's inner loop starts from (see head_init): shared [N, D], [N], or
+        per task [T, N, D], [T, N] for "proto", differentiable through the support features."""
+        weight, bias = self.head.weight, self.head.bias
+        if self.head_init == "learned":
+            return weight, bias
+        if self.head_init == "zero":
+            return torch.zeros_like(weight), torch.zeros_like(bias)
+        dtype = torch.promote_types(fs.dtype, weight.dtype)
+        classes = torch.arange(weight.shape[0], device=fs.device)
+        # one-hot by comparison: labels out of range give empty rows, never a device assert
+        onehot = (support_y.unsqueeze(-1) == classes).to(dtype)  # [T, S, N]
+        counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)  # [T, N, 1]
+        prototypes = torch.bmm(onehot.transpose(1, 2), fs.to(dtype)) / counts  # [T, N, D]
+        scale = self.proto_scale.to(dtype)
+        return 2 * scale * prototypes, -scale * prototypes.pow(2).sum(-1)
 
     def _task_losses(self, batch: TaskBatch):
         """Per-task query losses [T] and query logits after adapting the head (training)."""

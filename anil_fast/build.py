@@ -113,7 +113,7 @@ def build_anil(config: Config, device) -> ANIL:
                 inner_steps=config.inner_steps, freeze_body=config.freeze_body,
                 first_order=config.first_order, backend=config.backend,
                 precision=precision, compile=config.compile, channels_last=channels_last,
-                joint_batchnorm=config.bn_mode == "joint")
+                joint_batchnorm=config.bn_mode == "joint", head_init=config.head_init)
 
 
 def load_model_state(anil: ANIL, state: dict) -> None:

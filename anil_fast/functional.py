@@ -56,10 +56,11 @@ def validate_head_inputs(support_features, support_labels, query_features, query
         raise InputError(f"support_features must be [tasks, S, D], got shape {tuple(support_features.shape)}")
     if query_features.dim() != 3:
         raise InputError(f"query_features must be [tasks, Q, D], got shape {tuple(query_features.shape)}")
-    if weight.dim() != 2:
-        raise InputError(f"weight must be [ways, D], got shape {tuple(weight.shape)}")
     tasks, s_rows, dim = support_features.shape
-    ways = weight.shape[0]
+    if weight.dim() not in (2, 3) or (weight.dim() == 3 and weight.shape[0] != tasks):
+        raise InputError(f"weight must be [ways, D] (shared) or [tasks, ways, D] (per task), got "
+                         f"shape {tuple(weight.shape)} for {tasks} tasks")
+    ways = weight.shape[-2]
     if query_features.shape[0] != tasks or query_features.shape[2] != dim:
         raise InputError(f"query_features has shape {tuple(query_features.shape)}, which disagrees "
                          f"with support_features {tuple(support_features.shape)} (tasks, D)")
@@ -68,10 +69,11 @@ def validate_head_inputs(support_features, support_labels, query_features, query
     if query_labels.shape != query_features.shape[:2]:
         raise InputError(f"query_labels must have shape {tuple(query_features.shape[:2])}, got "
                          f"{tuple(query_labels.shape)}")
-    if weight.shape[1] != dim:
-        raise InputError(f"weight has {weight.shape[1]} input features, the features have {dim}")
-    if bias.shape != (ways,):
-        raise InputError(f"bias must have shape {(ways,)}, got {tuple(bias.shape)}")
+    if weight.shape[-1] != dim:
+        raise InputError(f"weight has {weight.shape[-1]} input features, the features have {dim}")
+    if bias.shape != weight.shape[:-1]:
+        raise InputError(f"bias must have shape {tuple(weight.shape[:-1])} (weight's without D), "
+                         f"got {tuple(bias.shape)}")
     if tasks == 0 or s_rows == 0 or query_features.shape[1] == 0 or ways < 1:
         raise InputError("support_features/query_features must hold at least one task, one row "
                          "and one way")
@@ -102,7 +104,15 @@ def check_label_values(support_labels, query_labels, ways: int) -> None:
         return
     for name, labels in (("support_labels", support_labels), ("query_labels", query_labels)):
         if labels.numel() and not bool(((labels >= 0) & (labels < ways)).all()):
-            raise InputError(f"{name} must lie in 0..{ways - 1} (ways = weight.shape[0])")
+            raise InputError(f"{name} must lie in 0..{ways - 1} (ways = the head's outputs)")
+
+
+def per_task_head(weight, bias, tasks: int):
+    """The initial head as [T, N, D], [T, N]: a shared head expanded (no copy), a per-task
+    head as it is."""
+    if weight.dim() == 3:
+        return weight, bias
+    return weight.unsqueeze(0).expand(tasks, -1, -1), bias.unsqueeze(0).expand(tasks, -1)
 
 
 def reference_adapted_query_loss(support_features, support_labels, query_features, query_labels,
@@ -111,11 +121,10 @@ def reference_adapted_query_loss(support_features, support_labels, query_feature
     The inner gradients come from torch.autograd.grad of the support loss, with create_graph
     for second order and detached for first order."""
     tasks, s_rows, _ = support_features.shape
-    ways = weight.shape[0]
+    ways = weight.shape[-2]
     dtype = torch.promote_types(weight.dtype, support_features.dtype)
     fs, fq = support_features.to(dtype), query_features.to(dtype)
-    w = weight.to(dtype).unsqueeze(0).expand(tasks, -1, -1)
-    b = bias.to(dtype).unsqueeze(0).expand(tasks, -1)
+    w, b = per_task_head(weight.to(dtype), bias.to(dtype), tasks)
     ys = support_labels.long().reshape(-1)
     outer_grad = torch.is_grad_enabled()
     if not outer_grad:  # views made under no_grad claim requires_grad but have no graph
@@ -150,9 +159,15 @@ def per_task_adapted_query_loss(support_features, support_labels, query_features
     weight, bias = weight.to(dtype), bias.to(dtype)
     support_labels, query_labels = support_labels.long(), query_labels.long()
     losses, logits = [], []
-    for t in range(support_features.shape[0]):
-        w, b = weight, bias
+    tasks = support_features.shape[0]
+    weights, biases = per_task_head(weight, bias, tasks)
+    for t in range(tasks):
+        w, b = weights[t], biases[t]
         for _ in range(inner_steps):
+            if not w.requires_grad:  # a head that is no parameter (zero init): a leaf of its own
+                w = w.detach().requires_grad_()
+            if not b.requires_grad:
+                b = b.detach().requires_grad_()
             loss = F.cross_entropy(support_features[t] @ w.T + b, support_labels[t])
             gw, gb = torch.autograd.grad(loss, (w, b), create_graph=not first_order)
             if first_order:
@@ -177,9 +192,10 @@ def auto_prefers_reference(support_features) -> bool:
 def adapted_query_loss(support_features, support_labels, query_features, query_labels, weight,
                        bias, *, inner_lr, inner_steps, first_order, backend="auto",
                        check_labels=True):
-    """Per task: `inner_steps` SGD steps of the head (weight [N,D], bias [N]) on the mean
-    cross-entropy of the support logits F Wᵀ + b, then the query logits [T,Q,N] and the mean
-    query cross-entropy [T]. Returns (losses, query_logits).
+    """Per task: `inner_steps` SGD steps of the head (weight [N,D], bias [N] shared by every
+    task, or [T,N,D], [T,N]: each task's own initial head, e.g. from its prototypes) on the
+    mean cross-entropy of the support logits F Wᵀ + b, then the query logits [T,Q,N] and the
+    mean query cross-entropy [T]. Returns (losses, query_logits).
 
     second order (first_order=False): differentiable through the inner loop w.r.t. all four
     float tensors. First order: inner-loop gradients are constants, so the support features get
@@ -202,7 +218,7 @@ def adapted_query_loss(support_features, support_labels, query_features, query_l
     fused = backend == "fused" or backend == "auto" and ops.fused_device(device) and not \
         auto_prefers_reference(support_features)
     if check_labels or not fused:
-        check_label_values(support_labels, query_labels, weight.shape[0])
+        check_label_values(support_labels, query_labels, weight.shape[-2])
     args = (support_features, support_labels, query_features, query_labels, weight, bias)
     kwargs = dict(inner_lr=float(inner_lr), inner_steps=inner_steps, first_order=first_order)
     if fused:

@@ -124,16 +124,24 @@ def fused_device(device) -> bool:
 # -- the host side, one function per pass for every device --------------------------------------
 def _stacked_rows(fs, w):
     """R = [W; F_t] for every task, [T, N+S, D]: one GEMM operand for the head's rows and the
-    support rows, so each pass reads the (large) query features once."""
-    return torch.cat([w.unsqueeze(0).expand(fs.shape[0], -1, -1), fs], dim=1)
+    support rows, so each pass reads the (large) query features once. W: [N, D] shared by the
+    tasks, or [T, N, D], each task's own (a per-task initial head)."""
+    head = w if w.dim() == 3 else w.unsqueeze(0).expand(fs.shape[0], -1, -1)
+    return torch.cat([head, fs], dim=1)
+
+
+def _row_bias(b):
+    """b broadcast over a task's rows: [N] as it is, per-task [T, N] as [T, 1, N]."""
+    return b if b.dim() == 1 else b.unsqueeze(1)
 
 
 def projections(fs, fq, w, b):
     """Z0 = F Wᵀ + b, Kss = F Fᵀ + 1, Aq = Fq Wᵀ + b, Kqs = Fq Fᵀ + 1, from two GEMMs."""
-    ways = w.shape[0]
+    ways = w.shape[-2]
     rows_t = _stacked_rows(fs, w).transpose(1, 2)
     zs, zq = torch.bmm(fs, rows_t), torch.bmm(fq, rows_t)
-    return zs[..., :ways] + b, zs[..., ways:] + 1, zq[..., :ways] + b, zq[..., ways:] + 1
+    bias = _row_bias(b)
+    return zs[..., :ways] + bias, zs[..., ways:] + 1, zq[..., :ways] + bias, zq[..., ways:] + 1
 
 
 def _tasks_with_bad_labels(ys, yq, ways):
@@ -145,13 +153,15 @@ def host_forward(fs, ys, fq, yq, w, b, lr: float, steps: int, loop: SmallLoop):
     z0, kss, aq, kqs = projections(fs, fq, w, b)
     ys, yq = ys.long().contiguous(), yq.long().contiguous()
     h, logits, losses = loop.forward(z0, kss, ys, aq, kqs, yq, lr, steps)
-    losses = losses.masked_fill(_tasks_with_bad_labels(ys, yq, w.shape[0]), float("nan"))
+    losses = losses.masked_fill(_tasks_with_bad_labels(ys, yq, w.shape[-2]), float("nan"))
     return losses, logits, z0, kss, kqs, h
 
 
 def host_backward(grad_losses, grad_logits, fs, ys, fq, yq, w, logits, z0, kss, kqs, h,
                   lr: float, steps: int, first_order: bool, loop: SmallLoop):
-    """Gradients (support features, query features, weight, bias)."""
+    """Gradients (support features, query features, weight, bias); a per-task head ([T, N, D])
+    gets per-task gradients, a shared one their sum over tasks."""
+    per_task = w.dim() == 3
     q_rows, ways = logits.shape[1], logits.shape[2]
     # Adjoint of the query logits: the upstream gradient plus the mean cross-entropy's
     onehot = anil_head.one_hot(yq, ways, logits.dtype)
@@ -161,15 +171,21 @@ def host_backward(grad_losses, grad_logits, fs, ys, fq, yq, w, logits, z0, kss, 
     rows = _stacked_rows(fs, w)
     adj_q = torch.cat([zq_bar, kqs_bar], -1)
     g_fq = torch.bmm(adj_q, rows)  # Zq_bar W + Kqs_bar F, one pass
-    g_b = zq_bar.sum((0, 1))
+    g_b = zq_bar.sum(1) if per_task else zq_bar.sum((0, 1))
     if first_order:  # the inner loop's gradients are constants: no support-feature gradient
-        return torch.zeros_like(fs), g_fq, zq_bar.flatten(0, 1).t() @ fq.flatten(0, 1), g_b
+        g_w = torch.bmm(zq_bar.transpose(1, 2), fq) if per_task else \
+            zq_bar.flatten(0, 1).t() @ fq.flatten(0, 1)
+        return torch.zeros_like(fs), g_fq, g_w, g_b
     # one read of Fq for both [Zq_bar | Kqs_bar]ᵀ Fq products: the weight's and the support's
     fq_products = torch.bmm(adj_q.transpose(1, 2), fq)  # [T, N+S, D]
     hbar = -lr * torch.bmm(kqs.transpose(1, 2), zq_bar)
     z0_bar, kss_bar = loop.reverse(z0, kss, ys.long().contiguous(), hbar.contiguous(), lr, steps)
-    g_w = fq_products[:, :ways].sum(0) + z0_bar.flatten(0, 1).t() @ fs.flatten(0, 1)
-    g_b = g_b + z0_bar.sum((0, 1))
+    if per_task:
+        g_w = fq_products[:, :ways] + torch.bmm(z0_bar.transpose(1, 2), fs)
+        g_b = g_b + z0_bar.sum(1)
+    else:
+        g_w = fq_products[:, :ways].sum(0) + z0_bar.flatten(0, 1).t() @ fs.flatten(0, 1)
+        g_b = g_b + z0_bar.sum((0, 1))
     # Z0_bar W + (Kss_bar + Kss_barᵀ) F + Kqs_barᵀ Fq
     g_fs = torch.baddbmm(fq_products[:, ways:],
                          torch.cat([z0_bar, kss_bar + kss_bar.transpose(1, 2)], -1), rows)
@@ -209,7 +225,7 @@ def _(grad_losses, grad_logits, fs, ys, fq, yq, w, logits, z0, kss, kqs, h, lr, 
 @adapted_head.register_fake
 def _(fs, ys, fq, yq, w, b, lr, steps, first_order):
     tasks, s_rows, _ = fs.shape
-    q_rows, ways = fq.shape[1], w.shape[0]
+    q_rows, ways = fq.shape[1], w.shape[-2]
     return (fs.new_empty(tasks), fs.new_empty(tasks, q_rows, ways), fs.new_empty(tasks, s_rows, ways),
             fs.new_empty(tasks, s_rows, s_rows), fs.new_empty(tasks, q_rows, s_rows),
             fs.new_empty(tasks, s_rows, ways))
@@ -217,7 +233,7 @@ def _(fs, ys, fq, yq, w, b, lr, steps, first_order):
 
 @adapted_head_backward.register_fake
 def _(grad_losses, grad_logits, fs, ys, fq, yq, w, logits, z0, kss, kqs, h, lr, steps, first_order):
-    return torch.empty_like(fs), torch.empty_like(fq), torch.empty_like(w), w.new_empty(w.shape[0])
+    return torch.empty_like(fs), torch.empty_like(fq), torch.empty_like(w), w.new_empty(w.shape[:-1])
 
 
 def _setup_context(ctx, inputs, output):

@@ -70,11 +70,14 @@ def parameter_groups(anil, lr: float, multipliers: dict | None = None) -> list[d
         param.requires_grad_(mult != 0.0)  # never updated: no gradient is computed for it
         if mult != 0.0:
             body_groups.setdefault((mult, is_bn), []).append((name, param))
-    for p in anil.head.parameters():
+    head = [(f"head.{n}", p) for n, p in anil.head.named_parameters()]
+    if anil.head_init == "proto":
+        head.append(("proto_scale", anil.proto_scale))  # the prototype head's scale
+    for _, p in head:
         p.requires_grad_(True)
-    groups = [{"params": list(anil.head.parameters()), "name": "head", "multiplier": 1.0,
+    groups = [{"params": [p for _, p in head], "name": "head", "multiplier": 1.0,
                "batchnorm": False, "warmup": False, "base_lr": lr, "lr": lr,
-               "names": [f"head.{n}" for n, _ in anil.head.named_parameters()]}]
+               "names": [n for n, _ in head]}]
     for (mult, is_bn), named in sorted(body_groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         groups.append({"params": [p for _, p in named], "name": f"body{'-bn' if is_bn else ''}x{mult:g}",
                        "multiplier": mult, "batchnorm": is_bn, "warmup": not is_bn,

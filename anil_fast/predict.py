@@ -201,7 +201,9 @@ class FewShotClassifier:
             head.bias.copy_(self.anil.head.bias[:ways])
         model = ANIL(self.anil.body, head, inner_lr=self.anil.inner_lr,
                      inner_steps=self.anil.inner_steps, backend=self.anil.backend,
-                     precision=self.anil.precision)
+                     precision=self.anil.precision, head_init=self.anil.head_init)
+        if model.head_init == "proto":
+            model.proto_scale = self.anil.proto_scale
         model.channels_last = self.anil.channels_last
         batch = TaskBatch(x[None], y[None], q[None], torch.zeros(1, q.shape[0], dtype=torch.int64,
                                                                 device=self.device))

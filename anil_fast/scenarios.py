@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from . import models
-from .anil import BN_MODES, PRECISIONS, check_learning_rates
+from .anil import BN_MODES, HEAD_INITS, PRECISIONS, check_learning_rates
 from .data.benchmarks import BENCHMARKS
 from .errors import InputError, is_int
 from .functional import backend_name
@@ -79,6 +79,7 @@ class Config:
     test_tasks: int = 100
     eval_inner_steps: int | None = None  # default: inner_steps
     bn_mode: str = "transductive"
+    head_init: str = "learned"  # each task's initial head: "learned", "zero", "proto"
     seed: int = 0
     device: str = "auto"  # cuda when there is a GPU, else cpu (as for eval)
     backend: str = "auto"
@@ -264,6 +265,8 @@ def validate_config(c: Config) -> None:
         raise InputError(f"multipliers must be 'none', 'paper' or 'full', got {c.multipliers!r}")
     if c.bn_mode not in BN_MODES:
         raise InputError(f"bn_mode must be one of {BN_MODES}, got {c.bn_mode!r}")
+    if c.head_init not in HEAD_INITS:
+        raise InputError(f"head_init must be one of {HEAD_INITS}, got {c.head_init!r}")
     if c.precision not in (*PRECISIONS, "auto"):
         raise InputError(f"precision must be one of {(*PRECISIONS, 'auto')}, got {c.precision!r}")
     backend_name(c.backend)  # raises for an unknown name; earlier versions' names are known

@@ -442,3 +442,49 @@ def test_joint_mode_is_one_call_per_task_batched_or_not():
                                       first_order=False)
     assert_trains_alike(fresh(False), fresh(True))
     assert 0 <= batched.evaluate(batch, bn_mode="joint")["accuracy_after"] <= 1
+
+
+# -- each task's initial head: learned, zero, proto (prototypes of its support set) ---------------
+
+def test_proto_head_starts_as_the_nearest_prototype_classifier():
+    anil = make(ways=4, seed=4, head_init="proto")
+    batch = random_batch(tasks=2, ways=4, shots=3, queries=5, seed=8)
+    batch.support_y[:, :4] = torch.arange(4)  # every class has a prototype
+    with torch.no_grad():
+        fs, fq = anil.features(batch, "transductive")
+        w, b = anil.initial_head(fs, batch.support_y)
+    for t in range(2):
+        protos = torch.stack([fs[t][batch.support_y[t] == c].mean(0) for c in range(4)])
+        torch.testing.assert_close(w[t], 2 * protos)
+        torch.testing.assert_close(b[t], -(protos ** 2).sum(-1))
+        nearest = torch.cdist(fq[t], protos).argmin(-1)  # ProtoNet's prediction
+        logits = fq[t] @ w[t].T + b[t]
+        assert torch.equal(logits.argmax(-1), nearest)
+    result = anil.evaluate(batch, inner_steps=0)
+    manual = [(torch.cdist(fq[t], torch.stack([fs[t][batch.support_y[t] == c].mean(0)
+               for c in range(4)])).argmin(-1) == batch.query_y[t]).double().mean() for t in range(2)]
+    assert result["accuracy_after"] == pytest.approx(float(sum(manual) / 2))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("head_init", ["proto", "zero"])
+def test_fused_head_with_per_task_initial_heads_equals_the_reference(head_init, first_order):
+    # float64, values and gradients through the prototypes into the body and the scale
+    kw = dict(ways=4, seed=6, head_init=head_init, first_order=first_order, inner_lr=0.3,
+              inner_steps=3)
+    for other in ("fused", "per_task"):
+        assert_trains_alike(make(backend="reference", **kw), make(backend=other, **kw))
+
+
+def test_the_prototype_scale_and_the_body_learn_in_first_order():
+    anil, opt = make_trainable(ways=4, seed=6, head_init="proto", first_order=True,
+                               inner_lr=0.3, inner_steps=2, lr=0.01)
+    assert "proto_scale" in opt.groups_report()[0]["names"]
+    assert "proto_scale" in anil.state_dict()
+    before = anil.proto_scale.item(), [p.detach().clone() for p in anil.body.parameters()]
+    opt.step(random_batch(seed=3))
+    assert anil.proto_scale.item() != before[0]
+    # first order: the support features reach the loss through the prototypes
+    assert any(not torch.equal(a, b) for a, b in zip(before[1], anil.body.parameters()))
+    with pytest.raises(ValueError, match="head_init"):
+        make(head_init="prototypes")

@@ -8,7 +8,7 @@ import torch
 
 from anil_fast import ops
 from anil_fast.functional import adapted_query_loss
-from helpers import assert_trains_alike, grads_of, head_problem, make
+from helpers import assert_trains_alike, grads_of, head_problem, make, per_task_loop
 
 cpp_missing = ops.cpp_extension() is None
 
@@ -43,13 +43,24 @@ SHAPES = [
 ]
 
 
-def compare(shape, first_order, dtype, lr=0.37, atol=None, rtol=None, feature_dtype=None):
-    """The fused op (with the small loop the test picked) against the reference."""
+def per_task_initial_head(w, b, tasks, seed):
+    """A different initial head for every task ([T, N, D], [T, N]), as prototypes give."""
+    g = torch.Generator().manual_seed(seed)
+    return (w + 0.3 * torch.randn(tasks, *w.shape, generator=g, dtype=w.dtype),
+            b + 0.1 * torch.randn(tasks, *b.shape, generator=g, dtype=b.dtype))
+
+
+def compare(shape, first_order, dtype, lr=0.37, atol=None, rtol=None, feature_dtype=None,
+            per_task=False):
+    """The fused op (with the small loop the test picked) against the reference; per_task:
+    each task with its own initial head."""
     tasks, s_rows, q_rows, dim, ways, steps = shape
     if steps == 100:
         lr = 0.05
     fs, ys, fq, yq, w, b = head_problem(tasks, s_rows, q_rows, dim, ways, dtype=torch.float64,
                                         seed=sum(shape), scale=0.5)
+    if per_task:
+        w, b = per_task_initial_head(w, b, tasks, sum(shape))
     ref = grads_of(lambda f, q, ww, bb: adapted_query_loss(
         f, ys, q, yq, ww, bb, inner_lr=lr, inner_steps=steps, first_order=first_order,
         backend="reference"), [fs, fq, w, b])
@@ -324,3 +335,49 @@ def test_anil_steps_never_sync_on_labels_with_the_fused_op(backend, nan):
     assert torch.isnan(adapted_query_loss(fs, ys, fq, yq + 3, w, b, **kw)[0]).all()
     with pytest.raises(ValueError, match="support_labels"):  # the reference checks regardless
         adapted_query_loss(fs, ys + 3, fq, yq, w, b, **{**kw, "backend": "reference"})
+
+
+
+# -- a per-task initial head ([T, N, D], [T, N]): prototype initialisation --------------------------
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[7]])
+@pytest.mark.parametrize("loop", ["cpp", "torch"])
+def test_per_task_initial_head_float64(cpu_loop, loop, shape, first_order):
+    if loop == "cpp" and cpp_missing:
+        pytest.skip("C++ small loop could not be built here")
+    cpu_loop(loop)
+    compare(shape, first_order, torch.float64, per_task=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("first_order", [False, True])
+def test_per_task_initial_head_triton_interpreter(cpu_loop, first_order):
+    cpu_loop("triton")
+    compare(SHAPES[0], first_order, torch.float32, atol=2e-4, rtol=2e-4, per_task=True)
+
+
+def test_per_task_initial_head_gradcheck_opcheck_and_the_write_ups_loop(cpu_loop):
+    cpu_loop("cpp" if not cpp_missing else "torch")
+    fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3, seed=9)
+    w, b = per_task_initial_head(w, b, 2, 9)
+    inputs = [x.requires_grad_() for x in (fs, fq, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda f, q, ww, bb: ops.adapted_head(f, ys, q, yq, ww, bb, 0.4, 3, False)[:2], inputs)
+    torch.library.opcheck(ops.adapted_head, (fs, ys, fq, yq, w, b, 0.4, 3, False))
+    fs, fq, w, b = (x.detach() for x in (fs, fq, w, b))
+    grads = [torch.randn(2, dtype=fs.dtype), torch.randn(2, 4, 3, dtype=fs.dtype)]
+    saved = ops.adapted_head(fs, ys, fq, yq, w, b, 0.4, 3, False)
+    torch.library.opcheck(ops.adapted_head_backward,
+                          (*grads, fs, ys, fq, yq, w, *saved[1:], 0.4, 3, False))
+    for first_order in (False, True):  # the per-task loop of the write-ups agrees too
+        kw = dict(inner_lr=0.4, inner_steps=3, first_order=first_order)
+        ref = grads_of(lambda f, q, ww, bb: adapted_query_loss(f, ys, q, yq, ww, bb, backend="reference", **kw), [fs, fq, w, b])
+        loop = grads_of(lambda f, q, ww, bb: per_task_loop(f, ys, q, yq, ww, bb, 0.4, 3, first_order), [fs, fq, w, b])
+        for a, r in zip([*loop[:2], *loop[2]], [*ref[:2], *ref[2]]):
+            torch.testing.assert_close(a, r)
+    with pytest.raises(ValueError, match="per task"):
+        adapted_query_loss(fs, ys, fq, yq, w[:1].expand(3, -1, -1), b, inner_lr=0.1, inner_steps=1,
+                           first_order=True)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        adapted_query_loss(fs, ys, fq, yq, w, b[0], inner_lr=0.1, inner_steps=1, first_order=True)

@@ -154,3 +154,24 @@ def test_omniglot_characters_the_model_never_saw(tmp_path):
     predicted = clf.predict(queries)
     accuracy = np.mean([p == q.parent.name for p, q in zip(predicted, queries)])
     assert accuracy > 0.5, accuracy  # 5-way 1-shot: chance is 0.2 (0.84 on the dev machine)
+
+
+def test_a_prototype_head_predicts_as_it_evaluates():
+    from anil_fast import ANIL, models
+    torch.manual_seed(0)
+    anil = ANIL(*models.build("conv4", 4, 16, channels=3), head_init="proto", inner_lr=0.2,
+                inner_steps=2)
+    with torch.no_grad():
+        anil.proto_scale.fill_(0.7)
+    clf = FewShotClassifier(anil, 16, 3, bn_mode="support")
+    g = torch.Generator().manual_seed(1)
+    support, query = torch.rand(6, 3, 16, 16, generator=g), torch.rand(4, 3, 16, 16, generator=g)
+    labels = ["a", "b", "c", "a", "b", "c"]  # 3 of the model's 4 ways
+    probabilities = clf.fit(support, labels).predict_proba(query)
+    batch = TaskBatch(support[None], torch.tensor([[0, 1, 2, 0, 1, 2]]), query[None],
+                      torch.zeros(1, 4, dtype=torch.int64))
+    small = ANIL(anil.body, torch.nn.Linear(anil.head.in_features, 3), head_init="proto",
+                 inner_lr=0.2, inner_steps=2)
+    small.proto_scale = anil.proto_scale
+    _, logits = small.adapted_logits(batch, None, "support")
+    torch.testing.assert_close(probabilities, logits[0].softmax(-1))

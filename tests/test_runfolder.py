@@ -540,3 +540,20 @@ def test_every_batchnorm_mode_trains_and_evaluates_from_the_cli(mode, tmp_path, 
     assert json.loads((out / "results.json").read_text())["evaluation"]["bn_mode"] == mode
     code, text = run_cli(capsys, "eval", "--checkpoint", str(out), "--tasks", "4")
     assert code == 0 and f"(BatchNorm: {mode})" in text
+
+
+@needs_data
+def test_a_prototype_head_trains_evaluates_and_predicts_from_the_cli(tmp_path, capsys):
+    out = tmp_path / "proto"
+    code, text = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "3", *TINY,
+                         "--head-init", "proto", "--out", str(out))
+    assert code == 0, text
+    ckpt = load_checkpoint(out)
+    assert ckpt["config"]["head_init"] == "proto" and "proto_scale" in ckpt["model"]
+    assert ckpt["model"]["proto_scale"].item() != 1.0  # meta-learned
+    code, text = run_cli(capsys, "eval", "--checkpoint", str(out), "--tasks", "4")
+    assert code == 0 and "accuracy after adaptation" in text
+    # resuming with another initial head is refused: it is another model
+    code, text = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "4", *TINY,
+                         "--out", str(out), "--resume")
+    assert code == 2 and "head_init" in text
