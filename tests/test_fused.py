@@ -106,7 +106,11 @@ def test_op_gradcheck_and_opcheck_float64(cpu_loop, loop):
     if loop == "cpp" and cpp_missing:
         pytest.skip("C++ small loop could not be built here")
     cpu_loop(loop)
-    fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3, seed=4)
+    gradcheck_and_opcheck(*head_problem(2, 5, 4, 6, 3, seed=4))
+
+
+def gradcheck_and_opcheck(fs, ys, fq, yq, w, b):
+    """gradcheck of the op (2 tasks, 4 queries, 3 ways) and torch.library.opcheck of both ops."""
     inputs = [x.requires_grad_() for x in (fs, fq, w, b)]
     # second order is the true gradient (first order is checked against the reference above)
     assert torch.autograd.gradcheck(
@@ -361,15 +365,8 @@ def test_per_task_initial_head_gradcheck_opcheck_and_the_write_ups_loop(cpu_loop
     cpu_loop("cpp" if not cpp_missing else "torch")
     fs, ys, fq, yq, w, b = head_problem(2, 5, 4, 6, 3, seed=9)
     w, b = per_task_initial_head(w, b, 2, 9)
-    inputs = [x.requires_grad_() for x in (fs, fq, w, b)]
-    assert torch.autograd.gradcheck(
-        lambda f, q, ww, bb: ops.adapted_head(f, ys, q, yq, ww, bb, 0.4, 3, False)[:2], inputs)
-    torch.library.opcheck(ops.adapted_head, (fs, ys, fq, yq, w, b, 0.4, 3, False))
+    gradcheck_and_opcheck(fs, ys, fq, yq, w, b)
     fs, fq, w, b = (x.detach() for x in (fs, fq, w, b))
-    grads = [torch.randn(2, dtype=fs.dtype), torch.randn(2, 4, 3, dtype=fs.dtype)]
-    saved = ops.adapted_head(fs, ys, fq, yq, w, b, 0.4, 3, False)
-    torch.library.opcheck(ops.adapted_head_backward,
-                          (*grads, fs, ys, fq, yq, w, *saved[1:], 0.4, 3, False))
     for first_order in (False, True):  # the per-task loop of the write-ups agrees too
         kw = dict(inner_lr=0.4, inner_steps=3, first_order=first_order)
         ref = grads_of(lambda f, q, ww, bb: adapted_query_loss(f, ys, q, yq, ww, bb, backend="reference", **kw), [fs, fq, w, b])
