@@ -110,7 +110,8 @@ def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overw
 
 
 def _resume(run: _Run, ckpt: dict) -> None:
-    stored, config = dict(ckpt["config"]), run.config
+    # settings an earlier version did not record take their defaults (what it used)
+    stored, config = {**Config().to_dict(), **ckpt["config"]}, run.config
     for key in ("data", "split_file"):  # recorded relative by earlier versions
         if stored.get(key) is not None:
             stored[key] = os.path.abspath(stored[key])

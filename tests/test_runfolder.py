@@ -557,3 +557,15 @@ def test_a_prototype_head_trains_evaluates_and_predicts_from_the_cli(tmp_path, c
     code, text = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "4", *TINY,
                          "--out", str(out), "--resume")
     assert code == 2 and "head_init" in text
+
+
+@needs_data
+def test_a_run_from_before_the_new_settings_still_resumes_and_evaluates(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path / "old")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for key in ("head_init", "weights_file"):  # settings this version added
+        ckpt["config"].pop(key)
+    torch.save(ckpt, out / "checkpoint.pt")
+    summary = train(tiny(meta_steps=6), out, resume=True, progress=False)
+    assert summary["meta_steps"] == 6
+    assert evaluate_checkpoint(out, tasks=4, device="cpu", progress=False)["tasks"] == 4
