@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
-                        batchnorm_parameter_names, features_with_support_statistics,
-                        grouped_batchnorm, unbatchable_layers)
+                        batchnorm_parameter_names, batchnorm_training_mode,
+                        features_with_support_statistics, grouped_batchnorm, unbatchable_layers)
 from .data import TaskBatch
 from .env import cpu_has_native_bf16
 from .errors import InputError, InputTypeError, is_int
@@ -217,19 +217,11 @@ class ANIL(nn.Module):
                     fq.append(self._body_forward(self._layout(batch.query_x[t])))
             return torch.stack(fs), torch.stack(fq)
         sink = RunningStats() if bn_mode == "train" else None
-        if bn_mode == "transductive":
-            saved = [(bn, bn.training) for bn in batchnorm_layers(self.body)]
-            for bn, _ in saved:
-                bn.train()
-        try:
+        with batchnorm_training_mode(self.body, bn_mode == "transductive"):
             with grouped_batchnorm(self.body, tasks, sink):
                 with torch.set_grad_enabled(support_grad):
                     fs = self._body_forward(self._layout(batch.support_x.flatten(0, 1)))
                 fq = self._body_forward(self._layout(batch.query_x.flatten(0, 1)))
-        finally:
-            if bn_mode == "transductive":
-                for bn, training in saved:
-                    bn.train(training)
         if sink is not None:
             sink.apply()
         return fs.view(tasks, s_rows, -1), fq.view(tasks, q_rows, -1)
@@ -245,15 +237,9 @@ class ANIL(nn.Module):
                 f = torch.stack([self._body_forward(self._layout(both[t])) for t in range(tasks)])
             return f[:, :s_rows], f[:, s_rows:]
         sink = RunningStats() if training else None
-        saved = [(bn, bn.training) for bn in batchnorm_layers(self.body)]
-        for bn, _ in saved:  # batch statistics (training mode), per task
-            bn.train(bn.training or not training)
-        try:
+        with batchnorm_training_mode(self.body, not training):  # batch statistics, per task
             with grouped_batchnorm(self.body, tasks, sink):
                 f = self._body_forward(self._layout(both.flatten(0, 1)))
-        finally:
-            for bn, mode in saved:
-                bn.train(mode)
         if sink is not None:
             sink.apply()
         f = f.view(tasks, both.shape[1], -1)
@@ -276,12 +262,13 @@ class ANIL(nn.Module):
         return wanted and not self._unbatchable
 
     # -- checks on first use ------------------------------------------------------------------
-    def check_labels(self, batch: TaskBatch) -> None:
-        """The tasks' labels must be 0..ways-1 with ways = the head's outputs: a head with
-        more outputs would score classes no task has, fewer (or labels out of range) give NaN
-        losses and meaningless accuracies. One host sync: evaluate() runs it every call,
-        training on its first batch (later steps stay sync-free; a NaN loss stops the trainer)."""
-        ways = self.head.out_features
+    def check_labels(self, batch: TaskBatch, ways: int | None = None) -> None:
+        """The tasks' labels must be 0..ways-1 with ways = the head's outputs (or `ways` of
+        them): a head with more outputs would score classes no task has, fewer (or labels out
+        of range) give NaN losses and meaningless accuracies. One host sync: evaluate() runs it
+        every call, training on its first batch (later steps stay sync-free; a NaN loss stops
+        the trainer)."""
+        ways = ways or self.head.out_features
         labels = torch.cat([batch.support_y.flatten(), batch.query_y.flatten()])
         if labels.numel() == 0:
             raise InputError("batch: tasks without labels")
@@ -306,22 +293,23 @@ class ANIL(nn.Module):
             self._labels_checked = True
 
     # -- the outer loop ----------------------------------------------------------------------
-    def _head_loss(self, fs, batch, fq, inner_steps, first_order):
+    def _head_loss(self, fs, batch, fq, inner_steps, first_order, ways=None):
         self._check_features(fs)
         # The head runs outside autocast: bf16 features in, fp32 accumulation inside. No host
         # label check on the fused op (no sync in a step): out-of-range labels give the task a
         # NaN loss on every device, which the trainer stops on.
         with torch.autocast(fs.device.type, enabled=False):
-            weight, bias = self.initial_head(fs, batch.support_y)
+            weight, bias = self.initial_head(fs, batch.support_y, ways)
             return adapted_query_loss(
                 fs, batch.support_y, fq, batch.query_y, weight, bias,
                 inner_lr=self.inner_lr, inner_steps=inner_steps, first_order=first_order,
                 backend=self.backend, check_labels=False)
 
-    def initial_head(self, fs: torch.Tensor, support_y: torch.Tensor):
+    def initial_head(self, fs: torch.Tensor, support_y: torch.Tensor, ways: int | None = None):
         """The head each task's inner loop starts from (see head_init): shared [N, D], [N], or
-        per task [T, N, D], [T, N] for "proto", differentiable through the support features."""
-        weight, bias = self.head.weight, self.head.bias
+        per task [T, N, D], [T, N] for "proto", differentiable through the support features.
+        `ways`: fewer classes than the head's outputs, served by its first rows."""
+        weight, bias = self.head.weight[:ways], self.head.bias[:ways]
         if self.head_init == "learned":
             return weight, bias
         if self.head_init == "zero":
@@ -370,25 +358,29 @@ class ANIL(nn.Module):
 
     @torch.no_grad()
     def adapted_logits(self, batch: TaskBatch, inner_steps: int | None = None,
-                       bn_mode: str = "transductive") -> tuple[torch.Tensor, torch.Tensor]:
+                       bn_mode: str = "transductive", ways: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query logits [T, Q, ways] before and after adapting the head on each task's support
         set (`inner_steps` SGD steps, default the model's), BatchNorm as `bn_mode` says; the
-        model's training mode is left as it was."""
+        model's training mode is left as it was. `ways`: tasks of fewer classes than the
+        head's outputs (predict), served by its first rows."""
         require_batch(batch)
         if bn_mode not in BN_MODES:
             raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         steps = self.inner_steps if inner_steps is None else inner_steps
         if not is_int(steps) or steps < 0:
             raise InputError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
-        self.check_labels(batch)
+        if ways is not None and not (is_int(ways) and 2 <= ways <= self.head.out_features):
+            raise InputError(f"ways must be an int in 2..{self.head.out_features}, got {ways!r}")
+        self.check_labels(batch, ways)
         was_training = self.training
         self.eval()
         try:
             with self.precision_context(batch.support_x.device):
                 fs, fq = self.features(batch, bn_mode)
             fs, fq = fs.float(), fq.float()
-            _, before = self._head_loss(fs, batch, fq, 0, True)
-            _, after = self._head_loss(fs, batch, fq, steps, True)
+            _, before = self._head_loss(fs, batch, fq, 0, True, ways)
+            _, after = self._head_loss(fs, batch, fq, steps, True, ways)
         finally:
             self.train(was_training)
         return before, after

@@ -168,6 +168,21 @@ def grouped_batchnorm(body: nn.Module, groups: int, sink: RunningStats | None = 
 
 
 @contextmanager
+def batchnorm_training_mode(body: nn.Module, enabled: bool = True):
+    """Inside the block every BatchNorm layer of `body` is in training mode (batch
+    statistics; with grouped_batchnorm and no sink, running statistics stay untouched);
+    each layer's own mode is restored on exit. enabled=False: a no-op."""
+    saved = [(bn, bn.training) for bn in batchnorm_layers(body)] if enabled else []
+    for bn, _ in saved:
+        bn.train()
+    try:
+        yield
+    finally:
+        for bn, mode in saved:
+            bn.train(mode)
+
+
+@contextmanager
 def batch_statistics_without_update(body: nn.Module):
     """BatchNorm layers use the batch's statistics and leave running statistics untouched
     (transductive evaluation with the per-task loop)."""

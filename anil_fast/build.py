@@ -152,20 +152,18 @@ def task_sampler(config: Config, split: str, device, tasks: int | None = None) -
     if split not in _POOL_SEED:
         raise InputError(f"split must be one of {tuple(_POOL_SEED)}, got {split!r}")
     images = split_images(config, split, device)
-    classes = images.shape[0] if isinstance(images, torch.Tensor) else images.num_classes
-    if classes * (4 if config.rotations else 1) < config.ways:  # name the split, not just the count
-        source = config.data if config.dataset == "folder" else config.dataset
-        raise InputError(f"ways ({config.ways}) is larger than the {classes} classes of the "
-                         f"{split} split of {source}; lower --ways, or give that split more "
-                         f"classes (a split file, or train/ val/ test/ folders)")
     if split == "train":
         batch, pool = config.meta_batch, config.tasks
     else:
         pool = tasks or (config.val_tasks if split == "validation" else config.test_tasks)
         batch = min(50, pool)
-    return TaskSampler(images, config.ways, config.shots, config.queries, batch,
-                       rotations=config.rotations,
-                       seed=(_POOL_SEED[split] + config.seed) % (MAX_SEED + 1), num_tasks=pool)
+    try:
+        return TaskSampler(images, config.ways, config.shots, config.queries, batch,
+                           rotations=config.rotations,
+                           seed=(_POOL_SEED[split] + config.seed) % (MAX_SEED + 1), num_tasks=pool)
+    except InputError as exc:  # too few classes or images: say which split of which data
+        source = config.data if config.dataset == "folder" else config.dataset
+        raise InputError(f"the {split} split of {source}: {exc}") from exc
 
 
 def rng_state() -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+
 # Every environment variable anil-fast reads (the README's table is checked against this).
 ENV_VARS = {
     "ANIL_FAST_DATA": "folder holding the datasets (omniglot/, mini-imagenet/, cifar100/ ...); "
@@ -111,6 +113,23 @@ def cpu_key() -> str:
     flags = cpu_flags()
     text = " ".join(sorted(flags)) if flags else platform.processor()
     return f"{platform.machine()}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_allocation(what: str, nbytes: int, hint: str) -> None:
+    """Refuse, before allocating, `nbytes` of host memory for `what` beyond half of this
+    machine's physical memory."""
+    total = physical_memory_bytes()
+    if total is not None and nbytes > total // 2:
+        raise InputError(f"{what} would need {nbytes / 2**30:.1f} GiB of memory; the limit is half "
+                         f"of this machine's {total / 2**30:.1f} GiB; {hint}")
 
 
 # -- files -------------------------------------------------------------------------------------

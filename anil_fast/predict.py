@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .anil import ANIL, BN_MODES
 from .data import TaskBatch
-from .data.fewshot import IMAGE_SUFFIXES, pil_to_array, read_image, to_8bit
+from .data.fewshot import IMAGE_SUFFIXES, decode_file, pil_to_array, to_8bit
 from .errors import InputError, InputTypeError, is_int
 
 __all__ = ["FewShotClassifier", "image_paths"]
@@ -126,7 +125,7 @@ class FewShotClassifier:
                 rows.append(self._pil(item))
             elif isinstance(item, (str, Path)):
                 for f in image_paths(item):
-                    rows.append(self._file(f))
+                    rows.append(decode_file(f, self._pil))
             else:
                 raise InputTypeError(f"images: each must be a path or a PIL image, got "
                                      f"{type(item).__name__}")
@@ -142,17 +141,6 @@ class FewShotClassifier:
                              f"have them resized")
         x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
         return x.to(self.device)
-
-    def _file(self, path: Path) -> torch.Tensor:
-        if self.omniglot:
-            from PIL import Image
-            try:
-                with Image.open(path) as image:
-                    return self._pil(image)
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise InputError(f"data: {path} is not an image Pillow can read ({exc})") from exc
-        array = read_image(path, self.image_size, self.channels)
-        return torch.from_numpy(array).permute(2, 0, 1).float() / 255
 
     def _pil(self, image) -> torch.Tensor:
         if not self.omniglot:
@@ -194,20 +182,11 @@ class FewShotClassifier:
             raise InputError("fit() the support set first")
         x, y = self._support
         q = self.images(images)
-        ways = len(self.classes)
-        head = nn.Linear(self.anil.head.in_features, ways).to(self.device)
-        with torch.no_grad():  # the learned initial head's first rows: labels are arbitrary
-            head.weight.copy_(self.anil.head.weight[:ways])
-            head.bias.copy_(self.anil.head.bias[:ways])
-        model = ANIL(self.anil.body, head, inner_lr=self.anil.inner_lr,
-                     inner_steps=self.anil.inner_steps, backend=self.anil.backend,
-                     precision=self.anil.precision, head_init=self.anil.head_init)
-        if model.head_init == "proto":
-            model.proto_scale = self.anil.proto_scale
-        model.channels_last = self.anil.channels_last
         batch = TaskBatch(x[None], y[None], q[None], torch.zeros(1, q.shape[0], dtype=torch.int64,
                                                                 device=self.device))
-        _, logits = model.adapted_logits(batch, self.inner_steps, self.bn_mode)
+        # your classes may be fewer than the model's ways: the head's first rows serve them
+        _, logits = self.anil.adapted_logits(batch, self.inner_steps, self.bn_mode,
+                                             ways=len(self.classes))
         return logits[0].softmax(-1).cpu()
 
     def predict(self, images) -> list:

@@ -18,6 +18,8 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
+
 from . import distributed
 from .errors import InputError, is_int
 from .runfolder import RunFolder
@@ -87,7 +89,6 @@ def row_of(suite: str, summary: dict, config, smoke: bool, table: dict) -> dict:
 def combine_seeds(rows: list[dict]) -> dict:
     """One row of several seeds' rows: accuracy the mean over seeds with its standard
     deviation (ddof=1), CI95 the mean of the seeds' own, each seed's numbers kept."""
-    import numpy as np
     first = dict(rows[0])
     accuracies = np.array([r["accuracy"] for r in rows], dtype=np.float64)
     mean = float(accuracies.mean())

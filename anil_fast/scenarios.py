@@ -18,9 +18,11 @@ protocol, 28 px, 1,200/423 characters, 90-degree rotations as classes, conv4.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from . import models
 from .anil import BN_MODES, HEAD_INITS, PRECISIONS, check_learning_rates
@@ -212,17 +214,18 @@ def config_from_dict(values, where: str) -> Config:
 def config_from_file(path, **overrides) -> Config:
     """The settings of a JSON file (a run's config.json), then `overrides` on top: the same
     run again, or a variation of it."""
-    import json
     try:
-        values = json.loads(open(path, encoding="utf-8-sig").read())
+        values = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise InputError(f"--config: {path} is not a readable JSON file ({exc})") from exc
-    if isinstance(values, dict):
-        unknown = set(overrides) - FIELD_NAMES
-        if unknown:
-            raise InputError(f"unknown override(s) {sorted(unknown)}")
+    if isinstance(values, dict):  # else config_from_dict names what it is
         values = {**values, **overrides}
     return config_from_dict(values, f"--config {path}")
+
+
+NO_VALIDATION_NOTE = ("validation: no validation runs (val_every is 0 and val_every_s is unset), so "
+                      "the last weights are tested; set --val-every or --val-every-s to select "
+                      "the best-validation checkpoint")
 
 
 def normalized_config(c: Config) -> Config:
@@ -242,11 +245,6 @@ def normalized_config(c: Config) -> Config:
     if c.validation and not c.validates and NO_VALIDATION_NOTE not in notes:
         notes.append(NO_VALIDATION_NOTE)
     return dataclasses.replace(c, **changes, notes=notes)
-
-
-NO_VALIDATION_NOTE = ("validation: no validation runs (val_every is 0 and val_every_s is unset), so "
-                      "the last weights are tested; set --val-every or --val-every-s to select "
-                      "the best-validation checkpoint")
 
 
 def validate_config(c: Config) -> None:

@@ -310,7 +310,7 @@ def test_sampler_refuses_images_it_cannot_use(images, rotations, error, word):
 
 def test_large_pools_draw_in_chunks_and_absurd_ones_are_refused(synthetic_characters, monkeypatch):
     import anil_fast.data.tasks as tasks_module
-    from anil_fast.data.fewshot import physical_memory_bytes
+    from anil_fast.env import physical_memory_bytes
     small = TaskSampler(synthetic_characters, 5, 1, 2, 4, seed=3, num_tasks=50)
     monkeypatch.setattr(tasks_module, "DRAW_CHUNK", 16)  # 50 tasks in chunks of 16
     chunked = TaskSampler(synthetic_characters, 5, 1, 2, 4, seed=3, num_tasks=50)

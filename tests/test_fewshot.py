@@ -191,7 +191,7 @@ def test_bad_folders_are_named(tmp_path, isolated_cache):
     from anil_fast.scenarios import scenario_config
     (root / "class_01" / "broken.png").unlink()
     config = scenario_config("s2", data=str(root), image_size=16, ways=2, queries=2)
-    with pytest.raises(ValueError, match=r"1 classes of the test split of .*data"):
+    with pytest.raises(ValueError, match=r"the test split of .*data: ways \(2\) is larger than the 1 classes"):
         task_sampler(config, "test", "cpu")
 
 
@@ -285,10 +285,10 @@ def test_images_that_cannot_be_read_name_the_file(tmp_path, isolated_cache, monk
 
 
 def test_too_many_pixels_are_refused_before_decoding(tmp_path, isolated_cache, monkeypatch):
-    import anil_fast.data.fewshot as fewshot
+    import anil_fast.env as env
     import PIL.Image
     root = make_folder(tmp_path / "data", classes=6)
-    monkeypatch.setattr(fewshot, "physical_memory_bytes", lambda: 2**20)  # a 1 MiB machine
+    monkeypatch.setattr(env, "physical_memory_bytes", lambda: 2**20)  # a 1 MiB machine
     monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
     with pytest.raises(ValueError, match=r"image-size.*|limit is half"):
         image_folder(root, "train", 2048)

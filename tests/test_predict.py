@@ -170,8 +170,9 @@ def test_a_prototype_head_predicts_as_it_evaluates():
     probabilities = clf.fit(support, labels).predict_proba(query)
     batch = TaskBatch(support[None], torch.tensor([[0, 1, 2, 0, 1, 2]]), query[None],
                       torch.zeros(1, 4, dtype=torch.int64))
-    small = ANIL(anil.body, torch.nn.Linear(anil.head.in_features, 3), head_init="proto",
-                 inner_lr=0.2, inner_steps=2)
-    small.proto_scale = anil.proto_scale
-    _, logits = small.adapted_logits(batch, None, "support")
+    _, logits = anil.adapted_logits(batch, None, "support", ways=3)
     torch.testing.assert_close(probabilities, logits[0].softmax(-1))
+    # the scale is the model's: another scale gives other probabilities
+    with torch.no_grad():
+        anil.proto_scale.fill_(1.3)
+    assert not torch.allclose(clf.predict_proba(query), probabilities)

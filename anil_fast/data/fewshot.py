@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..env import cache_dir, file_stamp, read_cached_array, write_cached_array
+from ..env import (cache_dir, check_allocation, file_stamp, read_cached_array,
+                   write_cached_array)
 from ..errors import InputError, InputTypeError, is_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -294,22 +295,6 @@ def _fingerprint(files: list[Path], image_size: int, channels: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def physical_memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_allocation(what: str, nbytes: int, hint: str) -> None:
-    """Refuse, before allocating, `nbytes` of host memory for `what` beyond half of this
-    machine's physical memory."""
-    total = physical_memory_bytes()
-    if total is not None and nbytes > total // 2:
-        raise InputError(f"{what} would need {nbytes / 2**30:.1f} GiB of memory; the limit is half "
-                         f"of this machine's {total / 2**30:.1f} GiB; {hint}")
-
-
 def decode_images(files: list[Path], image_size: int, channels: int, name: str,
                   cache: bool = True, progress: bool = False) -> torch.Tensor:
     """The images `files` names, decoded with Pillow and resized: uint8 [N, channels, size,
@@ -334,13 +319,18 @@ def decode_images(files: list[Path], image_size: int, channels: int, name: str,
 
 
 def read_image(path: Path, image_size: int | None, channels: int | None) -> np.ndarray:
-    """One image file as uint8 [H, W, C], with an InputError naming the file for anything
-    Pillow cannot decode, a decompression bomb (more pixels than Pillow's limit,
+    """One image file as uint8 [H, W, C] (`pil_to_array`), errors as `decode_file` gives them."""
+    return decode_file(path, lambda image: pil_to_array(image, image_size, channels))
+
+
+def decode_file(path: Path, decode):
+    """decode(the PIL image of `path`), with an InputError naming the file for anything Pillow
+    cannot open, a decompression bomb (more pixels than Pillow's limit,
     PIL.Image.MAX_IMAGE_PIXELS x 2) or pixel values anil-fast cannot scale."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as image:
-            return pil_to_array(image, image_size, channels)
+            return decode(image)
     except Image.DecompressionBombError as exc:
         raise InputError(f"data: {path} is larger than Pillow's limit for one image ({exc}); "
                          f"shrink it or remove it") from exc

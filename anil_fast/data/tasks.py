@@ -7,7 +7,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..errors import InputError, InputTypeError, check_int
-from .fewshot import FewShotImages, check_allocation
+from ..env import check_allocation
+from .fewshot import FewShotImages
 from .omniglot import Omniglot
 
 DRAW_CHUNK = 65_536  # tasks drawn per call; pools up to it draw exactly as one call
