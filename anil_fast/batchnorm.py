@@ -106,8 +106,11 @@ def _grouped_batch_norm(bn, x, groups: int, sink: RunningStats | None):
     bias = bn.bias.repeat(groups) if bn.affine else None
     record = sink is not None and bn.track_running_stats
     # momentum=1 turns the scratch buffers into this call's mean and unbiased variance.
-    mean = torch.zeros(groups * channels, device=x.device, dtype=x.dtype) if record else None
-    var = torch.ones(groups * channels, device=x.device, dtype=x.dtype) if record else None
+    # in fp32 under bf16/fp16 autocast, as the layer's own buffers (the CPU kernel refuses
+    # statistics in the input's reduced precision)
+    stats = dict(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    mean = torch.zeros(groups * channels, **stats) if record else None
+    var = torch.ones(groups * channels, **stats) if record else None
     y = F.batch_norm(xt, mean, var, weight, bias, True, 1.0, bn.eps)
     if record:
         sink.record(bn, mean.view(groups, channels), var.view(groups, channels))

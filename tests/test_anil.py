@@ -488,3 +488,21 @@ def test_the_prototype_scale_and_the_body_learn_in_first_order():
     assert any(not torch.equal(a, b) for a, b in zip(before[1], anil.body.parameters()))
     with pytest.raises(ValueError, match="head_init"):
         make(head_init="prototypes")
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_bf16_batched_body_on_cpu_matches_the_per_task_body(joint):
+    """bf16 autocast with the batched body on the CPU (its per-task BatchNorm statistics kept
+    in fp32, as the layers' own): the per-task body's loss, gradients and running statistics,
+    to bf16's precision."""
+    models_ = [make(size=19, ways=3, hidden=9, inner_lr=0.3, inner_steps=2, precision="bf16",
+                    batched_body=batched, joint_batchnorm=joint).float() for batched in (False, True)]
+    batch = random_batch(tasks=3, ways=3, shots=2, queries=4, size=19, seed=5, dtype=torch.float32)
+    grads = []
+    for anil in models_:
+        loss = anil.train().meta_loss(batch)
+        grads.append([loss.detach()] + list(torch.autograd.grad(loss, list(anil.parameters()))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0.05, atol=0.02)
+    for a, b in zip(models_[0].buffers(), models_[1].buffers()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=0.02, atol=0.02)

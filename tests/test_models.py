@@ -165,3 +165,25 @@ def test_rgb_bodies_train_in_bf16(body):
     fixed = batch(dtype=torch.float32)
     losses = [opt.step(fixed)["loss"].item() for _ in range(6)]
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("size,hidden", [(28, 64), (19, 12), (33, 7)])
+def test_conv4_pools_before_relu_with_the_textbook_numbers(size, hidden):
+    """conv4 max-pools before its ReLU (faster); the textbook block (conv, BN, ReLU, pool) with
+    the same weights gives the same outputs and gradients in float64, train and eval mode."""
+    torch.manual_seed(size)
+    body = models.conv4(channels=2, hidden=hidden).double()
+    assert isinstance(body[0][2], torch.nn.MaxPool2d) and isinstance(body[0][3], torch.nn.ReLU)
+    textbook = torch.nn.Sequential(*[torch.nn.Sequential(b[0], b[1], torch.nn.ReLU(), b[2])
+                                     for b in list(body)[:4]], torch.nn.Flatten())
+    assert set(textbook.state_dict()) == set(body.state_dict())  # checkpoints load either way
+    x = torch.randn(11, 2, size, size, dtype=torch.float64)
+    for train in (True, False):
+        body.train(train)
+        ours, theirs = body(x), textbook(x)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        weights = torch.randn_like(ours)
+        g1 = torch.autograd.grad((ours * weights).sum(), list(body.parameters()))
+        g2 = torch.autograd.grad((textbook(x) * weights).sum(), list(body.parameters()))
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
