@@ -23,7 +23,8 @@ def test_bench_quick_writes_every_column_with_the_baselines(tmp_path, capsys):
     rows = record["rows"]
     variants = {(r["case"], r["variant"]) for r in rows}
     for case in bench.QUICK_CASES:
-        for name in ("loop", "vmap", "reference", "fused", "fused+compile", "floor: body fp32",
+        for name in ("loop", "vmap", "reference", "fused", "fused+compile", "fused+batched",
+                     "fused+nchw", "floor: body fp32",
                      "floor: head fused", "floor: head reference"):
             assert (case, name) in variants
     measured = [r for r in rows if not r["variant"].startswith("floor")]
