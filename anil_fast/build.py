@@ -126,10 +126,12 @@ def load_model_state(anil: ANIL, state: dict) -> None:
 
 def build_meta_optimizer(config: Config, anil: ANIL, schedule=None) -> MetaOptimizer:
     """The presets' optimisation: Adam at config.outer_lr, the preset's learning-rate
-    multipliers, warmup of the body, and `schedule` (step -> factor)."""
+    multipliers, warmup of the body, `schedule` (step -> factor) and the config's cap on the
+    meta-gradient's norm."""
     return MetaOptimizer(anil, lr=config.outer_lr, optimizer=torch.optim.Adam,
                          multipliers=body_lr_multipliers(config, anil.body),
-                         warmup_steps=config.warmup_steps, schedule=schedule)
+                         warmup_steps=config.warmup_steps, schedule=schedule,
+                         clip_grad_norm=config.clip_grad_norm)
 
 
 def split_images(config: Config, split: str, device):

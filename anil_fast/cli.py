@@ -32,7 +32,7 @@ OVERRIDES = {
     "data_root": str, "time_budget": float, "lr_schedule": str, "lr_floor": float,
     "validation": int, "val_tasks": int, "val_every": int, "val_every_s": float,
     "dataset": str, "data": str, "split_file": str, "channels": int, "hidden": int,
-    "weights_file": str, "head_init": str,
+    "weights_file": str, "head_init": str, "clip_grad_norm": float,
 }
 FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "capture")
 

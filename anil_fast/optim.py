@@ -9,6 +9,8 @@
 - learning rates each step: each group's base lr x schedule(step) (any callable of the step,
   as torch's LambdaLR takes), with the body groups other than BatchNorm held at 0 for the
   first `warmup_steps`;
+- the meta-gradient's norm, reported by every step ("grad_norm") and, with `clip_grad_norm`,
+  capped at that value (the whole gradient scaled down, as torch.nn.utils.clip_grad_norm_);
 - the meta-step: `step(batch)` for eager training, and `device_step(batch)`, the device work
   alone, which `capture.MetaStepRunner` records into a CUDA graph. Both run `begin_step` /
   `end_step` around the same device work, so a per-step rule is written once.
@@ -21,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from .anil import check_learning_rates, require_batch
 from .batchnorm import batchnorm_layers, batchnorm_parameter_names
@@ -95,9 +98,15 @@ class MetaOptimizer:
 
     def __init__(self, anil, lr: float = 0.001, optimizer=torch.optim.Adam,
                  multipliers: dict | None = None, warmup_steps: int = 0,
-                 schedule: Callable[[int], float] | None = None, **optimizer_kwargs):
+                 schedule: Callable[[int], float] | None = None,
+                 clip_grad_norm: float | None = None, **optimizer_kwargs):
         for message in check_learning_rates(0.0, lr):  # raises for impossible ones
             warnings.warn(message, stacklevel=2)
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(
+                clip_grad_norm, (int, float)) or not 0 < clip_grad_norm < math.inf):
+            raise InputError(f"clip_grad_norm must be a number > 0 (or None: no clipping), got "
+                             f"{clip_grad_norm!r}")
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         if not is_int(warmup_steps) or warmup_steps < 0:
             raise InputError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if schedule is not None and not callable(schedule):
@@ -169,8 +178,15 @@ class MetaOptimizer:
         the optimizer's update, metrics as device tensors. No host synchronisation."""
         self.optimizer.zero_grad(set_to_none=True)
         sums, total = self.anil.meta_backward(batch, total_tasks, all_reduce)
+        # the meta-gradient's norm is logged (a rise warns of divergence) and, with
+        # clip_grad_norm, capped: the whole gradient scaled down to that norm
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = (get_total_norm([p.grad for p in params]) if params
+                else torch.zeros((), device=sums.device))
+        if self.clip_grad_norm is not None and params:
+            clip_grads_with_norm_(params, self.clip_grad_norm, norm)  # reads p.grad
         self.optimizer.step()
-        return {"loss": sums[0] / total, "accuracy": sums[1] / total}
+        return {"loss": sums[0] / total, "accuracy": sums[1] / total, "grad_norm": norm}
 
     def end_step(self) -> None:
         self.steps += 1

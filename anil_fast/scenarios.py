@@ -73,6 +73,7 @@ class Config:
     time_budget: float | None = None  # seconds of training (one-time costs excluded)
     lr_schedule: str = "constant"  # of the outer lr: "constant", "cosine" (to lr_floor), "step"
     lr_floor: float = 0.05  # cosine: the final fraction of the outer lr
+    clip_grad_norm: float | None = None  # cap on the meta-gradient's norm (None: no clipping)
     validation: int = 0  # Omniglot standard protocol: characters held out of training for
     # validation; other datasets: > 0 validates on their own validation split
     val_tasks: int = 200  # validation tasks per evaluation
@@ -328,6 +329,10 @@ def _validate_schedule_and_validation(c: Config, dataset: str) -> None:
         raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {c.lr_schedule!r}")
     if not (isinstance(c.lr_floor, (int, float)) and 0 <= c.lr_floor <= 1):
         raise InputError(f"lr_floor must be a fraction in 0..1, got {c.lr_floor!r}")
+    if c.clip_grad_norm is not None and (isinstance(c.clip_grad_norm, bool) or not isinstance(
+            c.clip_grad_norm, (int, float)) or not 0 < c.clip_grad_norm < math.inf):
+        raise InputError(f"clip_grad_norm must be a number > 0 (or None: no clipping), got "
+                         f"{c.clip_grad_norm!r}")
     for name in ("validation", "val_every"):
         value = getattr(c, name)
         if not is_int(value) or value < 0:

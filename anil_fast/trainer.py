@@ -4,7 +4,7 @@ selected checkpoint. The objects come from build.py, the evaluation from evaluat
 run folder's rules (lock, atomic checkpoints, refusal to clobber) from runfolder.py.
 
 train() is a short sequence of named steps: _set_up, _train_steps (with _log, _validate and
-_checkpoint), _summary, then evaluation.score_selected."""
+_checkpoint), summary.run_summary, then evaluation.score_selected."""
 from __future__ import annotations
 
 import json
@@ -27,19 +27,20 @@ from .divergence import (ADVICE, LOSS_LIMIT, Interrupted, TrainingDiverged, insa
 from .errors import InputError
 from .evaluation import evaluate, score_selected
 from .metrics import GPUMonitor, peak_memory, reset_peak_memory
-from .optim import MetaOptimizer, parameter_counts
+from .optim import MetaOptimizer
 from .runfolder import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, METRICS, RESULTS, VALIDATION,
                         RunFolder, RunFolderError, load_checkpoint, loss_summary,
                         read_metrics, truncate_metrics)
 from .scenarios import Config, normalized_config, validate_config
 from .schedules import lr_factor
 from .schedules import progress as schedule_progress
+from .summary import run_summary
 
 # Fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"meta_steps", "device", "checkpoint_every", "log_every", "notes", "backend",
                      "compile", "capture", "inner_lr", "outer_lr", "test_tasks",
                      "eval_inner_steps", "bn_mode", "time_budget", "lr_schedule", "lr_floor",
-                     "val_every", "val_every_s"}
+                     "val_every", "val_every_s", "clip_grad_norm"}
 # Of those, the ones that change what is computed: a resume records them (results.json).
 RECORDED_CHANGES = RESUMABLE_CHANGES - {"device", "checkpoint_every", "log_every", "notes",
                                         "compile", "capture"}
@@ -63,7 +64,7 @@ class _Run:
     steady_steps: int = 0  # the steps those seconds cover (a session's first step is not one)
     checkpoint_step: int = 0  # the step of the last checkpoint written (kept on divergence)
     history: list = field(default_factory=list)  # resumes that changed settings
-    pending: list = field(default_factory=list)  # (step, elapsed, loss, accuracy) to log
+    pending: list = field(default_factory=list)  # (step, elapsed, loss, accuracy, grad norm)
     best: dict | None = None  # the best validation record so far (its weights: best.pt)
     val_records: list = field(default_factory=list)
     one_time: dict = field(default_factory=dict)  # seconds of set-up, build, first step
@@ -149,16 +150,18 @@ def _log(run: _Run, metrics_file, bar) -> None:
     or inf loss stops the run."""
     if not run.pending:
         return
-    values = torch.stack([torch.stack([p[2], p[3]]) for p in run.pending]).tolist()
-    for (step, elapsed, _, _), (loss, acc) in zip(run.pending, values):
+    values = torch.stack([torch.stack(p[2:]).float() for p in run.pending]).tolist()
+    for (step, elapsed, *_), (loss, acc, grad_norm) in zip(run.pending, values):
         if insane_loss(loss):
             _diverged(run, f"the meta-loss became {loss:.3g} at step {step} (more than "
                            f"{LOSS_LIMIT:g} or not finite)")
         if metrics_file:
             metrics_file.write(json.dumps({"step": step, "loss": loss, "accuracy": acc,
+                                           "grad_norm": grad_norm,
                                            "elapsed_s": round(elapsed, 4)}) + "\n")
         if run.board:
-            run.board.scalars(step, {"train/loss": loss, "train/accuracy": acc})
+            run.board.scalars(step, {"train/loss": loss, "train/accuracy": acc,
+                                     "train/grad_norm": grad_norm})
     if metrics_file:
         metrics_file.flush()
     if run.board:
@@ -251,7 +254,8 @@ def _train_steps(run: _Run, progress: bool) -> None:
             else:
                 run.steady_steps += 1
                 run.elapsed = base + time.perf_counter() - clock - run.validation_s
-            run.pending.append((run.step, run.elapsed, result["loss"], result["accuracy"]))
+            run.pending.append((run.step, run.elapsed, result["loss"], result["accuracy"],
+                                result["grad_norm"]))
             bar.update(1)
             due_checkpoint = run.step % config.checkpoint_every == 0
             if run.step % config.log_every == 0 or due_checkpoint:
@@ -273,30 +277,6 @@ def _train_steps(run: _Run, progress: bool) -> None:
         run.validation_s += time.perf_counter() - paused
     if run.checkpoint_step != run.step:
         _checkpoint(run)
-
-
-def _summary(run: _Run, session_steps: int) -> dict:
-    config, anil = run.config, run.anil
-    session_it_s = session_steps / run.elapsed if run.elapsed else 0.0
-    rank_it_s = distributed.gather_values(session_it_s)
-    counts = parameter_counts(anil, run.optimizer)
-    tasks = config.training_tasks(run.step)
-    budget = config.time_budget
-    return {"scenario": config.scenario, "model": config.model, "notes": config.notes,
-            "meta_steps": run.step, "train_time_s": run.elapsed,
-            "it_s": run.steady_steps / run.elapsed if run.elapsed else None,
-            "time_budget_s": budget,
-            "stopped_by": "time budget" if budget is not None and run.elapsed >= budget else "steps",
-            "one_time_s": {k: round(v, 3) for k, v in run.one_time.items()},
-            "validation_s": run.validation_s,
-            "world_size": run.info.world_size, "per_rank_it_s": rank_it_s,
-            "precision": anil.precision, "device": str(run.device), **counts,
-            "training_tasks": tasks,
-            "parameters_per_training_task": counts["trainable_parameters"] / tasks,
-            "param_groups": [{k: v for k, v in g.items() if k != "names"}
-                             for g in run.optimizer.groups_report()],
-            "resumes_with_changes": run.history,
-            "validation": {"records": run.val_records, "best": run.best} if config.validates else None}
 
 
 def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
@@ -335,7 +315,7 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
                 kept = kept_checkpoint(folder.path / CHECKPOINT, run.checkpoint_step)
                 raise Interrupted(f"interrupted at step {run.step}; {kept}: continue with "
                                   f"--resume") from None
-        summary = _summary(run, run.steady_steps - start_steps)
+        summary = run_summary(run, run.steady_steps - start_steps)
         summary.update({"gpu_utilization": monitor.average_utilization, **peak_memory(device)})
         distributed.barrier()
         summary.update(loss_summary(folder.path / METRICS))

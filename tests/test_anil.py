@@ -6,6 +6,7 @@ import torch
 from anil_fast import ANIL, MetaOptimizer, models
 from anil_fast.batchnorm import batchnorm_layers
 from anil_fast.capture import MetaStepRunner
+from anil_fast.scenarios import scenario_config, validate_config
 from helpers import assert_trains_alike, make, make_trainable, per_task_loop, random_batch
 
 
@@ -369,6 +370,34 @@ def test_an_optimizer_over_other_parameters_is_refused():
     with pytest.raises(ValueError, match="none of the model's parameters"):
         MetaOptimizer(anil, optimizer=torch.optim.Adam(other.parameters()))
     MetaOptimizer(anil, optimizer=torch.optim.SGD(anil.head.parameters(), lr=0.1))  # fine
+
+
+@pytest.mark.parametrize("clip", [None, 0.37, 1e6])
+def test_the_meta_gradient_norm_is_reported_and_clipped(clip):
+    """step() reports the meta-gradient's norm; with clip_grad_norm the update is the one of
+    the gradient scaled down to that norm (SGD at lr 1: the step is minus the gradient)."""
+    anil = make(inner_lr=0.3, inner_steps=2)
+    batch = random_batch(seed=7)
+    probe = make(inner_lr=0.3, inner_steps=2)
+    sums, total = probe.meta_backward(batch)
+    grads = [p.grad for p in probe.parameters()]
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    opt = MetaOptimizer(anil, lr=1.0, optimizer=torch.optim.SGD, clip_grad_norm=clip)
+    before = [p.detach().clone() for p in anil.parameters()]
+    out = opt.step(batch)
+    torch.testing.assert_close(out["grad_norm"], norm)
+    scale = 1.0 if clip is None else min(1.0, clip / (norm.item() + 1e-6))
+    assert (scale < 1) == (clip == 0.37)
+    for p, p0, g in zip(anil.parameters(), before, grads):
+        torch.testing.assert_close(p0 - p.detach(), scale * g)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "1"])
+def test_bad_clip_grad_norm_is_refused(bad):
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        MetaOptimizer(make(), clip_grad_norm=bad)
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        validate_config(scenario_config("std-5w1s", clip_grad_norm=bad))
 
 
 # -- BatchNorm "support": queries normalised with their task's support statistics ------------------

@@ -44,7 +44,8 @@ def test_train_eval_cli(tmp_path, capsys, omniglot_dir):
         assert (out / name).exists(), name
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3]
-    assert set(json.loads(lines[0])) >= {"loss", "accuracy", "elapsed_s"}
+    assert set(json.loads(lines[0])) >= {"loss", "accuracy", "grad_norm", "elapsed_s"}
+    assert all(json.loads(ln)["grad_norm"] > 0 for ln in lines)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out), "--tasks", "7", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
