@@ -33,6 +33,7 @@ OVERRIDES = {
     "validation": int, "val_tasks": int, "val_every": int, "val_every_s": float,
     "dataset": str, "data": str, "split_file": str, "channels": int, "hidden": int,
     "weights_file": str, "head_init": str, "clip_grad_norm": float,
+    "spike_rollback": float,
 }
 FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "capture")
 

@@ -107,6 +107,7 @@ class MetaOptimizer:
             raise InputError(f"clip_grad_norm must be a number > 0 (or None: no clipping), got "
                              f"{clip_grad_norm!r}")
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.lr_scale = 1.0  # on top of the schedule: lowered by a loss-spike rollback
         if not is_int(warmup_steps) or warmup_steps < 0:
             raise InputError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if schedule is not None and not callable(schedule):
@@ -151,7 +152,7 @@ class MetaOptimizer:
     def set_learning_rates(self) -> None:
         """Every group's lr for the coming step (tensor lrs of a capturable optimizer are
         filled in place: a captured graph reads them)."""
-        factor, warm = self.factor(), self.steps < self.warmup_steps
+        factor, warm = self.factor() * self.lr_scale, self.steps < self.warmup_steps
         for group in self.optimizer.param_groups:
             lr = 0.0 if warm and group["warmup"] else group["base_lr"] * factor
             if isinstance(group["lr"], torch.Tensor):
@@ -231,16 +232,18 @@ class MetaOptimizer:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps,
+                "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        """The optimizer's state and step count. The groups' base lrs stay this object's: a
-        resumed run may change its learning rate."""
+        """The optimizer's state, step count and lr scale. The groups' base lrs stay this
+        object's: a resumed run may change its learning rate."""
         own = [{k: g[k] for k in ("base_lr", "warmup", "name")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, kept in zip(self.optimizer.param_groups, own):
             group.update(kept)
         self.steps = int(state["steps"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))  # absent before rollbacks existed
         self.set_learning_rates()
 
 

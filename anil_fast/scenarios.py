@@ -74,6 +74,7 @@ class Config:
     lr_schedule: str = "constant"  # of the outer lr: "constant", "cosine" (to lr_floor), "step"
     lr_floor: float = 0.05  # cosine: the final fraction of the outer lr
     clip_grad_norm: float | None = None  # cap on the meta-gradient's norm (None: no clipping)
+    spike_rollback: float | None = None  # a loss window this many times the lowest: rollback.py
     validation: int = 0  # Omniglot standard protocol: characters held out of training for
     # validation; other datasets: > 0 validates on their own validation split
     val_tasks: int = 200  # validation tasks per evaluation
@@ -333,6 +334,10 @@ def _validate_schedule_and_validation(c: Config, dataset: str) -> None:
             c.clip_grad_norm, (int, float)) or not 0 < c.clip_grad_norm < math.inf):
         raise InputError(f"clip_grad_norm must be a number > 0 (or None: no clipping), got "
                          f"{c.clip_grad_norm!r}")
+    if c.spike_rollback is not None and (isinstance(c.spike_rollback, bool) or not isinstance(
+            c.spike_rollback, (int, float)) or not 1 < c.spike_rollback < math.inf):
+        raise InputError(f"spike_rollback must be a factor > 1 of the lowest training loss (or "
+                         f"None: off), got {c.spike_rollback!r}")
     for name in ("validation", "val_every"):
         value = getattr(c, name)
         if not is_int(value) or value < 0:

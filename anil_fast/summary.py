@@ -29,5 +29,5 @@ def run_summary(run, session_steps: int) -> dict:
             "parameters_per_training_task": counts["trainable_parameters"] / tasks,
             "param_groups": [{k: v for k, v in g.items() if k != "names"}
                              for g in run.optimizer.groups_report()],
-            "resumes_with_changes": run.history,
+            "resumes_with_changes": run.history, "loss_spike_rollbacks": run.rollbacks,
             "validation": {"records": run.val_records, "best": run.best} if config.validates else None}

@@ -28,6 +28,7 @@ from .errors import InputError
 from .evaluation import evaluate, score_selected
 from .metrics import GPUMonitor, peak_memory, reset_peak_memory
 from .optim import MetaOptimizer
+from .rollback import LossSpikeGuard, on_spike
 from .runfolder import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, METRICS, RESULTS, VALIDATION,
                         RunFolder, RunFolderError, load_checkpoint, loss_summary,
                         read_metrics, truncate_metrics)
@@ -40,7 +41,7 @@ from .summary import run_summary
 RESUMABLE_CHANGES = {"meta_steps", "device", "checkpoint_every", "log_every", "notes", "backend",
                      "compile", "capture", "inner_lr", "outer_lr", "test_tasks",
                      "eval_inner_steps", "bn_mode", "time_budget", "lr_schedule", "lr_floor",
-                     "val_every", "val_every_s", "clip_grad_norm"}
+                     "val_every", "val_every_s", "clip_grad_norm", "precision", "spike_rollback"}
 # Of those, the ones that change what is computed: a resume records them (results.json).
 RECORDED_CHANGES = RESUMABLE_CHANGES - {"device", "checkpoint_every", "log_every", "notes",
                                         "compile", "capture"}
@@ -70,6 +71,8 @@ class _Run:
     one_time: dict = field(default_factory=dict)  # seconds of set-up, build, first step
     validation_s: float = 0.0
     board: object = None  # tensorboard_log.TensorBoardLog, when asked for (rank 0)
+    spike_guard: LossSpikeGuard | None = None  # --spike-rollback (rollback.py)
+    rollbacks: list = field(default_factory=list)  # what each loss-spike rollback did
 
 
 def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overwrite: bool,
@@ -92,6 +95,8 @@ def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overw
         ops.small_loop(device)
         one_time["backend_build_s"] = time.perf_counter() - start
     run = _Run(config, folder, info, device, anil, None, sampler, test, val, one_time=one_time)
+    if config.spike_rollback is not None:
+        run.spike_guard = LossSpikeGuard(config.spike_rollback)
     total, budget = config.total_meta_steps, config.time_budget
     run.optimizer = build_meta_optimizer(config, anil, schedule=lambda step: lr_factor(
         config.lr_schedule, schedule_progress(step, total, run.elapsed, budget), config.lr_floor))
@@ -135,6 +140,9 @@ def _resume(run: _Run, ckpt: dict) -> None:
     run.elapsed = ckpt["elapsed_s"]
     run.steady_steps = ckpt.get("steady_steps", run.step)
     run.best = ckpt.get("best")
+    run.rollbacks = list(ckpt.get("rollbacks", []))
+    if run.spike_guard is not None and ckpt.get("spike_lowest") is not None:
+        run.spike_guard.lowest = ckpt["spike_lowest"]
     changes = {k: [stored.get(k), v] for k, v in wanted.items()
                if k in RECORDED_CHANGES and stored.get(k) != v}
     run.history = list(ckpt.get("history", [])) + (
@@ -169,6 +177,9 @@ def _log(run: _Run, metrics_file, bar) -> None:
                            run.steady_steps / run.elapsed if run.elapsed else None)
     bar.set_postfix(loss=f"{values[-1][0]:.3f}", acc=f"{values[-1][1]:.3f}")
     run.pending.clear()
+    window = sum(v[0] for v in values) / len(values)
+    if run.spike_guard is not None and run.spike_guard.spiked(window):
+        on_spike(run, window)
 
 
 def _diverged(run: _Run, what: str):
@@ -188,7 +199,9 @@ def _checkpoint(run: _Run, best: bool = False) -> None:
             "model": run.anil.state_dict(), "optimizer": run.optimizer.state_dict(),
             "sampler": run.sampler.state_dict(), "rng": rng_state(), "step": run.step,
             "elapsed_s": run.elapsed, "steady_steps": run.steady_steps,
-            "world_size": run.info.world_size, "history": run.history, "best": run.best}
+            "world_size": run.info.world_size, "history": run.history, "best": run.best,
+            "rollbacks": run.rollbacks,
+            "spike_lowest": run.spike_guard.lowest if run.spike_guard else None}
         if best:  # best.pt first: a kill between the two leaves best.pt <= checkpoint.pt
             run.folder.save_checkpoint(state, BEST)
         run.folder.save_checkpoint(state)

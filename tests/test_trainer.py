@@ -160,3 +160,63 @@ def test_the_package_holds_only_its_own_modules():
                            "anil_fast.kernels.report, anil_fast.csrc"], capture_output=True,
                           text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_loss_spike_guard():
+    from anil_fast.rollback import LossSpikeGuard
+    guard = LossSpikeGuard(2.0)
+    assert [guard.spiked(x) for x in (3.0, 1.2, 1.0, 1.9, 2.1, 0.8, 1.7)] == \
+        [False, False, False, False, True, False, True]
+    assert guard.lowest == 0.8  # spikes never lower it
+
+
+def _spiking_step(monkeypatch, at_calls):
+    """MetaOptimizer.step reporting a 10x loss (weights scrambled) on the given calls."""
+    from anil_fast.optim import MetaOptimizer
+    original, calls = MetaOptimizer.step, []
+
+    def spiking(self, batch, **kwargs):
+        out = original(self, batch, **kwargs)
+        calls.append(1)
+        if len(calls) in at_calls:
+            with torch.no_grad():
+                self.anil.head.weight.mul_(-3.0)
+            out["loss"] = out["loss"] * 10
+        return out
+    monkeypatch.setattr(MetaOptimizer, "step", spiking)
+
+
+def test_a_loss_spike_rolls_back_to_the_last_checkpoint_at_half_the_lr(tmp_path, monkeypatch,
+                                                                        omniglot_dir):
+    _spiking_step(monkeypatch, at_calls={7})
+    config = scenario_config("s2", image_size=28, meta_batch=2, queries=2, test_tasks=2,
+                             meta_steps=10, checkpoint_every=4, log_every=1, device="cpu",
+                             inner_steps=1, spike_rollback=3.0)
+    kept = {}
+    real_save = train.__globals__["RunFolder"].save_checkpoint
+
+    def remember(self, state, name="checkpoint.pt"):
+        kept[state["step"]] = {k: v.clone() for k, v in state["model"].items()}
+        return real_save(self, state, name)
+    monkeypatch.setattr(train.__globals__["RunFolder"], "save_checkpoint", remember)
+    summary = train(config, tmp_path, progress=False)
+    [record] = summary["loss_spike_rollbacks"]
+    assert record["step"] == 7 and record["back_to"] == "checkpoint.pt (step 4)"
+    assert record["outer_lr_scale"] == 0.5
+    assert summary["meta_steps"] == 10  # the step count goes on
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["optimizer"]["lr_scale"] == 0.5 and ckpt["rollbacks"] == [record]
+    assert ckpt["optimizer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0005)
+    # without the guard the scrambled head stays; with it the step-8 weights grew from step 4's
+    assert not torch.equal(kept[8]["head.weight"], kept[4]["head.weight"])
+    assert (kept[8]["head.weight"] - kept[4]["head.weight"]).abs().max() < 0.05
+
+
+def test_repeated_loss_spikes_stop_the_run_as_diverged(tmp_path, monkeypatch, omniglot_dir):
+    from anil_fast.rollback import MAX_ROLLBACKS
+    _spiking_step(monkeypatch, at_calls=set(range(4, 40)))
+    config = scenario_config("s2", image_size=28, meta_batch=2, queries=2, test_tasks=2,
+                             meta_steps=40, checkpoint_every=2, log_every=1, device="cpu",
+                             inner_steps=1, spike_rollback=3.0)
+    with pytest.raises(TrainingDiverged, match=f"after {MAX_ROLLBACKS} rollbacks"):
+        train(config, tmp_path, progress=False)
