@@ -89,7 +89,7 @@ class Config:
     backend: str = "auto"
     checkpoint_every: int = 25
     log_every: int = 10  # metrics are read back from the device every N steps
-    precision: str = "fp32"  # or "tf32", "bf16", "auto" (bf16 where native: build.native_bf16)
+    precision: str = "auto"  # bf16 where native (build.native_bf16), else fp32; or "fp32", "tf32", "bf16"
     compile: bool = False
     capture: bool = False  # whole-step CUDA graph (CUDA only; see capture.py)
     data_root: str | None = None
