@@ -36,6 +36,10 @@ OVERRIDES = {
     "spike_rollback": float,
 }
 FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "capture")
+# the overrides `reproduce` takes, on top of every preset it trains (the rows name them)
+REPRODUCE_OVERRIDES = ("head_init", "bn_mode", "precision", "inner_lr", "outer_lr",
+                       "inner_steps", "eval_inner_steps", "meta_batch", "queries", "seed",
+                       "lr_schedule", "clip_grad_norm", "spike_rollback", "test_tasks")
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +113,10 @@ def _add_run_commands(sub) -> None:
                           "mean ± std over seeds, each seed's own numbers in the JSON")
     rep.add_argument("--presets", default=None,
                      help="comma-separated presets of the suite to run (default: all)")
+    group = rep.add_argument_group("overrides of every preset (the table names head init, "
+                                   "BatchNorm mode and precision)")
+    for name in REPRODUCE_OVERRIDES:
+        group.add_argument("--" + name.replace("_", "-"), type=OVERRIDES[name], default=None)
 
 
 def _add_inspection_commands(sub) -> None:
@@ -319,6 +327,8 @@ def _reproduce(args, info, out) -> None:
     rows = reproduce(args.suite, args.out, args.budget_s, args.device, args.smoke,
                      progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
                      tensorboard=args.tensorboard, seeds=args.seeds,
+                     overrides={k: getattr(args, k) for k in REPRODUCE_OVERRIDES
+                                if getattr(args, k) is not None},
                      presets=None if args.presets is None else
                      [p.strip() for p in args.presets.split(",") if p.strip()])
     if info.is_main:  # rank 0 alone wrote the report: the other ranks must not read it

@@ -73,7 +73,8 @@ def row_of(suite: str, summary: dict, config, smoke: bool, table: dict) -> dict:
         "ways": config.ways, "shots": config.shots, "body": summary["model"],
         "accuracy": round(ours, 2), "std": None, "seeds": 1, "seed": config.seed,
         "ci95": round(100 * ev["ci95_after"], 2),
-        "test_tasks": ev["tasks"], "bn_mode": ev["bn_mode"], "selected": summary.get("selected"),
+        "test_tasks": ev["tasks"], "bn_mode": ev["bn_mode"], "head_init": config.head_init,
+        "precision": summary["precision"], "selected": summary.get("selected"),
         "train_time_s": round(summary["train_time_s"], 1),
         "it_s": None if summary["it_s"] is None else round(summary["it_s"], 3),
         "meta_steps": summary["meta_steps"], "device": summary["device"],
@@ -108,7 +109,8 @@ def combine_seeds(rows: list[dict]) -> dict:
 COLUMNS = [("preset", "preset"), ("body", "body"), ("accuracy", "ours (%)"),
            ("std", "± std over seeds"), ("seeds", "seeds"), ("ci95", "± CI95"),
            ("reference", "reference (%)"), ("gap_points", "gap (points)"),
-           ("bn_mode", "BatchNorm"), ("train_time_s", "train time (s)"), ("it_s", "it/s"),
+           ("bn_mode", "BatchNorm"), ("head_init", "head init"), ("precision", "precision"),
+           ("train_time_s", "train time (s)"), ("it_s", "it/s"),
            ("meta_steps", "meta-steps"), ("test_tasks", "test tasks"), ("device", "device"),
            ("selected", "checkpoint"), ("run", "run")]
 

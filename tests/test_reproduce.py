@@ -171,6 +171,7 @@ def test_reproduce_smoke(suite, presets, tmp_path, capsys):
         assert 0 <= r["accuracy"] <= 100 and r["reference_source"]
         if suite == "paper":
             assert r["selected"].startswith("best validation")
+        assert r["head_init"] == ("proto" if suite == "paper" else "learned")
     md = (out / "reproduce.md").read_text()
     assert md.startswith("**Smoke run**") and md.count("\n| ") == len(presets) + 2  # + header, rule
     assert (out / "reproduce.csv").read_text().count("\n") == len(presets) + 1
@@ -198,3 +199,19 @@ def test_reproduce_over_seeds_reports_mean_and_spread(tmp_path, capsys):
                  "--out", str(tmp_path / "bad")]) == 2
     assert main(["reproduce", "--suite", "seed", "--seeds", "0", "--smoke",
                  "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_reproduce_takes_overrides_and_names_them(tmp_path, capsys):
+    out = tmp_path / "learned"
+    assert main(["reproduce", "--suite", "paper", "--presets", "std-5w1s", "--smoke",
+                 "--device", "cpu", "--out", str(out), "--no-progress", "--head-init", "learned",
+                 "--precision", "fp32", "--clip-grad-norm", "5"]) == 0
+    [row] = json.loads((out / "reproduce.json").read_text())
+    assert row["head_init"] == "learned" and row["precision"] == "fp32"
+    config = json.loads((out / "std-5w1s" / "config.json").read_text())
+    assert config["head_init"] == "learned" and config["clip_grad_norm"] == 5
+    md = (out / "reproduce.md").read_text()
+    assert "| head init | precision |" in md and "| learned | fp32 |" in md
+    assert main(["reproduce", "--suite", "paper", "--presets", "std-5w1s", "--smoke",
+                 "--out", str(tmp_path / "bad"), "--head-init", "magic"]) == 2
+    assert "head_init" in capsys.readouterr().err
