@@ -1,4 +1,4 @@
-"""The package's errors, and the one integer check every layer uses.
+"""The package's errors, and the checks of integers and optional thresholds every layer uses.
 
 User errors (bad settings, bad files, a run folder in use) derive from `AnilFastError`: the
 CLI prints them as one clear line (exit code 2). Anything else is a programming error and keeps
@@ -6,6 +6,8 @@ its traceback. `InputError` is also a ValueError and `InputTypeError` also a Typ
 ValueError), so callers that catch the built-in classes keep working.
 """
 from __future__ import annotations
+
+import math
 
 
 class AnilFastError(Exception):
@@ -32,3 +34,13 @@ def check_int(name: str, value, low: int | None = None) -> int:
     if low is not None and value < low:
         raise InputError(f"{name} must be at least {low}, got {value}")
     return value
+
+
+def check_optional_number(name: str, value, above: float, none_means: str) -> float | None:
+    """None, or `value` as a float if it is a finite number (not a bool) above `above`; else
+    an error naming `name` and what None means."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not above < value < math.inf:
+        raise InputError(f"{name} must be a number > {above:g} (or None: {none_means}), got {value!r}")
+    return float(value)

@@ -24,8 +24,8 @@ MIN_IMAGE_SIZE = {"conv4": 16, "resnet12": 16, "resnet18": 8, "vgg11_bn": 32, "e
 def conv4(channels: int = 1, hidden: int = 64) -> nn.Sequential:
     """Four blocks of conv3x3, BatchNorm, ReLU, 2x2 max-pool, then flatten. The max-pool runs
     before the ReLU: the same values and gradients exactly (ReLU is monotone and zero wherever
-    it clips, so it commutes with max), on a quarter of the elements (13% faster steps in bf16
-    on the CPU). The state dict is the same either way."""
+    it clips, so it commutes with max), on a quarter of the elements (meta-steps 15% faster in bf16,
+    4% in fp32 on an Intel Xeon with AMX). The state dict is the same either way."""
     layers = []
     for i in range(4):
         layers.append(nn.Sequential(

@@ -28,7 +28,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from .anil import check_learning_rates, require_batch
 from .batchnorm import batchnorm_layers, batchnorm_parameter_names
 from .data import TaskBatch
-from .errors import InputError, InputTypeError, is_int
+from .errors import InputError, InputTypeError, check_optional_number, is_int
 from .models import count_parameters
 
 
@@ -102,11 +102,7 @@ class MetaOptimizer:
                  clip_grad_norm: float | None = None, **optimizer_kwargs):
         for message in check_learning_rates(0.0, lr):  # raises for impossible ones
             warnings.warn(message, stacklevel=2)
-        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(
-                clip_grad_norm, (int, float)) or not 0 < clip_grad_norm < math.inf):
-            raise InputError(f"clip_grad_norm must be a number > 0 (or None: no clipping), got "
-                             f"{clip_grad_norm!r}")
-        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.clip_grad_norm = check_optional_number("clip_grad_norm", clip_grad_norm, 0, "no clipping")
         self.lr_scale = 1.0  # on top of the schedule: lowered by a loss-spike rollback
         if not is_int(warmup_steps) or warmup_steps < 0:
             raise InputError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from . import models
 from .anil import BN_MODES, HEAD_INITS, PRECISIONS, check_learning_rates
 from .data.benchmarks import BENCHMARKS
-from .errors import InputError, is_int
+from .errors import InputError, check_optional_number, is_int
 from .functional import backend_name
 from .schedules import SCHEDULES as LR_SCHEDULES
 from .timm_bodies import check_name as check_timm_name
@@ -333,14 +333,8 @@ def _validate_schedule_and_validation(c: Config, dataset: str) -> None:
         raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {c.lr_schedule!r}")
     if not (isinstance(c.lr_floor, (int, float)) and 0 <= c.lr_floor <= 1):
         raise InputError(f"lr_floor must be a fraction in 0..1, got {c.lr_floor!r}")
-    if c.clip_grad_norm is not None and (isinstance(c.clip_grad_norm, bool) or not isinstance(
-            c.clip_grad_norm, (int, float)) or not 0 < c.clip_grad_norm < math.inf):
-        raise InputError(f"clip_grad_norm must be a number > 0 (or None: no clipping), got "
-                         f"{c.clip_grad_norm!r}")
-    if c.spike_rollback is not None and (isinstance(c.spike_rollback, bool) or not isinstance(
-            c.spike_rollback, (int, float)) or not 1 < c.spike_rollback < math.inf):
-        raise InputError(f"spike_rollback must be a factor > 1 of the lowest training loss (or "
-                         f"None: off), got {c.spike_rollback!r}")
+    check_optional_number("clip_grad_norm", c.clip_grad_norm, 0, "no clipping")
+    check_optional_number("spike_rollback", c.spike_rollback, 1, "off")
     for name in ("validation", "val_every"):
         value = getattr(c, name)
         if not is_int(value) or value < 0:

@@ -220,3 +220,10 @@ def test_repeated_loss_spikes_stop_the_run_as_diverged(tmp_path, monkeypatch, om
                              inner_steps=1, spike_rollback=3.0)
     with pytest.raises(TrainingDiverged, match=f"after {MAX_ROLLBACKS} rollbacks"):
         train(config, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("bad", [1, 0.5, True, float("inf"), "2"])
+def test_bad_spike_rollback_is_refused(bad):
+    from anil_fast.scenarios import validate_config
+    with pytest.raises(ValueError, match="spike_rollback"):
+        validate_config(scenario_config("std-5w1s", spike_rollback=bad))
