@@ -225,8 +225,8 @@ def reference_gradients(case: Case, batch: TaskBatch, device, precisions=("fp32"
     (the truth every row is checked against) and, per precision, how far the same reference
     is from them in that precision, in either memory layout (`fp32_error`, `bf16_error`:
     plain PyTorch's own rounding, large where a layer's gradient is a sum with heavy
-    cancellation, e.g. the first convolution's, with channels_last (oneDNN sums in another
-    order: 5.7e-3 against 1.2e-3 in NCHW at std-20w1s on an AMX CPU) and in bf16)."""
+    cancellation, e.g. the first convolution's, with channels_last (another kernel, another
+    rounding: 5.7e-3 against 1.2e-3 in NCHW at std-20w1s on an AMX CPU) and in bf16)."""
     def run(dtype, precision="fp32", channels_last=False):
         body, head = case.model_pair()
         anil = ANIL(body.to(device, dtype), head.to(device, dtype), inner_lr=case.inner_lr,

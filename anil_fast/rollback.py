@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .build import load_model_state
 from .divergence import ADVICE, TrainingDiverged, kept_checkpoint
-from .runfolder import BEST, CHECKPOINT, load_checkpoint
+from .evaluation import checkpoint_file
+from .runfolder import CHECKPOINT, load_checkpoint
 
 MAX_ROLLBACKS = 5
 LR_CUT = 0.5  # the outer lr's factor at each rollback
@@ -37,21 +38,12 @@ class LossSpikeGuard:
         return False
 
 
-def last_good_checkpoint(folder, validates: bool):
-    """best.pt where the run validates and has one, else checkpoint.pt; None when neither
-    exists yet."""
-    for name in ((BEST, CHECKPOINT) if validates else (CHECKPOINT,)):
-        if (folder / name).exists():
-            return folder / name
-    return None
-
-
 def roll_back(run, window_mean: float) -> dict | None:
     """Load the last good checkpoint's weights and optimizer state into trainer._Run `run`,
     keep its step count, lower the outer lr by LR_CUT; the record of it (None when there is no
     checkpoint to go back to: the run carries on)."""
-    path = last_good_checkpoint(run.folder.path, run.config.validates)
-    if path is None:
+    path, _ = checkpoint_file(run.folder.path)  # best.pt when there is one, else checkpoint.pt
+    if not path.is_file():
         return None
     ckpt = load_checkpoint(path)
     load_model_state(run.anil, ckpt["model"])

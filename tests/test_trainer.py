@@ -192,13 +192,14 @@ def test_a_loss_spike_rolls_back_to_the_last_checkpoint_at_half_the_lr(tmp_path,
     config = scenario_config("s2", image_size=28, meta_batch=2, queries=2, test_tasks=2,
                              meta_steps=10, checkpoint_every=4, log_every=1, device="cpu",
                              inner_steps=1, spike_rollback=3.0)
+    from anil_fast.runfolder import RunFolder
     kept = {}
-    real_save = train.__globals__["RunFolder"].save_checkpoint
+    real_save = RunFolder.save_checkpoint
 
     def remember(self, state, name="checkpoint.pt"):
         kept[state["step"]] = {k: v.clone() for k, v in state["model"].items()}
         return real_save(self, state, name)
-    monkeypatch.setattr(train.__globals__["RunFolder"], "save_checkpoint", remember)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", remember)
     summary = train(config, tmp_path, progress=False)
     [record] = summary["loss_spike_rollbacks"]
     assert record["step"] == 7 and record["back_to"] == "checkpoint.pt (step 4)"
