@@ -287,8 +287,10 @@ class ANIL(nn.Module):
                              f"nn.Linear({fs.shape[-1]}, ways)")
 
     def _check_first_batch(self, batch: TaskBatch) -> None:
+        if self._labels_checked:
+            return
         capturing = batch.support_y.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not self._labels_checked and not capturing:
+        if not capturing:
             self.check_labels(batch)
             self._labels_checked = True
 

@@ -177,6 +177,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """A checkpoint's RNG states back; an InputError for a damaged one, before any changes."""
+    check = torch.Generator()
+    try:
+        check.set_state(state["torch"])  # refused here, not half-way through a resume
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise InputError(f"checkpoint: its RNG state is not torch's "
+                         f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from exc
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

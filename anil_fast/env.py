@@ -171,6 +171,15 @@ def current_umask() -> int:
     return mask
 
 
+def parse_json(text: str):
+    """json.loads for files a user may hand us: JSON nested too deeply for the parser is a
+    ValueError, as any other malformed JSON, instead of a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 def checksum(array: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
 
@@ -183,7 +192,7 @@ def read_cached_array(entry: Path, expect: dict | None = None):
     if not (images_file.exists() and meta_file.exists()):
         return None
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = parse_json(meta_file.read_text())
         array = np.load(images_file, allow_pickle=False)
         if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
                 or checksum(array) != meta["crc32"]
@@ -210,7 +219,7 @@ def write_cached_array(entry: Path, array: np.ndarray, meta: dict) -> None:
 def read_cached_json(path: Path):
     """A JSON cache file's value, or None when it is missing or unreadable."""
     try:
-        return json.loads(Path(path).read_text())
+        return parse_json(Path(path).read_text())
     except (OSError, ValueError):
         return None
 

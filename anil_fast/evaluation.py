@@ -29,11 +29,9 @@ def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "trans
     info = distributed.current()
     distributed.average_running_stats(anil.body)
     before, after = [], []
-    done = 0
     bar = tqdm(total=tasks, desc="eval", unit="task", disable=not (progress and info.is_main),
                leave=False)
-    while done < tasks:
-        indices = sampler.next_indices()[: tasks - done]
+    for indices in sampler.evaluation_indices(tasks):  # a pool: the same tasks every time
         count = indices.characters.shape[0]
         share = distributed.shard(count, info)
         if share.stop > share.start:
@@ -44,7 +42,6 @@ def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "trans
         device = indices.characters.device
         before.append(distributed.gather_tensor(per_before.to(device)).cpu())
         after.append(distributed.gather_tensor(per_after.to(device)).cpu())
-        done += count
         bar.update(count)
     bar.close()
     before_t, after_t = torch.cat(before), torch.cat(after)
@@ -113,7 +110,8 @@ def load_run_model(path, weights: str | None = None, device: str = "auto"):
     ckpt = load_checkpoint(file)
     # every recorded key and type checked; an earlier version's names in today's terms
     config = config_from_dict({**ckpt["config"], "device": device}, f"checkpoint: {file}")
-    anil = build_anil(dataclasses.replace(config, pretrained=False), dev)
+    with own_rng(dev):  # building seeds the model's init: the caller's RNG is left as it was
+        anil = build_anil(dataclasses.replace(config, pretrained=False), dev)
     load_model_state(anil, ckpt["model"])
     return anil, config, ckpt, file, f"{which} (step {ckpt['step']})"
 

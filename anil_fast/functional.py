@@ -161,16 +161,21 @@ def per_task_adapted_query_loss(support_features, support_labels, query_features
     losses, logits = [], []
     tasks = support_features.shape[0]
     weights, biases = per_task_head(weight, bias, tasks)
+    outer_grad = torch.is_grad_enabled()
+    if not outer_grad:  # evaluation: views made under no_grad claim requires_grad, no graph
+        weights, biases = weights.detach(), biases.detach()
+        support_features = support_features.detach()
     for t in range(tasks):
         w, b = weights[t], biases[t]
         for _ in range(inner_steps):
-            if not w.requires_grad:  # a head that is no parameter (zero init): a leaf of its own
-                w = w.detach().requires_grad_()
-            if not b.requires_grad:
-                b = b.detach().requires_grad_()
-            loss = F.cross_entropy(support_features[t] @ w.T + b, support_labels[t])
-            gw, gb = torch.autograd.grad(loss, (w, b), create_graph=not first_order)
-            if first_order:
+            with torch.enable_grad():  # inner gradients even under torch.no_grad (evaluation)
+                # a head that is no parameter (zero init, or evaluation): a leaf of its own
+                w_in = w if w.requires_grad else w.detach().requires_grad_()
+                b_in = b if b.requires_grad else b.detach().requires_grad_()
+                loss = F.cross_entropy(support_features[t] @ w_in.T + b_in, support_labels[t])
+                create = not first_order and outer_grad
+                gw, gb = torch.autograd.grad(loss, (w_in, b_in), create_graph=create)
+            if not create:
                 gw, gb = gw.detach(), gb.detach()
             w, b = w - inner_lr * gw, b - inner_lr * gb
         q = query_features[t] @ w.T + b

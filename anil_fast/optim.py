@@ -175,15 +175,21 @@ class MetaOptimizer:
         the optimizer's update, metrics as device tensors. No host synchronisation."""
         self.optimizer.zero_grad(set_to_none=True)
         sums, total = self.anil.meta_backward(batch, total_tasks, all_reduce)
+        norm = self.apply_gradients(sums.device)
+        return {"loss": sums[0] / total, "accuracy": sums[1] / total, "grad_norm": norm}
+
+    def apply_gradients(self, device) -> torch.Tensor:
+        """The update from the gradients in .grad (device work, no host sync): their norm,
+        the cap of clip_grad_norm, the optimizer's step. Returns the norm (a device tensor)."""
         # the meta-gradient's norm is logged (a rise warns of divergence) and, with
         # clip_grad_norm, capped: the whole gradient scaled down to that norm
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = (get_total_norm([p.grad for p in params]) if params
-                else torch.zeros((), device=sums.device))
+                else torch.zeros((), device=device))
         if self.clip_grad_norm is not None and params:
             clip_grads_with_norm_(params, self.clip_grad_norm, norm)  # reads p.grad
         self.optimizer.step()
-        return {"loss": sums[0] / total, "accuracy": sums[1] / total, "grad_norm": norm}
+        return norm
 
     def end_step(self) -> None:
         self.steps += 1
@@ -200,8 +206,9 @@ class MetaOptimizer:
 
     def make_capturable(self) -> None:
         """Prepare the optimizer for CUDA-graph capture, keeping its state. An optimizer with
-        a capturable mode (Adam, AdamW, RMSprop, ...) is rebuilt with capturable=True and
-        tensor learning rates, which the graph reads, so schedules and warmup still apply. One
+        a capturable mode (Adam, AdamW, RMSprop, ...) is rebuilt with capturable=True in every
+        group, tensor learning rates and every state tensor (the step counts too) on the
+        parameters' device, which the graph reads, so schedules and warmup still apply. One
         without (SGD, Adagrad) reads its learning rates on the host: a graph would replay the
         first step's, so it is captured only while they never change (no schedule, no
         warmup); otherwise an InputError says what to change."""
@@ -214,17 +221,27 @@ class MetaOptimizer:
                     f"optimizer that has one (Adam, AdamW, RMSprop...), drop the schedule and "
                     f"warmup, or run without capture")
             return
+        if self.capturable:
+            return
         device = next(self.anil.head.parameters()).device
         state = self.optimizer.state_dict()
-        groups = [{**{k: v for k, v in g.items() if k != "lr"},
+        # the saved groups carry capturable=False, which load_state_dict would put back (and
+        # with it leave the step counts on the host)
+        for group in state["param_groups"]:
+            group["capturable"] = True
+        groups = [{**{k: v for k, v in g.items() if k not in ("lr", "capturable")},
                    "lr": torch.tensor(float(g["lr"]), device=device)}
                   for g in self.optimizer.param_groups]
         self.optimizer = type(self.optimizer)(groups, capturable=True)
-        self.optimizer.load_state_dict(state)
-        for group in self.optimizer.param_groups:
-            if not isinstance(group["lr"], torch.Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self.optimizer.load_state_dict(state)  # state tensors to the parameters' device
+        for group in self.optimizer.param_groups:  # load_state_dict put the saved floats back
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
         self.set_learning_rates()
+
+    @property
+    def capturable(self) -> bool:
+        """Whether the optimizer was made capturable (a CUDA graph may hold its tensors)."""
+        return any(g.get("capturable") for g in self.optimizer.param_groups)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -233,14 +250,70 @@ class MetaOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         """The optimizer's state, step count and lr scale. The groups' base lrs stay this
-        object's: a resumed run may change its learning rate."""
-        own = [{k: g[k] for k in ("base_lr", "warmup", "name")} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, kept in zip(self.optimizer.param_groups, own):
-            group.update(kept)
-        self.steps = int(state["steps"])
-        self.lr_scale = float(state.get("lr_scale", 1.0))  # absent before rollbacks existed
+        object's: a resumed run may change its learning rate. A capturable optimizer's state
+        is copied into the tensors it already holds (a recorded CUDA graph reads those), its
+        groups and tensor learning rates kept. A state that does not fit the parameters (other
+        groups, sizes or shapes) is refused with an InputError before anything changes."""
+        if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
+            raise InputError("optimizer state: expected a MetaOptimizer.state_dict()")
+        saved = state["optimizer"]
+        steps, lr_scale = state.get("steps"), state.get("lr_scale", 1.0)  # no lr_scale before rollbacks
+        if not is_int(steps) or steps < 0:
+            raise InputError(f"optimizer state: steps must be an int >= 0, got {steps!r}")
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) \
+                or not 0 < lr_scale < math.inf:
+            raise InputError(f"optimizer state: lr_scale must be a number > 0, got {lr_scale!r}")
+        by_index = self._check_fits(saved)
+        if self.capturable:
+            self._copy_state_in_place(saved, by_index)
+        else:
+            own = [{k: g[k] for k in ("base_lr", "warmup", "name")} for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(saved)
+            for group, kept in zip(self.optimizer.param_groups, own):
+                group.update(kept)
+        self.steps, self.lr_scale = steps, float(lr_scale)
         self.set_learning_rates()
+
+    def _check_fits(self, saved: dict) -> dict:
+        """{index in the saved state: parameter} after checking that `saved` (a torch
+        optimizer's state dict) fits this optimizer's groups and parameters."""
+        groups, per_param = saved.get("param_groups"), saved.get("state")
+        if not isinstance(groups, list) or not isinstance(per_param, dict) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise InputError("optimizer state: not a torch optimizer's state dict")
+        own = self.optimizer.param_groups
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in own]:
+            raise InputError(f"optimizer state: its parameter groups hold "
+                             f"{[len(g['params']) for g in groups]} parameters, this model's "
+                             f"{[len(g['params']) for g in own]} (another model or settings)")
+        by_index = {i: p for saved_g, g in zip(groups, own) for i, p in zip(saved_g["params"], g["params"])}
+        for index, values in per_param.items():
+            param = by_index.get(index)
+            if param is None or not isinstance(values, dict):
+                raise InputError(f"optimizer state: entry {index!r} belongs to no parameter")
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.numel() != 1 and value.shape != param.shape:
+                    raise InputError(f"optimizer state: {key} of parameter {index} has shape "
+                                     f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+        return by_index
+
+    def _copy_state_in_place(self, saved: dict, by_index: dict) -> None:
+        """A capturable optimizer's state loaded into the tensors it holds: a recorded graph
+        keeps reading them (replacing them would leave it replaying the old state)."""
+        with torch.no_grad():
+            for index, param in by_index.items():
+                new, current = saved["state"].get(index, {}), self.optimizer.state[param]
+                for key, value in new.items():
+                    if not isinstance(value, torch.Tensor):
+                        current[key] = value
+                    elif isinstance(current.get(key), torch.Tensor):
+                        current[key].copy_(value)
+                    else:  # no step taken yet: no graph holds this state
+                        dtype = torch.float32 if key == "step" else param.dtype
+                        current[key] = value.to(param.device, dtype).clone()
+                for key, value in current.items():
+                    if key not in new and isinstance(value, torch.Tensor):
+                        value.zero_()  # a parameter without saved state: a fresh start
 
 
 def parameter_counts(anil, optimizer: MetaOptimizer) -> dict:

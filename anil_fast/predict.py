@@ -9,8 +9,9 @@ classes, what are these new images?"
 `fit` keeps the support set; `predict_proba` adapts the head on it as evaluation does (the
 run's inner steps, initial head and inner learning rate) and scores the queries. BatchNorm:
 the run's mode, except that a run evaluated transductively (queries normalised with their own
-statistics, which would make each answer depend on the other images scored with it) predicts
-with its support set's statistics ("support"): every query is classified on its own. Images given as paths or
+statistics, which would make each answer depend on the other images scored with it) or
+jointly (support and queries in one call: the same dependence) predicts with its support
+set's statistics ("support"): every query is classified on its own. Images given as paths or
 PIL images get the preprocessing of the checkpoint's data: Omniglot's (grey ink on white
 paper inverted, area-resized) or, for every other dataset, the folder loader's (RGB or grey,
 16-bit and float images scaled, bilinear resize). Tensors are taken as model inputs: float
@@ -30,6 +31,10 @@ from .data.fewshot import IMAGE_SUFFIXES, decode_file, pil_to_array, to_8bit
 from .errors import InputError, InputTypeError, is_int
 
 __all__ = ["FewShotClassifier", "image_paths"]
+
+# BatchNorm modes whose statistics include the query images (each answer would depend on the
+# others scored with it); predict replaces them with "support"
+QUERY_DEPENDENT_BN_MODES = ("transductive", "joint")
 
 
 def image_paths(paths) -> list[Path]:
@@ -94,9 +99,9 @@ class FewShotClassifier:
         "last" chooses) or a checkpoint file."""
         from .evaluation import load_run_model
         anil, config, _, file, which = load_run_model(path, weights, device)
-        # transductive BatchNorm would make each answer depend on the other query images:
-        # a run evaluated that way predicts with its support set's statistics instead
-        default = "support" if config.bn_mode == "transductive" else config.bn_mode
+        # transductive and joint BatchNorm would make each answer depend on the other query
+        # images: a run evaluated that way predicts with its support set's statistics instead
+        default = "support" if config.bn_mode in QUERY_DEPENDENT_BN_MODES else config.bn_mode
         clf = cls(anil, config.image_size, config.input_channels, config.dataset == "omniglot",
                   config.eval_inner_steps if inner_steps is None else inner_steps,
                   bn_mode or default)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
 from . import distributed
+from .env import parse_json
 from .errors import InputError, is_int
 from .runfolder import RunFolder
 from .scenarios import SEED_FAMILY, STANDARD_FAMILY, scenario_config
@@ -37,7 +37,7 @@ SMOKE = {
 
 
 def references() -> dict:
-    return json.loads((files("anil_fast.data") / "references.json").read_text())
+    return parse_json((files("anil_fast.data") / "references.json").read_text())
 
 
 def suite_configs(suite: str, budget_s: float | None = 300.0, device: str = "auto",
@@ -185,7 +185,7 @@ def _check_report_is_ours(report: Path, suite: str, overwrite: bool) -> None:
     if not report.exists():
         return
     try:
-        rows = json.loads(report.read_text())
+        rows = parse_json(report.read_text())
         suites = {r["suite"] for r in rows}
     except (OSError, ValueError, TypeError, KeyError):
         raise InputError(f"--out: {report} is not a report anil-fast wrote; use another --out") from None

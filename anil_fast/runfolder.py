@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .env import atomic_write
+from .env import atomic_write, parse_json
 from .errors import InputError
 
 CHECKPOINT = "checkpoint.pt"
@@ -160,10 +160,10 @@ def is_our_file(path: Path) -> bool:
             return isinstance(torch.load(path, map_location="cpu", weights_only=True), dict)
         if name in (METRICS, VALIDATION):
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            records = [json.loads(ln) for ln in lines[:-1]]  # the last may be torn by a kill
+            records = [parse_json(ln) for ln in lines[:-1]]  # the last may be torn by a kill
             return all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in records) \
                 and (not lines or lines[-1].startswith('{"step": '))
-        value = json.loads(path.read_text())
+        value = parse_json(path.read_text())
         keys = {CONFIG: {"scenario", "ways", "shots", "inner_lr", "meta_batch"},
                 RESULTS: {"scenario", "meta_steps", "train_time_s"}}[name]
         return isinstance(value, dict) and keys <= set(value)
@@ -209,27 +209,76 @@ def load_checkpoint(path) -> dict:
         raise InputError(f"checkpoint: {path}: its 'model' is not a state_dict of tensors")
     if not isinstance(ckpt["optimizer"], dict) or not {"optimizer", "steps"} <= set(ckpt["optimizer"]):
         raise InputError(f"checkpoint: {path} lacks the optimizer's state or step count")
+    _check_checkpoint_values(ckpt, path)
     return ckpt
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_checkpoint_values(ckpt: dict, path: Path) -> None:
+    """The types of the values a resume reads (a checkpoint is a user's file too)."""
+    def bad(what):
+        raise InputError(f"checkpoint: {path}: {what} (a damaged or edited checkpoint)")
+    if not isinstance(ckpt["step"], int) or isinstance(ckpt["step"], bool) or ckpt["step"] < 0:
+        bad(f"its step is {ckpt['step']!r}, not an int >= 0")
+    if not _is_number(ckpt["elapsed_s"]) or not ckpt["elapsed_s"] >= 0:
+        bad(f"its elapsed_s is {ckpt['elapsed_s']!r}, not a number >= 0")
+    if not isinstance(ckpt["config"], dict):
+        bad("its config is not a dict of settings")
+    sampler, rng = ckpt["sampler"], ckpt["rng"]
+    if not (isinstance(sampler, dict) and isinstance(sampler.get("generator"), torch.Tensor)
+            and isinstance(sampler.get("position"), int)
+            and (sampler.get("order") is None or isinstance(sampler.get("order"), torch.Tensor))):
+        bad("its sampler state is not a task sampler's (generator, position, order)")
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)):
+        bad("its RNG state is not torch's")
+    for key in ("steady_steps",):
+        if key in ckpt and not (isinstance(ckpt[key], int) and not isinstance(ckpt[key], bool)):
+            bad(f"its {key} is {ckpt[key]!r}, not an int")
+    for key in ("history", "rollbacks"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], list):
+            bad(f"its {key} is not a list")
+    best = ckpt.get("best")
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("step"), int)
+                                 and _is_number(best.get("accuracy"))):
+        bad("its best validation record is not a record (step, accuracy)")
+    if ckpt.get("spike_lowest") is not None and not _is_number(ckpt["spike_lowest"]):
+        bad(f"its spike_lowest is {ckpt['spike_lowest']!r}, not a number")
+
+
+# The numbers each record of a run's .jsonl files must hold (by file name)
+RECORD_NUMBERS = {METRICS: ("loss", "accuracy", "elapsed_s"), VALIDATION: ("accuracy", "elapsed_s")}
+
+
 def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl; lines that do not parse (a torn last line after a
-    kill) are skipped with a warning naming the file and line."""
+    """The records of a metrics.jsonl or validation.jsonl; lines that do not parse (a torn
+    last line after a kill) are skipped with a warning naming the file and line. A record that
+    parses but lacks a number it must hold (RECORD_NUMBERS; an optional grad_norm is a number
+    or absent) is an InputError naming the file, line and field: the file was edited or
+    damaged, and a summary or a resume read from it would be wrong."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    required = RECORD_NUMBERS.get(path.name, ())
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise InputError("no step")
         except ValueError:
             warnings.warn(f"{path}:{number}: skipped a line that is not a metrics record "
                           f"(torn by a kill?): {line[:80]!r}", stacklevel=2)
             continue
+        for key in required + ("grad_norm",):
+            if (key in required or record.get(key) is not None) and not _is_number(record.get(key)):
+                raise InputError(f"{path}:{number}: its {key} is {record.get(key)!r}, not a "
+                                 f"number (an edited or damaged run file; move the file away "
+                                 f"or start the run over)")
         records.append(record)
     return records
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from . import models
 from .anil import BN_MODES, HEAD_INITS, PRECISIONS, check_learning_rates
 from .data.benchmarks import BENCHMARKS
+from .env import parse_json
 from .errors import InputError, check_optional_number, is_int
 from .functional import backend_name
 from .schedules import SCHEDULES as LR_SCHEDULES
@@ -220,7 +221,7 @@ def config_from_file(path, **overrides) -> Config:
     """The settings of a JSON file (a run's config.json), then `overrides` on top: the same
     run again, or a variation of it."""
     try:
-        values = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        values = parse_json(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise InputError(f"--config: {path} is not a readable JSON file ({exc})") from exc
     if isinstance(values, dict):  # else config_from_dict names what it is

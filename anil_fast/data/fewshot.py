@@ -15,7 +15,6 @@ channels, so a changed source is never served stale (`anil-fast cache clear` emp
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..env import (cache_dir, check_allocation, file_stamp, read_cached_array,
+from ..env import (cache_dir, check_allocation, file_stamp, parse_json, read_cached_array,
                    write_cached_array)
 from ..errors import InputError, InputTypeError, is_int
 
@@ -214,7 +213,7 @@ def _read_split_file(path: Path, split_file) -> dict[str, list[Path]]:
     """A split file's class folders, checked: lists of names, each a folder inside `path`,
     no name twice, no class in two splits."""
     try:
-        listed = json.loads(Path(split_file).read_text(encoding="utf-8-sig"))
+        listed = parse_json(Path(split_file).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise InputError(f"split_file: {split_file} is not readable JSON ({exc})") from exc
     if not isinstance(listed, dict) or not set(listed) <= set(SPLITS) or "train" not in listed:

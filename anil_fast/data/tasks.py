@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..errors import InputError, InputTypeError, check_int
+from ..errors import InputError, InputTypeError, check_int, is_int
 from ..env import check_allocation
 from .fewshot import FewShotImages
 from .omniglot import Omniglot
@@ -211,6 +211,21 @@ class TaskSampler:
             need -= take
         return self.pool[torch.cat(picked)]
 
+    def evaluation_indices(self, tasks: int):
+        """The indices of `tasks` tasks in meta-batches, for an evaluation: a pool's first
+        `tasks` tasks in the pool's own order (cycling past its end), from its start on every
+        call and without moving the training position, so every evaluation over the pool
+        scores the same tasks; without a pool, newly drawn batches."""
+        done = 0
+        while done < tasks:
+            count = min(self.meta_batch, tasks - done)
+            if self.pool is None:
+                yield self.next_indices()[:count]
+            else:
+                rows = torch.arange(done, done + count, device=self.device) % self.num_tasks
+                yield self.pool[rows]
+            done += count
+
     def sample(self) -> TaskBatch:
         return self.materialise(self.next_indices())
 
@@ -224,9 +239,26 @@ class TaskSampler:
                 "order": None if self.order is None else self.order.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.position = state["position"]
-        self.order = None if state["order"] is None else state["order"].to(self.device)
+        """A state_dict() of a sampler over the same pool; an InputError for one that is not
+        (another pool size, a damaged generator state), before anything changes."""
+        order, position = state.get("order"), state.get("position")
+        limit = self.num_tasks if self.num_tasks is not None else None
+        if not is_int(position) or position < 0 or (limit is not None and position > limit):
+            raise InputError(f"sampler state: position {position!r} is not a task of this "
+                             f"sampler's pool ({limit} tasks)")
+        if order is not None and (not isinstance(order, torch.Tensor) or order.dtype != torch.int64
+                                  or limit is None or order.shape != (limit,)):
+            raise InputError(f"sampler state: its order does not fit this sampler's pool of "
+                             f"{limit} tasks")
+        generator = torch.Generator(device=self.device)
+        try:
+            generator.set_state(state["generator"])
+        except (RuntimeError, TypeError, KeyError) as exc:
+            raise InputError(f"sampler state: its generator state is not a torch generator's "
+                             f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from exc
+        self.generator = generator
+        self.position = position
+        self.order = None if order is None else order.to(self.device)
 
 
 PROTOCOLS = ("seed", "standard")
