@@ -191,6 +191,7 @@ class ANIL(nn.Module):
         "joint": support and query in one call per task, one set of statistics (learn2learn's
         convention; "train" does the same when the model was built with joint_batchnorm)."""
         require_batch(batch)
+        self._check_inputs(batch)
         if bn_mode == "joint" or (bn_mode == "train" and self.joint_batchnorm):
             return self._joint_features(batch, training=bn_mode == "train")
         tasks, s_rows = batch.support_y.shape
@@ -262,6 +263,23 @@ class ANIL(nn.Module):
         return wanted and not self._unbatchable
 
     # -- checks on first use ------------------------------------------------------------------
+    def _check_inputs(self, batch: TaskBatch) -> None:
+        """The images' device, dtype and channels against the model's (metadata only: no host
+        sync), so a mismatch is a clear error instead of one from deep inside the body."""
+        weight = self.head.weight
+        x = batch.support_x
+        if x.device.type == "meta" or x.device != weight.device:
+            raise InputError(f"batch: the images are on {x.device}, the model on {weight.device}; "
+                             f"move them with batch.to({str(weight.device)!r})")
+        if x.dtype != weight.dtype or batch.query_x.dtype != weight.dtype:
+            raise InputTypeError(f"batch: the images are {x.dtype}, the model's weights "
+                                 f"{weight.dtype}; convert one to the other (e.g. images .float(), "
+                                 f"or the model .double()); precision='bf16' keeps fp32 images")
+        first = next((m for m in self.body.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None and x.dim() == 5 and x.shape[2] != first.in_channels:
+            raise InputError(f"batch: the images have {x.shape[2]} channels, the body takes "
+                             f"{first.in_channels}")
+
     def check_labels(self, batch: TaskBatch, ways: int | None = None) -> None:
         """The tasks' labels must be 0..ways-1 with ways = the head's outputs (or `ways` of
         them): a head with more outputs would score classes no task has, fewer (or labels out
@@ -289,6 +307,7 @@ class ANIL(nn.Module):
     def _check_first_batch(self, batch: TaskBatch) -> None:
         if self._labels_checked:
             return
+        self._check_inputs(batch)
         capturing = batch.support_y.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing:
             self.check_labels(batch)
@@ -374,6 +393,7 @@ class ANIL(nn.Module):
             raise InputError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
         if ways is not None and not (is_int(ways) and 2 <= ways <= self.head.out_features):
             raise InputError(f"ways must be an int in 2..{self.head.out_features}, got {ways!r}")
+        self._check_inputs(batch)
         self.check_labels(batch, ways)
         was_training = self.training
         self.eval()
@@ -394,6 +414,10 @@ class ANIL(nn.Module):
         Returns accuracy_before / accuracy_after (means), loss_after and per-task tensors [T]."""
         before, after = self.adapted_logits(batch, inner_steps, bn_mode)
         loss = torch.nn.functional.cross_entropy(after.flatten(0, 1), batch.query_y.flatten())
+        if not math.isfinite(loss.item()):
+            warnings.warn("evaluate: the adapted logits are not finite (NaN or infinite weights "
+                          "or images, or a diverging inner loop): the accuracies mean nothing",
+                          stacklevel=2)
         per_before = (before.argmax(-1) == batch.query_y).float().mean(1)
         per_after = (after.argmax(-1) == batch.query_y).float().mean(1)
         return {"accuracy_before": per_before.mean().item(), "accuracy_after": per_after.mean().item(),

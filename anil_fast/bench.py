@@ -541,8 +541,8 @@ def run_bench(cases=DEFAULT_CASES, device: str = "auto", quick: bool = False, ou
     if not names:
         raise InputError("cases: name at least one preset (e.g. s2,std-5w1s)")
     specs = [Case.of(name, quick) for name in names]  # unknown names fail before any timing
-    repetitions = repetitions or (1 if quick else 5)
-    seconds = seconds or (0.05 if quick else 0.5)
+    repetitions = (1 if quick else 5) if repetitions is None else repetitions
+    seconds = (0.05 if quick else 0.5) if seconds is None else seconds
     if repetitions < 1 or not seconds > 0:
         raise InputError(f"repetitions must be >= 1 and seconds > 0, got {repetitions}, {seconds}")
     info = device_info(dev)

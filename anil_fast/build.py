@@ -11,6 +11,7 @@ import torch
 from . import models
 from .anil import ANIL, prefers_channels_last
 from .data import TaskSampler, image_folder, load_benchmark, load_split
+from .data.fewshot import default_split_names
 from .env import cpu_has_native_bf16, cpu_model, offline
 from .errors import InputError
 from .optim import MetaOptimizer
@@ -27,6 +28,8 @@ _pretrained_choice: str | None = None
 
 
 DEVICE_TYPES = ("cpu", "cuda")
+CAPTURE_NOTE = ("capture: CUDA graphs need a CUDA device; on the CPU every meta-step runs "
+                "eagerly (the same numbers)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,11 +80,14 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_model(config: Config) -> Config:
     """The config in this machine's terms, each choice noted in config.notes: model
     "pretrained" (s3-s5) becomes the body this machine can load, precision "auto" bf16 where
-    the device has it natively (native_bf16), else fp32. Other configs are returned as they are."""
+    the device has it natively (native_bf16), else fp32; capture on a CPU is noted (it runs
+    eagerly). Other configs are returned as they are."""
     changes, notes = {}, list(config.notes)
     if config.model == "pretrained":
         changes["model"] = pretrained_body_name()
         notes.append(f"pretrained body: {changes['model']}")
+    if config.capture and resolve_device(config.device).type != "cuda" and CAPTURE_NOTE not in notes:
+        notes.append(CAPTURE_NOTE)
     if config.precision == "auto":
         device = resolve_device(config.device)
         native = native_bf16(device)
@@ -89,7 +95,7 @@ def resolve_model(config: Config) -> Config:
         where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
         notes.append(f"precision auto: {changes['precision']} ({'' if native else 'no '}native "
                      f"bf16 on {where})")
-    return dataclasses.replace(config, **changes, notes=notes) if changes else config
+    return dataclasses.replace(config, **changes, notes=notes) if notes != config.notes else config
 
 
 def build_anil(config: Config, device) -> ANIL:
@@ -134,26 +140,37 @@ def build_meta_optimizer(config: Config, anil: ANIL, schedule=None) -> MetaOptim
                          clip_grad_norm=config.clip_grad_norm)
 
 
-def split_images(config: Config, split: str, device):
+def default_split(config: Config) -> dict | None:
+    """The class names of each split of a folder dataset split by the fixed random default
+    (no split file, no split folders): a run records them (its checkpoint's "classes"), since
+    a class folder added later reshuffles that default. None for every other dataset."""
+    if config.dataset != "folder" or config.split_file is not None:
+        return None
+    return default_split_names(config.data)
+
+
+def split_images(config: Config, split: str, device, classes: dict | None = None):
     """The images of a split of the config's dataset: Omniglot's tensor [characters, 20, 1, H,
-    W] or a FewShotImages (the benchmarks, a folder of class folders)."""
+    W] or a FewShotImages (the benchmarks, a folder of class folders). `classes`: a run's
+    recorded split of a folder dataset (default_split), used instead of today's default."""
     if config.dataset == "omniglot":
         return load_split(config.protocol, split, config.image_size, config.data_root, device,
                           validation=config.validation if split != "test" else 0)
     if config.dataset == "folder":
         return image_folder(config.data, split, config.image_size, config.input_channels,
-                            config.split_file, device)
+                            classes if classes is not None else config.split_file, device)
     return load_benchmark(config.dataset, split, config.image_size, config.data_root, device)
 
 
-def task_sampler(config: Config, split: str, device, tasks: int | None = None) -> TaskSampler:
+def task_sampler(config: Config, split: str, device, tasks: int | None = None,
+                 classes: dict | None = None) -> TaskSampler:
     """The tasks of a split. "train": the run's pool (config.tasks) or endless sampling,
     config.meta_batch tasks a step. "validation" and "test": a fixed pool of `tasks` tasks
     (default config.val_tasks / config.test_tasks) from their own seed, drawn 50 at a time,
-    so every evaluation of a run scores the same tasks."""
+    so every evaluation of a run scores the same tasks. `classes`: see split_images."""
     if split not in _POOL_SEED:
         raise InputError(f"split must be one of {tuple(_POOL_SEED)}, got {split!r}")
-    images = split_images(config, split, device)
+    images = split_images(config, split, device, classes)
     if split == "train":
         batch, pool = config.meta_batch, config.tasks
     else:

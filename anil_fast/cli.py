@@ -66,8 +66,27 @@ def _overrides(args) -> dict:
     return values
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("anil-fast")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def printable_path(path) -> str:
+    """A path as text that any terminal or JSON reader takes: bytes of a file name that are
+    not UTF-8 shown as \\xNN escapes (not lone surrogates)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anil-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"anil-fast {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(sub)
     _add_inspection_commands(sub)
@@ -248,6 +267,8 @@ def _print_summary(summary: dict, config, info, out=print) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+    warnings.formatwarning = _one_line_warning  # a user reads "warning: ...", not our source
     from . import distributed
     # Under torchrun: join the process group; only rank 0 prints (and reads what it wrote).
     info = distributed.init_from_env(getattr(args, "device", None) or "auto")
@@ -379,12 +400,12 @@ def _predict(args, info, out) -> None:
     top = min(args.top, len(clf.classes))
     for path, row in zip(queries, probabilities):
         p, i = row.topk(top)
-        best = [(str(clf.classes[c]), round(float(v), 4)) for v, c in zip(p, i.tolist())]
+        best = [(printable_path(clf.classes[c]), round(float(v), 4)) for v, c in zip(p, i.tolist())]
         if args.json:
-            out(json.dumps({"image": str(path), "predictions": [
+            out(json.dumps({"image": printable_path(path), "predictions": [
                 {"class": c, "probability": v} for c, v in best]}))
         else:
-            out(f"{path}: " + ", ".join(f"{c} {v:.3f}" for c, v in best))
+            out(f"{printable_path(path)}: " + ", ".join(f"{c} {v:.3f}" for c, v in best))
 
 
 def _cache(args, info, out) -> None:

@@ -6,12 +6,12 @@ data layer all take these from one place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import re
 import tempfile
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -180,8 +180,10 @@ def parse_json(text: str):
         raise ValueError("JSON nested too deeply to read") from None
 
 
-def checksum(array: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+def checksum(array: np.ndarray) -> str:
+    """A cryptographic digest of the array's bytes (BLAKE2b): a rewritten cache entry cannot
+    be made to match it, as it could a CRC."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(array)).cast("B"), digest_size=32).hexdigest()
 
 
 def read_cached_array(entry: Path, expect: dict | None = None):
@@ -195,7 +197,7 @@ def read_cached_array(entry: Path, expect: dict | None = None):
         meta = parse_json(meta_file.read_text())
         array = np.load(images_file, allow_pickle=False)
         if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
-                or checksum(array) != meta["crc32"]
+                or checksum(array) != meta["blake2b"]
                 or any(meta.get(k) != v for k, v in (expect or {}).items())):
             return None
     except Exception:  # a broken or tampered cache entry is rebuilt, never trusted
@@ -207,7 +209,7 @@ def write_cached_array(entry: Path, array: np.ndarray, meta: dict) -> None:
     """Write the array, then its record (shape, dtype, checksum), each atomically: a killed or
     concurrent process never leaves a half-written entry. A read-only or full cache folder
     only costs the next load its decoding time."""
-    meta = {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "crc32": checksum(array)}
+    meta = {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "blake2b": checksum(array)}
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(entry.with_suffix(".npy"), lambda f: np.save(f, array))

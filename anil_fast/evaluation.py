@@ -112,6 +112,11 @@ def load_run_model(path, weights: str | None = None, device: str = "auto"):
     config = config_from_dict({**ckpt["config"], "device": device}, f"checkpoint: {file}")
     with own_rng(dev):  # building seeds the model's init: the caller's RNG is left as it was
         anil = build_anil(dataclasses.replace(config, pretrained=False), dev)
+    lost = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if lost:
+        raise InputError(f"checkpoint: {file}: its weights hold NaN or infinite values ("
+                         f"{', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}); a diverged "
+                         f"run's: nothing it predicts would mean anything")
     load_model_state(anil, ckpt["model"])
     return anil, config, ckpt, file, f"{which} (step {ckpt['step']})"
 
@@ -129,8 +134,10 @@ def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
         anil, config, ckpt, file, which = load_run_model(path, weights, device)
         bn_mode = bn_mode or config.bn_mode
         dev = next(anil.parameters()).device
-        result = evaluate(anil, task_sampler(config, "test", dev, tasks), tasks, bn_mode,
-                          config.eval_inner_steps, progress=progress)
+        # a folder run's recorded split (its test classes as it drew them), else today's
+        sampler = task_sampler(config, "test", dev, tasks, classes=ckpt.get("classes"))
+        result = evaluate(anil, sampler, tasks, bn_mode, config.eval_inner_steps,
+                          progress=progress)
     result.pop("per_task_after")
     result.update({"scenario": config.scenario, "model": config.model, "step": ckpt["step"],
                    "checkpoint": str(file), "weights": which})

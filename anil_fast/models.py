@@ -21,6 +21,13 @@ MODELS = ("conv4", "resnet12", "resnet18", "vgg11_bn", "efficientnet_lite0")
 MIN_IMAGE_SIZE = {"conv4": 16, "resnet12": 16, "resnet18": 8, "vgg11_bn": 32, "efficientnet_lite0": 8}
 
 
+def check_image_size(name: str, image_size: int) -> None:
+    """The smallest images a named body takes (MIN_IMAGE_SIZE): one rule, one message."""
+    least = max(8, MIN_IMAGE_SIZE[name])
+    if image_size < least:
+        raise InputError(f"image_size must be at least {least} for {name}, got {image_size}")
+
+
 def conv4(channels: int = 1, hidden: int = 64) -> nn.Sequential:
     """Four blocks of conv3x3, BatchNorm, ReLU, 2x2 max-pool, then flatten. The max-pool runs
     before the ReLU: the same values and gradients exactly (ReLU is monotone and zero wherever
@@ -199,9 +206,7 @@ def build(name: str, ways: int, image_size: int, channels: int = 1, pretrained=F
         return body, nn.Linear(feature_dim, ways)
     if weights_file is not None:
         raise InputError(f"weights_file: for timm:NAME bodies; {name} takes pretrained=PATH")
-    if image_size < max(8, MIN_IMAGE_SIZE[name]):
-        raise InputError(f"image_size must be at least {max(8, MIN_IMAGE_SIZE[name])} for "
-                         f"{name}, got {image_size}")
+    check_image_size(name, image_size)
     if hidden is not None and (name != "conv4" or not is_int(hidden) or hidden < 1):
         raise InputError(f"hidden: a positive int, for conv4 only; got {hidden!r} for {name}")
     if name in ("conv4", "resnet12") and pretrained not in (False, None):

@@ -115,10 +115,23 @@ class MetaOptimizer:
                 raise InputError("multipliers and optimizer arguments apply to an optimizer built "
                                  "here; an optimizer passed in keeps its own groups")
             owned = {id(p) for p in anil.parameters()}
-            if not any(id(p) in owned for g in optimizer.param_groups for p in g["params"]):
+            held = [p for g in optimizer.param_groups for p in g["params"]]
+            if not any(id(p) in owned for p in held):
                 raise InputError("optimizer: the optimizer passed in holds none of the model's "
                                  "parameters (built over another model?); training would move "
                                  "nothing")
+            foreign = sum(id(p) not in owned for p in held)
+            if foreign:
+                raise InputError(f"optimizer: the optimizer passed in holds {foreign} "
+                                 f"parameter(s) that are not this model's (built over another "
+                                 f"model?); the model's own would be left out of training")
+            held_ids = {id(p) for p in held}
+            missing = [n for n, p in anil.named_parameters()
+                       if p.requires_grad and id(p) not in held_ids]
+            if missing:
+                warnings.warn(f"optimizer: the optimizer passed in leaves {len(missing)} of the "
+                              f"model's trainable parameters untrained ({', '.join(missing[:3])}"
+                              f"{' ...' if len(missing) > 3 else ''})", stacklevel=2)
             self.optimizer = optimizer
             self._adopt_groups()
         elif callable(optimizer):
@@ -143,7 +156,19 @@ class MetaOptimizer:
 
     # -- learning rates ------------------------------------------------------------------------
     def factor(self) -> float:
-        return 1.0 if self.schedule is None else float(self.schedule(self.steps))
+        """The schedule's factor at this step; an InputError for one that is no number >= 0
+        (a NaN would silently turn every parameter into NaN)."""
+        if self.schedule is None:
+            return 1.0
+        value = self.schedule(self.steps)
+        try:
+            factor = float(value)
+        except (TypeError, ValueError):
+            factor = math.nan
+        if isinstance(value, bool) or not 0 <= factor < math.inf:
+            raise InputError(f"schedule: at step {self.steps} it returned {value!r}; a schedule "
+                             f"returns a factor of the learning rate, a number >= 0")
+        return factor
 
     def set_learning_rates(self) -> None:
         """Every group's lr for the coming step (tensor lrs of a capturable optimizer are

@@ -19,6 +19,8 @@ paper inverted, area-resized) or, for every other dataset, the folder loader's (
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 from .anil import ANIL, BN_MODES
 from .data import TaskBatch
-from .data.fewshot import IMAGE_SUFFIXES, decode_file, pil_to_array, to_8bit
+from .data.fewshot import (IMAGE_SUFFIXES, check_class_folder, decode_file, flatten_alpha,
+                            pil_to_array, to_8bit)
 from .errors import InputError, InputTypeError, is_int
 
 __all__ = ["FewShotClassifier", "image_paths"]
@@ -62,6 +65,7 @@ def support_folder(path) -> tuple[list[Path], list[str]]:
         raise InputError(f"support: {path} holds no class folders")
     files, labels = [], []
     for folder in classes:
+        check_class_folder(folder, "support")
         images = image_paths(folder)
         if not images:
             raise InputError(f"support: class folder {folder} holds no images "
@@ -144,15 +148,30 @@ class FewShotClassifier:
             raise InputError(f"images: a tensor must be [N, {', '.join(map(str, expected))}] (the "
                              f"model's inputs), got {list(x.shape)}; pass paths or PIL images to "
                              f"have them resized")
-        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
-        return x.to(self.device)
+        if x.device.type == "meta":
+            raise InputError("images: a tensor on the meta device holds no values")
+        if x.shape[0] == 0:
+            raise InputError("images: the tensor holds no images (N = 0)")
+        if x.dtype == torch.uint8:
+            return x.to(self.device).float().div(255)
+        if not x.is_floating_point():
+            raise InputTypeError(f"images: a tensor must be uint8 (0..255) or float (0..1), got "
+                                 f"{x.dtype}; for integer pixels in 0..255 pass x.to(torch.uint8)")
+        x = x.to(self.device, torch.float32)
+        low, high = (float(v) for v in torch.stack([x.amin(), x.amax()]))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise InputError("images: the tensor holds NaN or infinite values")
+        if low < 0 or high > 1:
+            raise InputError(f"images: float pixels must lie in 0..1, got {low:g}..{high:g}"
+                             + ("; for 0..255 values divide by 255 (or pass uint8)" if high <= 255 else ""))
+        return x
 
     def _pil(self, image) -> torch.Tensor:
         if not self.omniglot:
             array = pil_to_array(image, self.image_size, self.channels)
             return torch.from_numpy(array).permute(2, 0, 1).float() / 255
         # Omniglot: ink 1.0 on paper 0.0, area-resized, as the Omniglot loader stores it
-        grey = np.asarray(to_8bit(image).convert("L"), dtype=np.float32)
+        grey = np.asarray(to_8bit(flatten_alpha(image)).convert("L"), dtype=np.float32)
         ink = torch.from_numpy(1.0 - grey / 255.0)[None, None]
         return F.interpolate(ink, size=(self.image_size, self.image_size), mode="area")[0]
 
@@ -166,9 +185,16 @@ class FewShotClassifier:
                                  "as images")
             images, labels = support_folder(images)
         x = self.images(images)
+        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+            raise InputTypeError(f"labels: give a list of labels, one per image, got "
+                                 f"{type(labels).__name__}")
         labels = list(labels.tolist() if isinstance(labels, torch.Tensor) else labels)
         if len(labels) != x.shape[0]:
             raise InputError(f"labels: {len(labels)} labels for {x.shape[0]} support images")
+        for label in labels:
+            if not isinstance(label, Hashable):
+                raise InputTypeError(f"labels: each label must be a class name or number "
+                                     f"(hashable), got a {type(label).__name__}: {label!r:.60}")
         classes = sorted(set(labels), key=lambda c: (str(type(c)), c))
         if len(classes) < 2:
             raise InputError(f"support: {len(classes)} class given; a few-shot task needs at "

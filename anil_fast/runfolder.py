@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .env import atomic_write, parse_json
-from .errors import InputError
+from .errors import AnilFastError, InputError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -65,14 +65,36 @@ class RunFolder:
                                  f"write the run into the current folder)")
         self.path = Path(path)
 
-    def create(self) -> None:
-        """Make the folder (and its parents), with a clear error where that is impossible."""
+    def create(self) -> bool:
+        """Make the folder (and its parents), with a clear error where that is impossible.
+        Returns whether it was made here (it did not exist before)."""
+        if self.path.is_symlink() and not self.path.exists():
+            raise RunFolderError(f"--out {self.path} is a symbolic link to nowhere "
+                                 f"({os.readlink(self.path)}); remove it or point it at a folder")
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path} is a file, not a folder")
+        existed = self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent is a file, read-only file system, permissions
             raise RunFolderError(f"--out {self.path} cannot be created ({exc.strerror or exc})") from exc
+        return not existed
+
+    @contextmanager
+    def removed_if_refused(self, created: bool):
+        """A folder made for a run that is refused before it writes anything (bad data, a
+        setting found wrong at set-up) is removed again, its lock file with it: no empty
+        --out is left behind."""
+        try:
+            yield
+        except AnilFastError:
+            if created and {p.name for p in self.path.iterdir()} <= {LOCK}:
+                (self.path / LOCK).unlink(missing_ok=True)
+                try:
+                    self.path.rmdir()
+                except OSError:
+                    pass
+            raise
 
     def holds_run(self) -> list[str]:
         """The run files present in the folder (empty: no run here)."""
@@ -244,6 +266,10 @@ def _check_checkpoint_values(ckpt: dict, path: Path) -> None:
     if best is not None and not (isinstance(best, dict) and isinstance(best.get("step"), int)
                                  and _is_number(best.get("accuracy"))):
         bad("its best validation record is not a record (step, accuracy)")
+    classes = ckpt.get("classes")
+    if classes is not None and not (isinstance(classes, dict) and all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in classes.values())):
+        bad("its recorded classes are not lists of class names")
     if ckpt.get("spike_lowest") is not None and not _is_number(ckpt["spike_lowest"]):
         bad(f"its spike_lowest is {ckpt['spike_lowest']!r}, not a number")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from . import models
 from .anil import BN_MODES, HEAD_INITS, PRECISIONS, check_learning_rates
 from .data.benchmarks import BENCHMARKS
-from .env import parse_json
+from .env import check_allocation, parse_json
 from .errors import InputError, check_optional_number, is_int
 from .functional import backend_name
 from .schedules import SCHEDULES as LR_SCHEDULES
@@ -41,6 +41,7 @@ MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 # conv body's activations grow with the square of the image size.
 MAX_TASKS = 1_000_000
 MAX_IMAGE_SIZE = 1024
+MAX_INNER_STEPS = 10_000
 DATASETS = ("omniglot", *BENCHMARKS, "folder")
 
 
@@ -257,6 +258,8 @@ def validate_config(c: Config) -> None:
     """Raise an InputError naming the first setting of `c` that cannot be used; `c` itself is
     left as it is (normalized_config gives the copy a run uses). model "pretrained" (s3-s5)
     is resolved when the model is built (build.resolve_model), never here."""
+    if c.scenario not in PRESETS:
+        raise InputError(f"scenario must be one of {sorted(PRESETS)}, got {c.scenario!r}")
     if is_timm(c.model):
         check_timm_name(c.model)  # timm installed, architecture known
     elif c.model not in (*models.MODELS, "pretrained"):
@@ -307,6 +310,11 @@ def _validate_counts(c: Config, dataset: str) -> None:
         value = getattr(c, name)
         if not is_int(value) or value < 0:
             raise InputError(f"{name} must be an int >= 0, got {value!r}")
+    for name in ("inner_steps", "eval_inner_steps"):
+        value = getattr(c, name)
+        if is_int(value) and value > MAX_INNER_STEPS:
+            raise InputError(f"{name} must be at most {MAX_INNER_STEPS:,} (the papers use 1-10; "
+                             f"the inner loop runs in one uninterruptible call), got {value:,}")
     check_learning_rates(c.inner_lr, c.outer_lr)  # raises; the warnings come from ANIL
     if not is_int(c.seed) or not 0 <= c.seed <= MAX_SEED:
         raise InputError(f"seed must be an int in 0..2**63-1, got {c.seed!r}")
@@ -317,6 +325,9 @@ def _validate_counts(c: Config, dataset: str) -> None:
                          f"character), got {c.shots} + {c.queries}")
     if c.image_size > MAX_IMAGE_SIZE:
         raise InputError(f"image_size must be at most {MAX_IMAGE_SIZE} px, got {c.image_size}")
+    if c.model in models.MIN_IMAGE_SIZE:  # the same rule, and message, as models.build
+        models.check_image_size(c.model, c.image_size)
+    _check_memory(c)
     if c.tasks is not None and (not is_int(c.tasks) or not 1 <= c.tasks <= MAX_TASKS):
         raise InputError(f"tasks (the training pool) must be an int in 1..{MAX_TASKS:,}, got "
                          f"{c.tasks!r}; for more, sample endlessly (--endless)")
@@ -324,6 +335,25 @@ def _validate_counts(c: Config, dataset: str) -> None:
         raise InputError(f"test_tasks must be at most {MAX_TASKS:,}, got {c.test_tasks}")
     if c.meta_steps is not None and c.meta_steps < 1:
         raise InputError(f"meta_steps must be >= 1, got {c.meta_steps}")
+
+
+def _check_memory(c: Config) -> None:
+    """Refuse, before anything is allocated, a meta-batch's images or a model's head and
+    conv4 filters beyond half of the machine's memory (env.check_allocation)."""
+    channels, size = c.input_channels, c.image_size
+    images = c.meta_batch * c.ways * (c.shots + c.queries) * channels * size * size * 4
+    check_allocation(f"a meta-batch of {c.meta_batch:,} tasks of {c.ways:,} x "
+                     f"{c.shots + c.queries} images", images,
+                     "lower meta_batch, ways, shots + queries or image_size")
+    hidden = c.hidden or 64
+    if c.model == "conv4":  # its filters, and its head on the features they give
+        features = hidden * max(1, size // 16) ** 2
+        check_allocation(f"conv4 with {hidden:,} filters", 9 * hidden * (channels + 3 * hidden) * 4,
+                         "lower hidden")
+        check_allocation(f"a head of {c.ways:,} ways on {features:,} features",
+                         c.ways * (features + 1) * 4, "lower ways (or hidden, image_size)")
+    else:  # the bodies' features number in the thousands at most
+        check_allocation(f"a head of {c.ways:,} ways", c.ways * 4097 * 4, "lower ways")
 
 
 def _validate_schedule_and_validation(c: Config, dataset: str) -> None:

@@ -12,8 +12,16 @@ import importlib.util
 from .errors import InputError
 
 
-def require() -> None:
-    """Raise a clear InputError when the tensorboard package is missing."""
+def require(log_dir=None) -> None:
+    """Raise a clear InputError when the tensorboard package is missing, or `log_dir` is a
+    file (or a link to nowhere) rather than a folder."""
+    from pathlib import Path
+    if log_dir is not None:
+        path = Path(log_dir)
+        if path.is_symlink() and not path.exists():
+            raise InputError(f"--tensorboard {path} is a symbolic link to nowhere; give a folder")
+        if path.exists() and not path.is_dir():
+            raise InputError(f"--tensorboard {path} is a file; give a folder for the scalars")
     if importlib.util.find_spec("tensorboard") is None:  # torch.utils.tensorboard imports it
         raise InputError("--tensorboard needs the tensorboard package: pip install "
                          "'anil-fast[tensorboard]' (or pip install tensorboard); training "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, tensorboard_log
 from .anil import ANIL
-from .build import (build_anil, build_meta_optimizer, load_model_state, own_rng,
+from .build import (build_anil, build_meta_optimizer, default_split, load_model_state, own_rng,
                     resolve_device, resolve_model, rng_state, set_rng_state, task_sampler)
 from .capture import MetaStepRunner
 from .data import TaskSampler
@@ -73,6 +74,7 @@ class _Run:
     board: object = None  # tensorboard_log.TensorBoardLog, when asked for (rank 0)
     spike_guard: LossSpikeGuard | None = None  # --spike-rollback (rollback.py)
     rollbacks: list = field(default_factory=list)  # what each loss-spike rollback did
+    classes: dict | None = None  # a folder dataset's default split as first drawn (its names)
 
 
 def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overwrite: bool,
@@ -82,32 +84,38 @@ def _set_up(config: Config, folder: RunFolder, device, info, resume: bool, overw
     if present and not (resume or overwrite):
         raise RunFolderError(f"--out {folder.path} already holds a run ({', '.join(present)}); "
                              f"pass --resume to continue it or --overwrite to start it over")
+    checkpoint = folder.path / CHECKPOINT
+    ckpt = load_checkpoint(checkpoint) if resume and checkpoint.exists() else None
+    # a folder dataset's default split as the run first drew it: a class added since reshuffles it
+    classes = (ckpt or {}).get("classes") or default_split(config)
     start = time.perf_counter()
     anil = build_anil(config, device)
-    sampler = task_sampler(config, "train", device)
+    sampler = task_sampler(config, "train", device, classes=classes)
     # the test split is checked now (ways, shots + queries), not after training
-    test = task_sampler(config, "test", device) if evaluate_at_end else None
-    val = task_sampler(config, "validation", device) if config.validates else None
+    test = task_sampler(config, "test", device, classes=classes) if evaluate_at_end else None
+    val = task_sampler(config, "validation", device, classes=classes) if config.validates else None
     one_time = {"data_and_model_s": time.perf_counter() - start}
     if anil.uses_fused_head() and device.type == "cpu":  # the C++ build happens here, not in step 1
         from . import ops
         start = time.perf_counter()
         ops.small_loop(device)
         one_time["backend_build_s"] = time.perf_counter() - start
-    run = _Run(config, folder, info, device, anil, None, sampler, test, val, one_time=one_time)
+    run = _Run(config, folder, info, device, anil, None, sampler, test, val, one_time=one_time,
+               classes=classes)
     if config.spike_rollback is not None:
         run.spike_guard = LossSpikeGuard(config.spike_rollback)
     total, budget = config.total_meta_steps, config.time_budget
     run.optimizer = build_meta_optimizer(config, anil, schedule=lambda step: lr_factor(
         config.lr_schedule, schedule_progress(step, total, run.elapsed, budget), config.lr_floor))
-    checkpoint = folder.path / CHECKPOINT
-    if resume and checkpoint.exists():
-        _resume(run, load_checkpoint(checkpoint))
+    if ckpt is not None:
+        _resume(run, ckpt)
     elif resume and present:  # never delete what --resume did not ask to delete
         raise RunFolderError(f"--resume: {folder.path} has no {CHECKPOINT} to resume from, but "
                              f"holds {', '.join(present)}; point --out at the run's folder, put "
                              f"its {CHECKPOINT} back, or start over with --overwrite")
     elif info.is_main:
+        if resume:
+            warnings.warn(f"--resume: {folder.path} holds no run to resume; starting at step 0")
         folder.clear()  # --overwrite, or --resume in an empty folder: start from step 0
     distributed.barrier()  # nobody starts before rank 0 has tidied the run folder
     if info.is_main:
@@ -200,7 +208,7 @@ def _checkpoint(run: _Run, best: bool = False) -> None:
             "sampler": run.sampler.state_dict(), "rng": rng_state(), "step": run.step,
             "elapsed_s": run.elapsed, "steady_steps": run.steady_steps,
             "world_size": run.info.world_size, "history": run.history, "best": run.best,
-            "rollbacks": run.rollbacks,
+            "rollbacks": run.rollbacks, "classes": run.classes,
             "spike_lowest": run.spike_guard.lowest if run.spike_guard else None}
         if best:  # best.pt first: a kill between the two leaves best.pt <= checkpoint.pt
             run.folder.save_checkpoint(state, BEST)
@@ -305,7 +313,7 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
     `tensorboard`: a folder for TensorBoard scalars (tensorboard_log.py)."""
     validate_config(config)
     if tensorboard is not None:
-        tensorboard_log.require()
+        tensorboard_log.require(tensorboard)
     config = resolve_model(normalized_config(config))
     if resume and overwrite:
         raise InputError("resume and overwrite exclude each other")
@@ -313,9 +321,8 @@ def train(config: Config, out_dir, resume: bool = False, progress: bool = True,
     distributed.check_config(config, info)
     folder = RunFolder(out_dir)
     device = resolve_device(distributed.rank_device(info, config.device))
-    if info.is_main:
-        folder.create()
-    with folder.locked(info.is_main), own_rng(device):
+    created = info.is_main and folder.create()
+    with folder.removed_if_refused(created), folder.locked(info.is_main), own_rng(device):
         run = _set_up(config, folder, device, info, resume, overwrite, evaluate_at_end)
         reset_peak_memory(device)
         start_steps = run.steady_steps

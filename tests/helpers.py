@@ -74,3 +74,45 @@ def assert_trains_alike(expected, actual, steps=2):
         torch.testing.assert_close(actual_opt.step(batch)["loss"], expected_opt.step(batch)["loss"])
     for (name, p), q in zip(expected.named_parameters(), actual.parameters()):
         torch.testing.assert_close(q, p, msg=name)
+
+
+def colour_classes(root, classes, per_class, seed, size=20):
+    """Class folders of easy images: each class a colour of its own, each image that colour
+    with noise and a random size."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        colour = np.array([(37 * c) % 256, (91 * c + 50) % 256, (53 * c + 120) % 256])
+        for e in range(per_class):
+            side = int(rng.integers(size - 4, size + 8))
+            pixels = np.clip(colour + rng.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{e}.png")
+    return root
+
+
+def pairwise(dimensions: dict) -> list[dict]:
+    """Rows (dicts name -> value) in which every pair of values of every two dimensions occurs
+    at least once: a greedy covering array (deterministic), far fewer rows than the product."""
+    names = list(dimensions)
+    uncovered = {((a, va), (b, vb)) for i, a in enumerate(names) for b in names[i + 1:]
+                 for va in dimensions[a] for vb in dimensions[b]}
+    rows = []
+    while uncovered:
+        (a, va), (b, vb) = min(uncovered, key=lambda p: (names.index(p[0][0]), names.index(p[1][0]),
+                                                         str(p[0][1]), str(p[1][1])))
+        row = {a: va, b: vb}
+        for name in names:
+            if name in row:
+                continue
+            def gain(value):
+                return sum(((k, row[k]), (name, value)) in uncovered or
+                           ((name, value), (k, row[k])) in uncovered for k in row)
+            row[name] = max(dimensions[name], key=gain)  # ties: the first value
+        ordered = {n: row[n] for n in names}
+        rows.append(ordered)
+        uncovered -= {((x, ordered[x]), (y, ordered[y])) for i, x in enumerate(names)
+                      for y in names[i + 1:]}
+    return rows

@@ -12,27 +12,12 @@ from anil_fast.cli import main
 from anil_fast.data import TaskBatch
 from anil_fast.scenarios import scenario_config
 from anil_fast.trainer import train
+from helpers import colour_classes
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
-
-
-def colour_classes(root, classes, per_class, seed, size=20):
-    """Class folders of easy images: each class a colour of its own, each image that colour
-    with noise and a random size."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        folder = root / f"class_{c}"
-        folder.mkdir(parents=True)
-        colour = np.array([(37 * c) % 256, (91 * c + 50) % 256, (53 * c + 120) % 256])
-        for e in range(per_class):
-            side = int(rng.integers(size - 4, size + 8))
-            pixels = np.clip(colour + rng.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{e}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

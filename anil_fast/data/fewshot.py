@@ -151,13 +151,26 @@ def pil_to_array(image, image_size, channels) -> np.ndarray:
     """uint8 [H, W, channels]: 8-bit modes as Pillow converts them; deeper ones scaled into
     0..255 first (`to_8bit`), never clipped."""
     from PIL import Image
-    image = to_8bit(image)
+    image = to_8bit(flatten_alpha(image))
     mode = {1: "L", 3: "RGB"}.get(channels, "RGB" if image.mode not in ("L", "1") else "L")
     image = image.convert(mode)
     if image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BILINEAR)
     array = np.array(image, dtype=np.uint8)  # a writable copy
     return array[..., None] if array.ndim == 2 else array
+
+
+def flatten_alpha(image):
+    """An image with transparency (an alpha band, or a palette or colour marked transparent)
+    composited onto white paper, as a viewer shows it: dropping the alpha band would turn a
+    drawing on transparent paper into all ink. Other images are returned as they are."""
+    from PIL import Image
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image
+    grey = image.mode in ("LA", "La", "L")
+    rgba = image.convert("RGBA")
+    paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(paper, rgba).convert("L" if grey else "RGB")
 
 
 def to_8bit(image):
@@ -197,6 +210,23 @@ def _class_folders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def check_class_folder(folder: Path, what: str) -> None:
+    """A class folder must hold its images itself (in subfolders too, as extra images of the
+    class): one that holds only folders of images is a level above the classes (Omniglot's
+    alphabet/character layout), which would merge its classes into one without a word."""
+    entries = list(folder.iterdir())
+    if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries):
+        return
+    nested = sorted(p.name for p in entries if p.is_dir() and any(
+        f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()))
+    if nested:
+        raise InputError(f"{what}: {folder} holds no images of its own but folders of images "
+                         f"({', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}): a level "
+                         f"above the classes (an alphabet/character layout?); anil-fast reads "
+                         f"one folder of images per class, so point it at the folder that holds "
+                         f"the classes, or move the class folders up one level")
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
@@ -211,11 +241,15 @@ def _is_split_folder(folder: Path) -> bool:
 
 def _read_split_file(path: Path, split_file) -> dict[str, list[Path]]:
     """A split file's class folders, checked: lists of names, each a folder inside `path`,
-    no name twice, no class in two splits."""
-    try:
-        listed = parse_json(Path(split_file).read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"split_file: {split_file} is not readable JSON ({exc})") from exc
+    no name twice, no class in two splits. `split_file` may also be the mapping itself (a
+    run's recorded split, `default_split_names`)."""
+    if isinstance(split_file, dict):
+        listed, split_file = split_file, "the run's recorded split"
+    else:
+        try:
+            listed = parse_json(Path(split_file).read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"split_file: {split_file} is not readable JSON ({exc})") from exc
     if not isinstance(listed, dict) or not set(listed) <= set(SPLITS) or "train" not in listed:
         raise InputError(f"split_file: {split_file} must map 'train' (and optionally "
                          f"'validation', 'test') to lists of class folder names")
@@ -250,7 +284,7 @@ def _read_split_file(path: Path, split_file) -> dict[str, list[Path]]:
 def folder_splits(path, split_file=None) -> dict[str, list[Path]]:
     """The class folders of each split: from `split_file` (JSON {"train": [class names],
     "validation": [...], "test": [...]}, names of folders inside `path`, each class in one
-    split once), else from split folders (train/, val/ or validation/, test/, each holding
+    split once; or that mapping itself), else from split folders (train/, val/ or validation/, test/, each holding
     class folders), else a fixed random 64/16/20 split of the classes."""
     path = Path(path)
     if not path.is_dir():
@@ -284,6 +318,17 @@ def folder_splits(path, split_file=None) -> dict[str, list[Path]]:
             "test": sorted(order[n_train + n_val:])}
 
 
+def default_split_names(path) -> dict[str, list[str]] | None:
+    """The class folder names of each split when `path` is split by the fixed random default
+    (no split folders; the caller gave no split file), else None. A run records them: adding
+    a class folder later reshuffles the default split, and the run must keep testing on
+    classes it never trained on (resume and eval pass them back as the split)."""
+    path = Path(path)
+    if any(_is_split_folder(path / n) for n in SPLIT_FOLDERS["train"]):
+        return None
+    return {split: [f.name for f in folders] for split, folders in folder_splits(path).items()}
+
+
 def _fingerprint(files: list[Path], image_size: int, channels: int) -> str:
     """The decode cache's key: the size and channels, and every file's path and
     `env.file_stamp` (size, modification and change times, inode): an edited file is never
@@ -304,7 +349,9 @@ def decode_images(files: list[Path], image_size: int, channels: int, name: str,
                      len(files) * image_size * image_size * channels,
                      "lower --image-size or use fewer images")
     entry = cache_dir() / "decoded" / f"{name}_{image_size}_{channels}_{_fingerprint(files, image_size, channels)}"
-    cached = read_cached_array(entry, {"files": len(files)}) if cache else None
+    # an entry of any other shape than this decode's is rebuilt, never served
+    shape = [len(files), image_size, image_size, channels]
+    cached = read_cached_array(entry, {"files": len(files), "shape": shape}) if cache else None
     if cached is not None:
         array = cached[0]
     else:
@@ -353,6 +400,8 @@ def image_folder(path, split: str = "train", image_size: int = 84, channels: int
     if split not in splits or not splits[split]:
         raise InputError(f"data: {path} has no '{split}' split")
     classes = splits[split]
+    for folder in classes:
+        check_class_folder(folder, "data")
     per_class = [_image_files(c) for c in classes]
     empty = [c.name for c, found in zip(classes, per_class) if not found]
     if empty:

@@ -335,12 +335,14 @@ class Omniglot:
 
 
 def _read_cache(cache: Path, image_size: int):
-    """A cached Omniglot decode, verified (shape, dtype, checksum, value range)."""
+    """A cached Omniglot decode, verified (shape, dtype, checksum, value range, and the shape
+    this size needs: an entry of another shape is rebuilt)."""
     cached = read_cached_array(cache)
     if cached is None:
         return None
     array, meta = cached
-    if len(meta.get("character_ids", [])) != array.shape[0] or not (
+    if array.ndim != 5 or tuple(array.shape[-2:]) != (image_size, image_size) \
+            or len(meta.get("character_ids", [])) != array.shape[0] or not (
             array.size == 0 or (0 <= array.min() and array.max() <= 1)):
         return None
     images = torch.from_numpy(array)
