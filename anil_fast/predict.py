@@ -223,3 +223,10 @@ class FewShotClassifier:
     def predict(self, images) -> list:
         """The most probable class of each query image."""
         return [self.classes[i] for i in self.predict_proba(images).argmax(-1).tolist()]
+
+    def export(self, path, format: str | None = None, input_size: int | None = None,
+               input_channels: int | None = None, input_dtype: str = "uint8"):
+        """The classifier adapted to the support set as a file that runs without anil-fast:
+        a torch.export program (.pt2), ONNX (.onnx) or TorchScript (.pt); see export.py."""
+        from .export import export
+        return export(self, path, format, input_size, input_channels, input_dtype)
