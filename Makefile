@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Data: ../shared/data beside the checkout unless ANIL_FAST_DATA says otherwise.
 export ANIL_FAST_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test bench gpu-check gpu-acceptance kernel-report install clean
+.PHONY: demo test docs bench gpu-check gpu-acceptance kernel-report install clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests benches --smoke --benchmark-disable --durations=15
+
+# The documentation site (MkDocs, Material theme; API reference from the docstrings, the CLI
+# reference from the parser) into site/; make test builds it with --strict too (tests/test_docs.py).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench: install
 	$(PY) -m pytest -q benches --benchmark-only
@@ -41,4 +46,4 @@ gpu-acceptance:
 	$(PYTHON) benches/gpu_acceptance.py --out docs/results
 
 clean:
-	rm -rf runs build *.egg-info
+	rm -rf runs build site *.egg-info

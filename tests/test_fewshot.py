@@ -213,16 +213,16 @@ def test_train_and_evaluate_on_a_folder_from_the_cli(tmp_path, isolated_cache):
     assert png.stat().st_size > 0
 
 
-def test_readme_snippet_for_your_own_data(tmp_path, isolated_cache, monkeypatch):
-    # the README's "Your own data" code, run as written on a generated folder
+def test_docs_snippet_for_your_own_data(tmp_path, isolated_cache, monkeypatch):
+    # the docs' "Your own data" code, run as written on a generated folder
     from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = readme.index("## Your own data")
-    code = readme[readme.index("```python", start) + 9:readme.index("```", readme.index("```python", start) + 9)]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "how-to" / "own-data.md").read_text()
+    start = page.index("# Your own data")
+    code = page[page.index("```python", start) + 9:page.index("```", page.index("```python", start) + 9)]
     make_folder(tmp_path / "my_data")
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "own-data.md", "exec"), namespace)
     assert 0 <= namespace["result"]["accuracy_after"] <= 1
 
 
