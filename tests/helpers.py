@@ -116,3 +116,12 @@ def pairwise(dimensions: dict) -> list[dict]:
         uncovered -= {((x, ordered[x]), (y, ordered[y])) for i, x in enumerate(names)
                       for y in names[i + 1:]}
     return rows
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """`anil-fast ARGS` in this process (every argument as a string): (exit code, its output)."""
+    from anil_fast.cli import main
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err

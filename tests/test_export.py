@@ -129,7 +129,12 @@ def test_what_cannot_be_exported_is_refused_by_name(tmp_path):
         good.export(tmp_path / "m.bin")
     with pytest.raises(ValueError, match="fit\\(\\) the support set first"):
         FewShotClassifier(make(size=16, ways=2).float(), 16, 1).export(tmp_path / "m.pt2")
-    assert good.export(tmp_path / "m.bin", format="export").is_file()
+    path = good.export(tmp_path / "m.bin", format="export")  # running statistics, frozen
+    queries = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+    module = torch.export.load(path).module()
+    torch.testing.assert_close(module((queries * 255).round().to(torch.uint8)),
+                               good.predict_proba((queries * 255).round().to(torch.uint8)),
+                               rtol=1e-4, atol=1e-5)
 
 
 def docs_blocks(page: str, language: str) -> list[str]:

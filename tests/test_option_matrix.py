@@ -17,10 +17,9 @@ import torch
 
 from anil_fast import ANIL, FewShotClassifier, MetaOptimizer, models
 from anil_fast.anil import BN_MODES, HEAD_INITS, PRECISIONS
-from anil_fast.cli import main
 from anil_fast.functional import BACKENDS
 from anil_fast.predict import QUERY_DEPENDENT_BN_MODES
-from helpers import colour_classes, pairwise, random_batch
+from helpers import colour_classes, pairwise, random_batch, run_cli
 
 WAYS, SIZE = 3, 16
 
@@ -151,13 +150,6 @@ def classes(tmp_path_factory):
     return root
 
 
-def run(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 @pytest.mark.parametrize("row", CLI_ROWS, ids=lambda r: "-".join(str(v) for v in r.values()))
 def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path, capsys,
                                                           monkeypatch):
@@ -171,16 +163,16 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
              "--first-order" if row["order"] == "first" else "--second-order",
              "--capture" if row["capture"] else "--no-capture",
              "--compile" if row["compile"] else "--no-compile"]
-    code, text = run(capsys, "train", "--data", classes / "data", "--image-size", SIZE, "--ways",
+    code, text = run_cli(capsys, "train", "--data", classes / "data", "--image-size", SIZE, "--ways",
                      WAYS, "--queries", 1, "--meta-batch", 2, "--meta-steps", 2, "--endless",
                      "--inner-steps", 2, "--test-tasks", 2, "--device", "cpu", "--no-progress",
                      "--out", out, *flags)
     assert code == 0, text
     assert "accuracy after adaptation" in text and ("capture: CUDA graphs" in text) == row["capture"]
-    code, text = run(capsys, "eval", "--checkpoint", out, "--tasks", 2, "--device", "cpu", "--json")
+    code, text = run_cli(capsys, "eval", "--checkpoint", out, "--tasks", 2, "--device", "cpu", "--json")
     assert code == 0, text
     assert '"bn_mode": "%s"' % row["bn_mode"] in text
-    code, text = run(capsys, "predict", "--checkpoint", out, "--support", classes / "support",
+    code, text = run_cli(capsys, "predict", "--checkpoint", out, "--support", classes / "support",
                      "--query", classes / "query", "--device", "cpu")
     assert code == 0 and f"(BatchNorm: {predict_mode(row['bn_mode'])})" in text, text
 
@@ -193,7 +185,7 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
     (["--device", "meta"], "cpu and cuda devices only"),
 ])
 def test_unsupported_values_are_refused_before_anything_runs(args, words, tmp_path, capsys):
-    code, text = run(capsys, "train", "--out", tmp_path / "run", *args)
+    code, text = run_cli(capsys, "train", "--out", tmp_path / "run", *args)
     assert code == 2 and words in text, text
     assert not (tmp_path / "run").exists()
 

@@ -17,7 +17,7 @@ from anil_fast.evaluation import evaluate, evaluate_checkpoint
 from anil_fast.runfolder import load_checkpoint
 from anil_fast.scenarios import scenario_config
 from anil_fast.trainer import train
-from helpers import colour_classes, make, random_batch
+from helpers import colour_classes, make, random_batch, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -46,13 +46,6 @@ def joint_run(colours, tmp_path_factory):
         patch.setenv("ANIL_FAST_OFFLINE", "1")
         train(folder_config(colours, bn_mode="joint"), out, progress=False)
     return out
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 # -- items 2-5 of the issue ---------------------------------------------------------------------
