@@ -249,6 +249,9 @@ def _print_eval(result: dict, out=print) -> None:
         f"± {100 * result['ci95_before']:.2f}")
     out(f"accuracy after adaptation:  {100 * result['accuracy_after']:.2f}% "
         f"± {100 * result['ci95_after']:.2f}")
+    if "ci95_gain" in result:  # results written before the gain's CI existed have none
+        out(f"inner-loop gain: {100 * result['gain']:+.2f} points ± "
+            f"{100 * result['ci95_gain']:.2f} (paired over the same tasks)")
 
 
 # A reference number is printed only for the data and task it was measured on: a run that

@@ -73,6 +73,7 @@ def row_of(suite: str, summary: dict, config, smoke: bool, table: dict) -> dict:
         "ways": config.ways, "shots": config.shots, "body": summary["model"],
         "accuracy": round(ours, 2), "std": None, "seeds": 1, "seed": config.seed,
         "ci95": round(100 * ev["ci95_after"], 2),
+        "before": round(100 * ev["accuracy_before"], 2), "gain": round(100 * ev["gain"], 2),
         "test_tasks": ev["tasks"], "bn_mode": ev["bn_mode"], "head_init": config.head_init,
         "precision": summary["precision"], "selected": summary.get("selected"),
         "train_time_s": round(summary["train_time_s"], 1),
@@ -96,18 +97,22 @@ def combine_seeds(rows: list[dict]) -> dict:
     first.update(
         accuracy=round(mean, 2), std=round(float(accuracies.std(ddof=1)), 2), seeds=len(rows),
         ci95=round(float(np.mean([r["ci95"] for r in rows])), 2),
+        before=round(float(np.mean([r["before"] for r in rows])), 2),
+        gain=round(float(np.mean([r["gain"] for r in rows])), 2),
         train_time_s=round(float(np.mean([r["train_time_s"] for r in rows])), 1),
         it_s=None if any(r["it_s"] is None for r in rows) else round(float(np.mean([r["it_s"] for r in rows])), 3),
         meta_steps=round(float(np.mean([r["meta_steps"] for r in rows])), 1),
         gap_points=None if first["reference_accuracy"] is None else round(mean - first["reference_accuracy"], 2),
         selected="per seed (see per_seed)",
-        per_seed=[{k: r[k] for k in ("seed", "accuracy", "ci95", "train_time_s", "it_s",
-                                      "meta_steps", "selected")} for r in rows])
+        per_seed=[{k: r[k] for k in ("seed", "accuracy", "ci95", "before", "gain",
+                                      "train_time_s", "it_s", "meta_steps", "selected")}
+                  for r in rows])
     return first
 
 
 COLUMNS = [("preset", "preset"), ("body", "body"), ("accuracy", "ours (%)"),
            ("std", "± std over seeds"), ("seeds", "seeds"), ("ci95", "± CI95"),
+           ("before", "before adaptation (%)"), ("gain", "inner-loop gain (points)"),
            ("reference", "reference (%)"), ("gap_points", "gap (points)"),
            ("bn_mode", "BatchNorm"), ("head_init", "head init"), ("precision", "precision"),
            ("train_time_s", "train time (s)"), ("it_s", "it/s"),

@@ -169,6 +169,7 @@ def test_reproduce_smoke(suite, presets, tmp_path, capsys):
         assert r["run"] == "smoke" and r["reference_accuracy"] > 70
         assert r["gap_points"] == pytest.approx(r["accuracy"] - r["reference_accuracy"], abs=0.011)
         assert 0 <= r["accuracy"] <= 100 and r["reference_source"]
+        assert r["gain"] == pytest.approx(r["accuracy"] - r["before"], abs=0.011)
         if suite == "paper":
             assert r["selected"].startswith("best validation")
         assert r["head_init"] == ("proto" if suite == "paper" else "learned")

@@ -91,6 +91,8 @@ def test_every_evaluation_of_a_pool_scores_the_same_tasks(colours):
     first = evaluate(anil, sampler, 120)
     second = evaluate(anil, sampler, 120)
     assert first["per_task_after"] == second["per_task_after"]
+    assert first["gain"] == first["accuracy_after"] - first["accuracy_before"]
+    assert first["ci95_gain"] >= 0  # the paired differences' CI
     drawn = [sampler.pool.characters[i] for i in range(120)]
     scored = torch.cat([i.characters for i in sampler.evaluation_indices(120)])
     assert torch.equal(scored, torch.stack(drawn)) and sampler.position == 0
