@@ -19,7 +19,8 @@ import numpy as np
 
 from .errors import InputError
 
-# Every environment variable anil-fast reads (the README's table is checked against this).
+# Every environment variable anil-fast reads (docs/reference/environment.md's table is checked
+# against this).
 ENV_VARS = {
     "ANIL_FAST_DATA": "folder holding the datasets (omniglot/, mini-imagenet/, cifar100/ ...); "
                       "searched after an explicit --data-root, before the user cache",

@@ -135,13 +135,13 @@ PRESETS = {
     "s4": dict(model="pretrained", freeze_body=True, **_PRETRAINED),
     "s5": dict(model="pretrained", multipliers="paper", warmup_steps=25, **_PRETRAINED),
 }
-# The standard presets are tuned for accuracy within a few minutes of training (README, "What
-# was tuned where"): at equal time (90 s, CPU, std-5w1s, 200 test tasks) 5 inner steps at lr 0.1,
+# The standard presets are tuned for accuracy within a few minutes of training
+# (docs/how-to/reproduce.md, "What was tuned where"): at equal time (90 s, CPU, std-5w1s, 200 test tasks) 5 inner steps at lr 0.1,
 # 8 tasks of 5 queries per class reached 93.1% where the papers' regime (1 step at lr 0.4, 32
 # tasks of 15 queries, 3 steps at test) reached 68.6%. The papers' 60,000 meta-steps stay the
 # upper bound; --time-budget ends a run earlier. Each task's head starts at its prototypes
 # (head_init "proto"): +2.4 points at std-5w1s (3 seeds, 120 s), and at std-20w1s it removes
-# the learned head's collapse (README, "What was tuned where").
+# the learned head's collapse (docs/how-to/reproduce.md, "What was tuned where").
 for _ways in (5, 20):
     for _shots in (1, 5):
         PRESETS[f"std-{_ways}w{_shots}s"] = dict(
