@@ -164,6 +164,10 @@ def _add_inspection_commands(sub) -> None:
                     help="BatchNorm at test time (default: the run's own)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--lake-runs", action="store_true",
+                    help="score a 20-way Omniglot checkpoint on Lake et al.'s 20 official "
+                         "one-shot runs (one_shot_runs.zip beside the Omniglot files) instead "
+                         "of test tasks; refused for a model that trained on their characters")
 
     cmp = sub.add_parser("compare", help="train several scenarios and compare them")
     cmp.add_argument("--scenarios", default="s1,s2,s3,s4,s5")
@@ -345,6 +349,8 @@ def _train(args, info, out) -> None:
 
 
 def _eval(args, info, out) -> None:
+    if args.lake_runs:
+        return _lake_runs(args, out)
     from .evaluation import evaluate_checkpoint
     result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
                                  progress=not args.json, weights=args.weights)
@@ -353,6 +359,20 @@ def _eval(args, info, out) -> None:
     else:
         out(f"weights: {result['weights']}, {result['checkpoint']}")
         _print_eval(result, out)
+
+
+def _lake_runs(args, out) -> None:
+    from .lake import score_lake_runs
+    result = score_lake_runs(args.checkpoint, args.weights, args.device, args.bn_mode)
+    if args.json:
+        out(json.dumps(result))
+        return
+    out(f"weights: {result['weights']}, {result['checkpoint']}")
+    out(f"Lake et al.'s 20 one-shot runs, 20-way within-alphabet (BatchNorm: {result['bn_mode']})")
+    out("error per run (%): " + " ".join(f"{100 * e:.0f}" for e in result["per_run"]))
+    out(f"error over the {result['items']} items: {100 * result['error']:.2f}%")
+    for ref in result["references"]:
+        out(f"reference: {ref['method']} {ref['error']}%, {ref['cite']}")
 
 
 def _show_tasks(args, info, out) -> None:

@@ -109,7 +109,7 @@ class FewShotClassifier:
         clf = cls(anil, config.image_size, config.input_channels, config.dataset == "omniglot",
                   config.eval_inner_steps if inner_steps is None else inner_steps,
                   bn_mode or default)
-        clf.checkpoint, clf.weights = str(file), which
+        clf.checkpoint, clf.weights, clf.config = str(file), which, config
         return clf
 
     @property

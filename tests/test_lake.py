@@ -1,0 +1,64 @@
+"""Lake et al.'s 20 official one-shot runs: read and checked, keyed to the evaluation set's
+characters; a background-trained 20-way model is scored on them, and a model whose training
+characters include theirs (the standard split) is refused, naming how many."""
+import json
+
+import pytest
+
+from anil_fast.lake import WAYS, load_runs, run_characters, score_lake_runs, training_characters
+from anil_fast.scenarios import scenario_config
+from anil_fast.trainer import train
+from helpers import run_cli
+
+pytestmark = pytest.mark.usefixtures("omniglot_dir")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def runs(omniglot_dir):
+    if not (omniglot_dir / "one_shot_runs.zip").is_file():
+        pytest.skip("one_shot_runs.zip not in ANIL_FAST_DATA/omniglot")
+    return load_runs()
+
+
+def test_the_runs_are_drawings_of_200_evaluation_characters(runs):
+    assert len(runs) == 20
+    for run in runs:
+        assert len(run.training) == len(run.test) == WAYS
+        assert sorted(run.answers) == list(range(WAYS))
+        assert {im.size for im in run.training + run.test} == {(105, 105)}
+    characters = run_characters(runs)
+    assert len(characters) == 200 and max(characters) < 659
+    standard = training_characters(scenario_config("std-20w1s"))
+    assert len(standard & characters) == 139  # the standard split trains on most of them
+    assert training_characters(scenario_config("s2")) == set()  # the background set only
+
+
+def test_a_background_model_is_scored_and_a_standard_one_refused(runs, tmp_path, capsys):
+    config = scenario_config("s2", ways=WAYS, image_size=28, meta_steps=3, meta_batch=2,
+                             queries=1, test_tasks=2, tasks=None, device="cpu", inner_lr=0.4)
+    train(config, tmp_path / "seed", progress=False)
+    result = score_lake_runs(tmp_path / "seed", device="cpu")
+    assert len(result["per_run"]) == 20 and result["items"] == 400
+    assert all(round(20 * e) == 20 * e for e in result["per_run"])  # whole items of 20
+    assert result["error"] == pytest.approx(sum(result["per_run"]) / 20)
+    assert [r["method"] for r in result["references"]][:2] == ["people", "Bayesian Program Learning"]
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "seed", "--lake-runs",
+                         "--device", "cpu", "--json")
+    assert code == 0 and json.loads(text.strip().splitlines()[-1])["error"] == result["error"]
+    standard = scenario_config("std-20w1s", meta_steps=2, meta_batch=2, queries=1, test_tasks=2,
+                               val_tasks=4, device="cpu", precision="fp32")
+    train(standard, tmp_path / "std", progress=False)
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "std", "--lake-runs",
+                         "--device", "cpu")
+    assert code == 2 and "trained on 139 of the runs' characters" in text, text
+    five = scenario_config("s2", image_size=28, meta_steps=1, meta_batch=2, queries=1,
+                           test_tasks=2, tasks=None, device="cpu")
+    train(five, tmp_path / "five", progress=False)
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "five", "--lake-runs",
+                         "--device", "cpu")
+    assert code == 2 and "serves 5 ways" in text
