@@ -65,3 +65,9 @@ def small_archive(omniglot_dir, tmp_path):
     dst = tmp_path / "images_background_small1.zip"
     shutil.copy(src, dst)
     return dst
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """ANIL_FAST_OFFLINE=1: no download is ever tried (tests never depend on the network)."""
+    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")

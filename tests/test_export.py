@@ -24,9 +24,7 @@ RUNNER = Path(__file__).with_name("run_exported.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")  # never a download try (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from anil_fast.scenarios import scenario_config
 from anil_fast.trainer import train
 from helpers import run_cli
 
-pytestmark = pytest.mark.usefixtures("omniglot_dir")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("omniglot_dir", "offline")
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ from anil_fast.trainer import train
 from helpers import colour_classes
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")  # never a download try (conftest)
 
 
 @pytest.fixture(scope="module")

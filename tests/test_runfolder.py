@@ -17,9 +17,7 @@ TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tas
         "--inner-steps", "1", "--checkpoint-every", "2", "--no-progress", "--endless"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")  # never a download try (conftest)
 
 
 needs_data = pytest.mark.usefixtures("omniglot_dir")

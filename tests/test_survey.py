@@ -20,9 +20,7 @@ from anil_fast.trainer import train
 from helpers import colour_classes, make, random_batch, run_cli
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")  # never a download try (conftest)
 
 
 def folder_config(data, **overrides):

@@ -6,12 +6,7 @@ from anil_fast.cli import main
 from anil_fast.scenarios import scenario_config
 from anil_fast.trainer import train
 
-pytestmark = pytest.mark.usefixtures("omniglot_dir")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("omniglot_dir", "offline")
 
 
 def test_scalars_are_written_and_read_back(tmp_path):

@@ -16,9 +16,7 @@ TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tas
         "--inner-steps", "2", "--checkpoint-every", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")  # never a download try (conftest)
 
 
 def test_convergence_s2_28px(tmp_path, omniglot_dir):
