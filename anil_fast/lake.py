@@ -101,7 +101,7 @@ def training_characters(config) -> set[int]:
     if config.dataset != "omniglot":
         raise InputError(f"lake runs: a model trained on {config.dataset} data; Lake's runs are "
                          f"Omniglot's, scored with Omniglot's preprocessing")
-    if config.protocol == "seed":  # the background set only
+    if config.protocol in ("seed", "background"):  # the background set only
         return set()
     trained = standard_characters("train", config.validation).tolist()
     return {c - BACKGROUND_CHARACTERS for c in trained if c >= BACKGROUND_CHARACTERS}

