@@ -191,7 +191,6 @@ class ANIL(nn.Module):
         "joint": support and query in one call per task, one set of statistics (learn2learn's
         convention; "train" does the same when the model was built with joint_batchnorm)."""
         require_batch(batch)
-        self._check_inputs(batch)
         if bn_mode == "joint" or (bn_mode == "train" and self.joint_batchnorm):
             return self._joint_features(batch, training=bn_mode == "train")
         tasks, s_rows = batch.support_y.shape
@@ -265,7 +264,8 @@ class ANIL(nn.Module):
     # -- checks on first use ------------------------------------------------------------------
     def _check_inputs(self, batch: TaskBatch) -> None:
         """The images' device, dtype and channels against the model's (metadata only: no host
-        sync), so a mismatch is a clear error instead of one from deep inside the body."""
+        sync), so a mismatch is a clear error instead of one from deep inside the body. Run
+        where labels are checked: every evaluation, training's first batch."""
         weight = self.head.weight
         x = batch.support_x
         if x.device.type == "meta" or x.device != weight.device:
@@ -413,13 +413,13 @@ class ANIL(nn.Module):
         """Query accuracy before and after adapting the head on each task's support set.
         Returns accuracy_before / accuracy_after (means), loss_after and per-task tensors [T]."""
         before, after = self.adapted_logits(batch, inner_steps, bn_mode)
-        loss = torch.nn.functional.cross_entropy(after.flatten(0, 1), batch.query_y.flatten())
-        if not math.isfinite(loss.item()):
+        loss = torch.nn.functional.cross_entropy(after.flatten(0, 1), batch.query_y.flatten()).item()
+        if not math.isfinite(loss):
             warnings.warn("evaluate: the adapted logits are not finite (NaN or infinite weights "
                           "or images, or a diverging inner loop): the accuracies mean nothing",
                           stacklevel=2)
         per_before = (before.argmax(-1) == batch.query_y).float().mean(1)
         per_after = (after.argmax(-1) == batch.query_y).float().mean(1)
         return {"accuracy_before": per_before.mean().item(), "accuracy_after": per_after.mean().item(),
-                "loss_after": loss.item(),
+                "loss_after": loss,
                 "per_task_before": per_before.cpu(), "per_task_after": per_after.cpu()}

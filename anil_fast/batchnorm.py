@@ -202,6 +202,25 @@ def batch_statistics_without_update(body: nn.Module):
             bn.train(training)
 
 
+def batch_statistics_of(forward, body: nn.Module, x: torch.Tensor):
+    """(forward(x), {BatchNorm layer: (mean, biased variance)}): each layer's batch statistics
+    of x (in fp32 under bf16), as training mode normalises with; running statistics untouched."""
+    captured = {}
+
+    def capture(bn, inputs):
+        v = inputs[0].to(torch.promote_types(inputs[0].dtype, torch.float32))  # bf16: in fp32
+        dims = [0, *range(2, v.dim())]
+        captured[bn] = (v.mean(dims), v.var(dims, unbiased=False))
+    handles = [bn.register_forward_pre_hook(capture) for bn in batchnorm_layers(body)]
+    try:
+        with batch_statistics_without_update(body):
+            out = forward(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, captured
+
+
 def features_with_support_statistics(forward, body: nn.Module, support: torch.Tensor,
                                      query: torch.Tensor):
     """(forward(support), forward(query)) for one task with every BatchNorm layer normalising
@@ -209,19 +228,7 @@ def features_with_support_statistics(forward, body: nn.Module, support: torch.Te
     mode computes them), so a query's features do not depend on the other queries (the mode
     TaskNorm argues for). Running statistics are left as they were."""
     layers = batchnorm_layers(body)
-    captured = {}
-
-    def capture(bn, inputs):
-        x = inputs[0].to(torch.promote_types(inputs[0].dtype, torch.float32))  # bf16: in fp32
-        dims = [0, *range(2, x.dim())]
-        captured[bn] = (x.mean(dims), x.var(dims, unbiased=False))
-    handles = [bn.register_forward_pre_hook(capture) for bn in layers]
-    try:
-        with batch_statistics_without_update(body):
-            fs = forward(support)
-    finally:
-        for handle in handles:
-            handle.remove()
+    fs, captured = batch_statistics_of(forward, body, support)
     saved = [(bn, bn.training, bn.running_mean, bn.running_var) for bn in layers]
     try:
         for bn in layers:  # eval mode reads running_mean/var as given: the support's statistics

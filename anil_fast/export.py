@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm import batch_statistics_without_update, batchnorm_layers
+from .batchnorm import batch_statistics_of
 from .errors import InputError, InputTypeError, is_int
 from .functional import adapted_head
 
@@ -97,21 +97,9 @@ def frozen_body(anil, support: torch.Tensor, bn_mode: str) -> tuple[nn.Module, t
         p.requires_grad_(False)
     x = support.float().contiguous()
     if bn_mode == "support":
-        captured = {}
-
-        def capture(bn, inputs):
-            dims = [0, *range(2, inputs[0].dim())]
-            captured[bn] = (inputs[0].mean(dims), inputs[0].var(dims, unbiased=False))
-        layers = batchnorm_layers(body)
-        handles = [bn.register_forward_pre_hook(capture) for bn in layers]
-        try:
-            with torch.no_grad(), batch_statistics_without_update(body):
-                body(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for bn in layers:  # eval mode then normalises with exactly these
-            mean, var = captured[bn]
+        with torch.no_grad():
+            _, captured = batch_statistics_of(body, body, x)
+        for bn, (mean, var) in captured.items():  # eval mode then normalises with exactly these
             bn.track_running_stats = True
             bn.register_buffer("running_mean", mean)
             bn.register_buffer("running_var", var)

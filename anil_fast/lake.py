@@ -96,15 +96,17 @@ def run_characters(runs: list[LakeRun], root=None) -> set[int]:
 
 
 def training_characters(config) -> set[int]:
-    """The evaluation-set characters (0..658) a run's config trained on."""
+    """The evaluation-set characters (0..658) a run's config trained or validated on (a
+    checkpoint selected on a character has seen it too)."""
     from .data.tasks import standard_characters
     if config.dataset != "omniglot":
         raise InputError(f"lake runs: a model trained on {config.dataset} data; Lake's runs are "
                          f"Omniglot's, scored with Omniglot's preprocessing")
     if config.protocol in ("seed", "background"):  # the background set only
         return set()
-    trained = standard_characters("train", config.validation).tolist()
-    return {c - BACKGROUND_CHARACTERS for c in trained if c >= BACKGROUND_CHARACTERS}
+    seen = standard_characters("train", config.validation).tolist() + \
+        standard_characters("validation", config.validation).tolist()
+    return {c - BACKGROUND_CHARACTERS for c in seen if c >= BACKGROUND_CHARACTERS}
 
 
 def score_lake_runs(path, weights: str | None = None, device: str = "auto",
@@ -121,10 +123,10 @@ def score_lake_runs(path, weights: str | None = None, device: str = "auto",
     runs = load_runs(root)
     overlap = training_characters(clf.config) & run_characters(runs, root)
     if overlap:
-        raise InputError(f"lake runs: this checkpoint trained on {len(overlap)} of the runs' "
-                         f"characters (the {clf.config.protocol} protocol's training set holds "
-                         f"them), so its score would not be a one-shot one; train on the "
-                         f"background set only (--protocol seed)")
+        raise InputError(f"lake runs: this checkpoint trained or validated on {len(overlap)} "
+                         f"of the runs' characters (the {clf.config.protocol} protocol's "
+                         f"training characters hold them), so its score would not be a one-shot "
+                         f"one; train on the background set only (--protocol background or seed)")
     per_run = []
     for run in runs:
         predicted = clf.fit(run.training, list(range(WAYS))).predict(run.test)

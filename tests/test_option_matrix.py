@@ -191,12 +191,10 @@ def test_unsupported_values_are_refused_before_anything_runs(args, words, tmp_pa
 
 
 def test_the_fused_backend_where_it_has_no_kernel_is_refused_naming_it():
-    anil = build(backend="fused")
+    from anil_fast.functional import adapted_query_loss
     with pytest.raises(ValueError, match="backend 'fused' has kernels for CPU and CUDA"):
-        from anil_fast.functional import adapted_query_loss
         f = torch.zeros(1, 2, 4, device="meta")
         y = torch.zeros(1, 2, dtype=torch.int64, device="meta")
         adapted_query_loss(f, y, f, y, torch.zeros(2, 4, device="meta"),
                            torch.zeros(2, device="meta"), inner_lr=0.1, inner_steps=1,
                            first_order=True, backend="fused")
-    assert anil.backend == "fused"
