@@ -7,7 +7,11 @@ setup(
     name="anil-fast",
     version="0.1.0",
     description="Fast ANIL meta-learning: fused inner loop, batched body, Omniglot on the device",
-    packages=["anil_fast", "anil_fast.data", "anil_fast.kernels", "anil_fast.csrc"],
+    # the package's rooms (docs/development.md): the model, data, run folders, training,
+    # evaluation and use, experiments, measurement
+    packages=["anil_fast", "anil_fast.models", "anil_fast.data", "anil_fast.runs",
+              "anil_fast.training", "anil_fast.use", "anil_fast.experiments", "anil_fast.measure",
+              "anil_fast.kernels", "anil_fast.csrc"],
     package_dir={"anil_fast.kernels": "kernels", "anil_fast.csrc": "csrc"},
     package_data={"anil_fast.data": ["*.json"], "anil_fast.csrc": ["*.cpp"]},
     python_requires=">=3.9",

@@ -11,11 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from .anil import BN_MODES
-from .bench import DEFAULT_CASES
-from .divergence import Interrupted, TrainingDiverged
-from .errors import AnilFastError, InputError
-from .scenarios import PRESETS, Config
+# Only what the parser needs is imported here (the option lists, the errors): each command
+# imports its own modules when it runs.
+from anil_fast.config import BENCH_CASES, BN_MODES, PRESETS, Config
+from anil_fast.errors import AnilFastError, InputError, Interrupted, TrainingDiverged
 
 
 class BenchFailed(AnilFastError):
@@ -235,7 +234,7 @@ def _add_cache_command(sub) -> None:
 def _add_bench_command(sub) -> None:
     bench = sub.add_parser("bench", help="meta-steps/s of the per-task loop, a torch.func vmap "
                                          "ANIL and ours, side by side (table, JSON, PNG)")
-    bench.add_argument("--cases", default=",".join(DEFAULT_CASES),
+    bench.add_argument("--cases", default=",".join(BENCH_CASES),
                        help="presets whose shapes to time (default: %(default)s)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--quick", action="store_true",
@@ -265,7 +264,7 @@ REFERENCE_SETTINGS = ("queries", "image_size", "test_tasks", "bn_mode", "tasks")
 
 
 def _print_summary(summary: dict, config, info, out=print) -> None:
-    from .reproduce import references
+    from anil_fast.data.references import references
     ranks = f" x {info.world_size} ranks" if info.active else ""
     rate = "n/a" if summary["it_s"] is None else f"{summary['it_s']:.2f}"
     one_time = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s"
@@ -302,7 +301,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import warnings
     warnings.formatwarning = _one_line_warning  # a user reads "warning: ...", not our source
-    from . import distributed
+    from anil_fast import distributed
     # Under torchrun: join the process group; only rank 0 prints (and reads what it wrote).
     info = distributed.init_from_env(getattr(args, "device", None) or "auto")
     out = print if info.is_main else (lambda *a, **k: None)
@@ -329,9 +328,9 @@ def main(argv=None) -> int:
 
 
 def _train(args, info, out) -> None:
-    from .build import resolve_model
-    from .scenarios import config_from_file, scenario_config
-    from .trainer import train
+    from anil_fast.config import config_from_file, scenario_config
+    from anil_fast.runs.settings import resolve
+    from anil_fast.training.run import train
     if args.config is not None:
         if args.scenario is not None:
             raise InputError("--scenario and --config exclude each other (the file holds every "
@@ -339,19 +338,19 @@ def _train(args, info, out) -> None:
         config = config_from_file(args.config, **_overrides(args))
     else:
         config = scenario_config(args.scenario or "s2", **_overrides(args))
-    config = resolve_model(config)
-    for note in config.notes:
+    settings = resolve(config)  # checked and resolved once, here: train reads the result
+    for note in settings.config.notes:
         out(note)
     board = None if args.tensorboard is None else (args.tensorboard or Path(args.out) / "tensorboard")
-    summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
+    summary = train(settings, args.out, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.no_progress, tensorboard=board)
-    _print_summary(summary, config, info, out)
+    _print_summary(summary, settings.config, info, out)
 
 
 def _eval(args, info, out) -> None:
     if args.lake_runs:
         return _lake_runs(args, out)
-    from .evaluation import evaluate_checkpoint
+    from anil_fast.evaluation import evaluate_checkpoint
     result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
                                  progress=not args.json, weights=args.weights)
     if args.json:
@@ -362,7 +361,7 @@ def _eval(args, info, out) -> None:
 
 
 def _lake_runs(args, out) -> None:
-    from .lake import score_lake_runs
+    from anil_fast.use.lake import score_lake_runs
     result = score_lake_runs(args.checkpoint, args.weights, args.device, args.bn_mode)
     if args.json:
         out(json.dumps(result))
@@ -376,8 +375,8 @@ def _lake_runs(args, out) -> None:
 
 
 def _show_tasks(args, info, out) -> None:
-    from .scenarios import scenario_config
-    from .show import show_tasks
+    from anil_fast.config import scenario_config
+    from anil_fast.experiments.show import show_tasks
     overrides = {k: getattr(args, k) for k in ("ways", "shots", "queries", "image_size", "seed",
                                                "data_root", "data", "dataset", "split_file")
                  if getattr(args, k) is not None}
@@ -393,7 +392,7 @@ def _show_tasks(args, info, out) -> None:
 
 
 def _reproduce(args, info, out) -> None:
-    from .reproduce import reproduce
+    from anil_fast.experiments.reproduce import reproduce
     rows = reproduce(args.suite, args.out, args.budget_s, args.device, args.smoke,
                      progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
                      tensorboard=args.tensorboard, seeds=args.seeds,
@@ -408,7 +407,7 @@ def _reproduce(args, info, out) -> None:
 
 
 def _compare(args, info, out) -> None:
-    from .compare import compare
+    from anil_fast.experiments.compare import compare
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     rows = compare(names, args.out, _overrides(args), progress=not args.no_progress,
                    resume=args.resume, overwrite=args.overwrite, tensorboard=args.tensorboard)
@@ -419,7 +418,7 @@ def _compare(args, info, out) -> None:
 
 
 def _bench(args, info, out) -> None:
-    from .bench import failures, main_progress, run_bench
+    from anil_fast.measure.bench import failures, main_progress, run_bench
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     rows, text = run_bench(cases, args.device, args.quick, args.out, args.repetitions,
                            args.seconds, progress=main_progress if info.is_main else None)
@@ -433,7 +432,7 @@ def _bench(args, info, out) -> None:
 
 
 def _predict(args, info, out) -> None:
-    from .predict import FewShotClassifier, image_paths
+    from anil_fast.use.predict import FewShotClassifier, image_paths
     if args.top < 1:
         raise InputError(f"--top must be at least 1, got {args.top}")
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.weights, args.device,
@@ -458,7 +457,7 @@ def _predict(args, info, out) -> None:
 
 
 def _export(args, info, out) -> None:
-    from .predict import FewShotClassifier
+    from anil_fast.use.predict import FewShotClassifier
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.weights, args.device,
                                             args.inner_steps, args.bn_mode)
     clf.fit(args.support)
@@ -474,7 +473,7 @@ def _export(args, info, out) -> None:
 
 def _cache(args, info, out) -> None:
     import shutil
-    from .env import decode_cache_dirs
+    from anil_fast.env import decode_cache_dirs
     for folder in decode_cache_dirs():
         files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
         size = sum(p.stat().st_size for p in files)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .env import dist_timeout_s
-from .errors import InputError
+from anil_fast.env import dist_timeout_s
+from anil_fast.errors import InputError
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from anil_fast.errors import InputError
 
 # Every environment variable anil-fast reads (docs/reference/environment.md's table is checked
 # against this).

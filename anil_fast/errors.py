@@ -22,6 +22,15 @@ class InputTypeError(AnilFastError, TypeError, ValueError):
     """An argument of the wrong type; the message names the argument."""
 
 
+class TrainingDiverged(AnilFastError, RuntimeError):
+    """The loss, a weight or a BatchNorm statistic left its sane range; the last good
+    checkpoint is kept (exit code 3; training/divergence.py)."""
+
+
+class Interrupted(AnilFastError):
+    """Ctrl-C (SIGINT) during training; the last checkpoint is kept (exit code 130)."""
+
+
 def is_int(value) -> bool:
     """A Python int that is not a bool (True is an int to isinstance, never a count here)."""
     return isinstance(value, int) and not isinstance(value, bool)

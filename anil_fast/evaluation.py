@@ -1,22 +1,23 @@
-"""Evaluation: accuracy before and after adaptation over many tasks with 95% confidence
-intervals (data-parallel under torchrun), the test of a run's selected checkpoint (best
-validation or last weights), and the evaluation of a checkpoint file."""
+"""Evaluation, scoring only: accuracy before and after adaptation over many tasks with 95%
+confidence intervals and the inner loop's gain (data-parallel under torchrun), the test of a
+run's selected checkpoint (best validation or last weights), and the evaluation of a
+checkpoint file (which runs/load.py loads)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from .anil import BN_MODES, ANIL
-from .build import build_anil, load_model_state, own_rng, resolve_device, task_sampler
-from .data import TaskSampler
-from .errors import InputError, is_int
-from .metrics import mean_ci95
-from .runfolder import BEST, CHECKPOINT, load_checkpoint
-from .scenarios import MAX_TASKS, Config, config_from_dict
+from anil_fast import distributed
+from anil_fast.config import BN_MODES, MAX_TASKS, Config
+from anil_fast.data import TaskSampler
+from anil_fast.errors import InputError, is_int
+from anil_fast.metrics import mean_ci95
+from anil_fast.models.anil import ANIL
+from anil_fast.runs.build import load_model_state, own_rng, task_sampler
+from anil_fast.runs.folder import load_checkpoint
+from anil_fast.runs.load import load_run
 
 __all__ = ["evaluate", "score_selected", "evaluate_checkpoint"]
 
@@ -80,50 +81,6 @@ def score_selected(anil: ANIL, config: Config, sampler: TaskSampler, step: int,
 
 
 
-WEIGHTS = ("best", "last")
-
-
-def checkpoint_file(path, weights: str | None = None) -> tuple[Path, str]:
-    """The checkpoint file to score and which weights it holds. A run folder: `weights`
-    "best" is best.pt (the best-validation weights train reported), "last" checkpoint.pt;
-    None: best.pt when the run has one, else checkpoint.pt. A file is scored as it is."""
-    if weights is not None and weights not in WEIGHTS:
-        raise InputError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    path = Path(path)
-    if not path.is_dir():
-        if weights is not None:
-            raise InputError(f"weights: --weights chooses a file of a run folder; {path} is a "
-                             f"file (pass its run folder, or leave --weights out)")
-        return path, "the file given"
-    best = path / BEST
-    if weights == "best" and not best.is_file():
-        raise InputError(f"weights: {path} has no {BEST} (the run did not validate); use "
-                         f"--weights last")
-    if weights == "best" or (weights is None and best.is_file()):
-        return best, "best validation"
-    return path / CHECKPOINT, "last"
-
-
-def load_run_model(path, weights: str | None = None, device: str = "auto"):
-    """(model with the checkpoint's weights, its config, the checkpoint, the file, which
-    weights) of a run folder or checkpoint file (`checkpoint_file` picks the file). Built
-    without downloading anything: the weights come from the checkpoint."""
-    dev = resolve_device(distributed.rank_device(distributed.current(), device))
-    file, which = checkpoint_file(path, weights)
-    ckpt = load_checkpoint(file)
-    # every recorded key and type checked; an earlier version's names in today's terms
-    config = config_from_dict({**ckpt["config"], "device": device}, f"checkpoint: {file}")
-    with own_rng(dev):  # building seeds the model's init: the caller's RNG is left as it was
-        anil = build_anil(dataclasses.replace(config, pretrained=False), dev)
-    lost = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not bool(v.isfinite().all())]
-    if lost:
-        raise InputError(f"checkpoint: {file}: its weights hold NaN or infinite values ("
-                         f"{', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}); a diverged "
-                         f"run's: nothing it predicts would mean anything")
-    load_model_state(anil, ckpt["model"])
-    return anil, config, ckpt, file, f"{which} (step {ckpt['step']})"
-
-
 def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
                         device: str = "auto", progress: bool = True,
                         weights: str | None = None) -> dict:
@@ -133,15 +90,16 @@ def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
         raise InputError(f"tasks must be an int in 1..{MAX_TASKS:,}, got {tasks!r}")
     if bn_mode is not None and bn_mode not in BN_MODES:
         raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    with own_rng(resolve_device(distributed.rank_device(distributed.current(), device))):
-        anil, config, ckpt, file, which = load_run_model(path, weights, device)
-        bn_mode = bn_mode or config.bn_mode
-        dev = next(anil.parameters()).device
+    run = load_run(path, weights, device)
+    with own_rng(run.settings.device):
+        config = run.settings.config
         # a folder run's recorded split (its test classes as it drew them), else today's
-        sampler = task_sampler(config, "test", dev, tasks, classes=ckpt.get("classes"))
-        result = evaluate(anil, sampler, tasks, bn_mode, config.eval_inner_steps,
-                          progress=progress)
+        sampler = task_sampler(config, "test", run.settings.device, tasks,
+                               classes=run.checkpoint.get("classes"))
+        result = evaluate(run.anil, sampler, tasks, bn_mode or config.bn_mode,
+                          config.eval_inner_steps, progress=progress)
     result.pop("per_task_after")
-    result.update({"scenario": config.scenario, "model": config.model, "step": ckpt["step"],
-                   "checkpoint": str(file), "weights": which})
+    result.update({"scenario": config.scenario, "model": config.model,
+                   "step": run.checkpoint["step"], "checkpoint": str(run.file),
+                   "weights": run.weights})
     return result

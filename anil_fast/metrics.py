@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import torch
 
-from .errors import InputError
+from anil_fast.errors import InputError
 
 
 def peak_rss_bytes() -> int:

@@ -1,7 +1,4 @@
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(__file__))  # `from common import ...` in the suites
 
 SUITES = ("test_bench_head", "test_bench_step", "test_bench_small_loop")
 
@@ -25,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    from common import print_table
+    from anil_fast.measure.table import text_table
     suites = {m.__name__.rsplit(".", 1)[-1]: m for m in list(sys.modules.values())
               if getattr(m, "__name__", "").rsplit(".", 1)[-1] in SUITES
               and getattr(m, "RESULTS", None)}
@@ -33,4 +30,5 @@ def pytest_terminal_summary(terminalreporter):
         rows = mod.summary_rows()
         terminalreporter.write_line("")
         columns = list(dict.fromkeys(c for r in rows for c in r))
-        print_table(rows, columns, f"{module}: ratios (baseline time / fast time), same run")
+        terminalreporter.write_line(text_table(rows, columns, f"{module}: ratios (baseline time / "
+                                               f"fast time), same run"))

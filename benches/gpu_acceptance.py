@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from anil_fast.measure.table import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 # The project's targets on one H100 (issue 21); on another card the ratios still apply.
@@ -152,10 +154,6 @@ def accuracy_targets(seed_rows, paper_rows) -> list[dict]:
     return out
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
-
-
 def summary(out: Path, records: list[dict], quick: bool) -> str:
     targets = bench_targets(_load(out / "bench" / "bench.json")) + accuracy_targets(
         _load(out / "seed" / "comparison.json"), _load(out / "paper" / "reproduce.json"))
@@ -165,11 +163,12 @@ def summary(out: Path, records: list[dict], quick: bool) -> str:
     lines = [f"# GPU acceptance, {out.name}", ""]
     if quick:
         lines += ["**Smoke run**: tiny settings that only check the command works; not results.", ""]
-    lines += ["| step | status | seconds | limit (s) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['name']} | {r['status']} | {r['seconds']} | {r.get('limit_s', '')} |" for r in records]
-    lines += ["", "| target | goal | measured | met |", "| --- | --- | --- | --- |"]
-    lines += [f"| {t['target']} | {t['goal']} | {_fmt(t['value'])} | "
-              f"{'n/a' if t['met'] is None else 'yes' if t['met'] else 'NO'} |" for t in targets]
+    lines += markdown_table([{**r, "limit_s": r.get("limit_s", "")} for r in records],
+                            [("name", "step"), ("status", "status"), ("seconds", "seconds"),
+                             ("limit_s", "limit (s)")], digits=12)
+    lines += [""] + markdown_table(
+        [{**t, "met": "n/a" if t["met"] is None else "yes" if t["met"] else "NO"} for t in targets],
+        [("target", "target"), ("goal", "goal"), ("value", "measured"), ("met", "met")])
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"steps": records, "targets": targets}, indent=1))

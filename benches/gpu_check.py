@@ -22,12 +22,28 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
+from anil_fast.measure.harness import (copy_bandwidth_gbs, episode_problem, forward_backward,
+                                       peak_memory_bytes, time_call, traffic_floor_bytes)
+from anil_fast.measure.table import text_table
 
-from common import (copy_bandwidth_gbs, forward_backward, episode_problem, peak_memory_bytes,  # noqa: E402
-                    print_table, time_call, traffic_floor_bytes)
+# the meta-step cases (anil-fast bench's presets at their image sizes; @28: at 28 px)
+STEP_CASES = ("s2@28", "s1@28", "s2", "s1", "s4")
+QUICK_STEP_CASES = ("s2@28",)
+
+
+def print_table(rows, columns, title):
+    print(text_table(rows, columns, title))
+
+
+def time_meta_steps(device, quick: bool) -> list[dict]:
+    """Whole meta-steps of every variant against the per-task loop, each checked against the
+    float64 reference (anil-fast bench's harness: anil_fast.measure.bench)."""
+    from anil_fast.measure.bench import run_bench
+    rows, _ = run_bench(QUICK_STEP_CASES if quick else STEP_CASES, str(device), quick,
+                        repetitions=1 if quick else 3, seconds=0.05 if quick else 0.5)
+    return rows
 
 # (tasks, ways, shots, queries per class, dim, steps): random, odd and edge shapes
 CHECK_SHAPES = [(3, 5, 1, 5, 7, 5), (1, 64, 1, 2, 33, 2), (4, 20, 5, 5, 1025, 5),
@@ -37,7 +53,7 @@ QUICK_CHECK = [(3, 5, 1, 5, 7, 5), (2, 7, 3, 2, 9, 3)]
 
 
 def check_correctness(device, shapes):
-    from anil_fast.functional import adapted_query_loss
+    from anil_fast.models.functional import adapted_query_loss
     rows, ok = [], True
     for (tasks, ways, shots, queries, dim, steps) in shapes:
         problem = episode_problem(tasks, ways, shots, queries, dim, device, seed=dim + tasks)
@@ -142,7 +158,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cpu":  # the smoke version: the Triton kernels on CPU tensors
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        from anil_fast import ops
+        from anil_fast.models import ops
         ops.CPU_LOOP = "triton"
         args.quick = True
     start = time.perf_counter()
@@ -160,12 +176,13 @@ def main(argv=None):
     head_rows, bandwidth = time_head(device, args.quick, start + args.budget)
     step_rows = []
     if not args.skip_steps:
-        from bench_steps import time_meta_steps
         try:
             step_rows = time_meta_steps(device, args.quick)
         except Exception as exc:  # keep the head results whatever happens here
             step_rows = [{"case": "error", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}]
-    errors = error_cells(head_rows) + error_cells(step_rows)
+    errors = error_cells(head_rows) + error_cells(step_rows) + [
+        f"{r['case']} {r['variant']} {r['precision']}: check failed" for r in step_rows
+        if r.get("correct") is False and not str(r.get("note", "")).startswith("error")]
     result = {"info": info, "correct": ok, "errors": errors, "check": check_rows,
               "head": head_rows, "copy_bandwidth_gbs": bandwidth, "steps": step_rows,
               "seconds": time.perf_counter() - start}

@@ -36,7 +36,7 @@ STEP_TIMES = {
 def trainable_bytes(name: str, size: int, frozen: bool = False, bytes_per=4) -> int:
     body, head = models.build(name, 5, size)
     if frozen:  # s4: head + BatchNorm only
-        from anil_fast.batchnorm import batchnorm_layers
+        from anil_fast.models.batchnorm import batchnorm_layers
         n = sum(p.numel() for m in batchnorm_layers(body) for p in m.parameters(recurse=False))
     else:
         n = models.count_parameters(body)

@@ -10,8 +10,8 @@ GB/s against the traffic floor and the measured copy bandwidth) prints at the en
 import pytest
 import torch
 
-from anil_fast.functional import auto_prefers_reference
-from common import (TASK_SHAPES, copy_bandwidth_gbs, forward_backward, episode_problem,
+from anil_fast.models.functional import auto_prefers_reference
+from anil_fast.measure.harness import (TASK_SHAPES, copy_bandwidth_gbs, forward_backward, episode_problem,
                     median_seconds, peak_memory_bytes, saved_bytes, traffic_floor_bytes)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,8 +9,8 @@ The ratio table (torch time / C++ time) prints at the end of the run. CPU only.
 import pytest
 import torch
 
-from anil_fast import ops
-from common import episode_problem, median_seconds
+from anil_fast.models import ops
+from anil_fast.measure.harness import episode_problem, median_seconds
 
 # the presets' (ways, shots, queries per class), as the trainer samples them
 PRESET_SHAPES = {"5w1s": (5, 1, 5), "5w5s": (5, 5, 5), "20w1s": (20, 1, 5), "20w5s": (20, 5, 5)}

@@ -1,9 +1,10 @@
 """Shared test helpers: random head problems and an explicit per-task loop."""
 import torch
 
-from anil_fast import ANIL, MetaOptimizer, models
+from anil_fast import ANIL, MetaOptimizer
+from anil_fast import models
 from anil_fast.data import TaskBatch
-from anil_fast.functional import per_task_adapted_query_loss
+from anil_fast.models.functional import per_task_adapted_query_loss
 
 
 def head_problem(tasks, s_rows, q_rows, dim, ways, dtype=torch.float64, seed=0, device="cpu",

@@ -3,10 +3,11 @@ import copy
 import pytest
 import torch
 
-from anil_fast import ANIL, MetaOptimizer, models
-from anil_fast.batchnorm import batchnorm_layers
-from anil_fast.capture import MetaStepRunner
-from anil_fast.scenarios import scenario_config, validate_config
+from anil_fast import ANIL, MetaOptimizer
+from anil_fast import models
+from anil_fast.models.batchnorm import batchnorm_layers
+from anil_fast.training.capture import MetaStepRunner
+from anil_fast.config import scenario_config, validate_config
 from helpers import assert_trains_alike, make, make_trainable, per_task_loop, random_batch
 
 
@@ -174,7 +175,7 @@ def test_sgd_with_a_cosine_schedule_and_warmup_each_update_checked_by_hand():
     anil, opt = make_trainable(inner_lr=0.3, inner_steps=2, optimizer=torch.optim.SGD, lr=0.05,
                                schedule=lambda step: 0.5 * (1 + math.cos(math.pi * step / 4)),
                                warmup_steps=1)
-    from anil_fast.batchnorm import batchnorm_parameter_names
+    from anil_fast.models.batchnorm import batchnorm_parameter_names
     bn = {f"body.{n}" for n in batchnorm_parameter_names(anil.body)}
     twin = copy.deepcopy(anil)
     step = opt.step
@@ -211,7 +212,7 @@ def test_a_callers_optimizer_keeps_its_groups():
 
 
 def test_checkpoint_of_another_model_is_a_value_error(tmp_path):
-    from anil_fast.build import load_model_state
+    from anil_fast.runs.build import load_model_state
     conv4 = make()
     other = make(ways=5)
     with pytest.raises(ValueError, match="checkpoint"):

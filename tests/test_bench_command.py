@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from anil_fast import bench, cli
+from anil_fast import cli
+from anil_fast.measure import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,15 +29,14 @@ def test_gpu_check_fails_on_an_error_cell(tmp_path, monkeypatch):
     # a variant that errors (e.g. a CUDA-graph capture) is recorded, the rest still runs, and
     # the check exits non-zero: an "error: ..." cell is a failure, not a result
     monkeypatch.syspath_prepend(str(ROOT / "benches"))
-    import bench_steps
     import gpu_check
-    from anil_fast import ops
+    from anil_fast.models import ops
     monkeypatch.setattr(ops, "CPU_LOOP", ops.CPU_LOOP)  # gpu_check's CPU smoke switches it
 
     def broken_steps(device, quick):
         return [{"case": "s2 conv4 28px", "per-task it/s": 3.0,
                  "fast bf16+graph it/s": "error: RuntimeError: capture failed"}]
-    monkeypatch.setattr(bench_steps, "time_meta_steps", broken_steps)
+    monkeypatch.setattr(gpu_check, "time_meta_steps", broken_steps)
     monkeypatch.setattr(gpu_check, "check_correctness", lambda device, shapes: ([{"ok": "yes"}], True))
     monkeypatch.setattr(gpu_check, "time_head", lambda device, quick, deadline: ([], None))
     code = gpu_check.main(["--device", "cpu", "--json", str(tmp_path / "check.json")])

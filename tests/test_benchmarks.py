@@ -171,8 +171,8 @@ def test_mini_imagenet_errors(no_data):
 
 def test_benchmark_presets_build_from_the_data(no_data, monkeypatch):
     # a preset's config reaches the loader and the RGB model: one tiny training run
-    from anil_fast.scenarios import scenario_config
-    from anil_fast.trainer import train
+    from anil_fast.config import scenario_config
+    from anil_fast.training.run import train
     root = write_cifar100(no_data / "c", per_class=(3, 1))
     config = scenario_config("fc100-5w1s", data_root=str(root), meta_steps=2, meta_batch=2,
                              test_tasks=4, device="cpu", inner_steps=1)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from anil_fast import ANIL, MetaOptimizer, models
+from anil_fast import ANIL, MetaOptimizer
+from anil_fast import models
 from anil_fast.errors import InputError
 from helpers import make_trainable, random_batch
 
@@ -127,19 +128,17 @@ def test_resume_and_rollback_into_a_capturable_optimizer_copy_into_the_tensors_i
 
 
 def minimal_checkpoint() -> dict:
-    from anil_fast.build import rng_state
-    from anil_fast.runfolder import CHECKPOINT_FORMAT
-    from anil_fast.scenarios import Config
+    from anil_fast.runs.build import rng_state
+    from anil_fast.runs.folder import CHECKPOINT_FORMAT
+    from anil_fast.config import Config
     return {"format": CHECKPOINT_FORMAT, "config": Config().to_dict(), "rng": rng_state(),
             "sampler": {"generator": torch.Generator().get_state(), "position": 0, "order": None},
             "elapsed_s": 1.0}
 
 
 def test_loss_spike_rollback_under_capture_keeps_the_graphs_tensors(tmp_path):
-    from types import SimpleNamespace
-
-    from anil_fast.rollback import LossSpikeGuard, roll_back
-    from anil_fast.runfolder import RunFolder
+    from anil_fast.training.rollback import roll_back
+    from anil_fast.runs.folder import RunFolder
     anil, opt = trained_optimizer(steps=2)
     folder = RunFolder(tmp_path / "run")
     folder.create()
@@ -150,10 +149,7 @@ def test_loss_spike_rollback_under_capture_keeps_the_graphs_tensors(tmp_path):
     opt.step(random_batch(seed=5))  # moves on past the checkpoint
     opt.make_capturable()
     held, params = state_tensors(opt), list(anil.parameters())
-    guard = LossSpikeGuard(2.0)
-    guard.lowest = 0.1
-    run = SimpleNamespace(folder=folder, anil=anil, optimizer=opt, spike_guard=guard, step=3)
-    record = roll_back(run, 1.0)
+    record = roll_back(anil, opt, folder.path)
     assert record["outer_lr_scale"] == 0.5
     assert all(state_tensors(opt)[k] is held[k] for k in held)
     assert all(p is q for p, q in zip(anil.parameters(), params))

@@ -326,14 +326,15 @@ def test_large_pools_draw_in_chunks_and_absurd_ones_are_refused(synthetic_charac
 
 
 def test_absurd_counts_and_sizes_are_refused_before_loading(monkeypatch):
-    from anil_fast import build
+    from anil_fast.runs import build
     from anil_fast.evaluation import evaluate_checkpoint
-    from anil_fast.scenarios import scenario_config
+    from anil_fast.config import scenario_config
+    from anil_fast.runs.settings import resolve
     monkeypatch.setattr(build, "split_images", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
     for overrides, word in (({"tasks": 10**9}, "tasks"), ({"test_tasks": 10**9}, "test_tasks"),
                             ({"image_size": 2048}, "image_size"),
                             ({"val_tasks": 10**9, "protocol": "standard", "validation": 5}, "val_tasks")):
         with pytest.raises(ValueError, match=f"{word}.*1,000,000|{word}.*1024"):
-            scenario_config("s2", **overrides)
+            resolve(scenario_config("s2", **overrides))
     with pytest.raises(ValueError, match="tasks must be an int in 1..1,000,000"):
         evaluate_checkpoint("nowhere", tasks=10**9)

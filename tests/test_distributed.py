@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from anil_fast import ANIL, MetaOptimizer, distributed, models
+from anil_fast import ANIL, MetaOptimizer, distributed
+from anil_fast import models
 from anil_fast.data import TaskSampler
 from helpers import random_batch
 
@@ -116,20 +117,20 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
 
 
 def _tiny_config(meta_steps):
-    from anil_fast.scenarios import scenario_config
+    from anil_fast.config import scenario_config
     return scenario_config("s2", image_size=28, meta_batch=4, queries=2, inner_steps=1,
                            test_tasks=4, meta_steps=meta_steps, checkpoint_every=2, tasks=None,
                            device="cpu", precision="fp32")  # fp32 tolerances below
 
 
 def _job_resume_part(rank, info, out_dir):
-    from anil_fast.trainer import train
+    from anil_fast.training.run import train
     summary = train(_tiny_config(2), os.path.join(out_dir, "run"), progress=False)
     return {"world_size": summary["world_size"], "per_rank": summary["per_rank_it_s"]}
 
 
 def test_resume_on_a_different_world_size(tmp_path, omniglot_dir, monkeypatch):
-    from anil_fast.trainer import load_checkpoint, train
+    from anil_fast.training.run import load_checkpoint, train
     monkeypatch.setenv("ANIL_FAST_OFFLINE", "1")
     assert _spawn(_job_resume_part, tmp_path) == [0, 0], _errors(tmp_path)
     first = torch.load(tmp_path / "rank0.pt")

@@ -15,9 +15,9 @@ from torch import nn
 
 from anil_fast import ANIL, FewShotClassifier
 from anil_fast.cli import main
-from anil_fast.export import resize_matrix
-from anil_fast.scenarios import scenario_config
-from anil_fast.trainer import train
+from anil_fast.use.export import resize_matrix
+from anil_fast.config import scenario_config
+from anil_fast.training.run import train
 from helpers import colour_classes, make
 
 RUNNER = Path(__file__).with_name("run_exported.py")

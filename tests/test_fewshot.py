@@ -187,10 +187,11 @@ def test_bad_folders_are_named(tmp_path, isolated_cache):
     with pytest.raises(ValueError, match="at least 3"):
         image_folder(tmp_path / "empty", "train", 16)
     # 5 classes split 64/16/20: one test class; more ways than that names the split
-    from anil_fast.build import task_sampler
-    from anil_fast.scenarios import scenario_config
+    from anil_fast.runs.build import task_sampler
+    from anil_fast.config import scenario_config
     (root / "class_01" / "broken.png").unlink()
-    config = scenario_config("s2", data=str(root), image_size=16, ways=2, queries=2)
+    from anil_fast.runs.settings import resolve
+    config = resolve(scenario_config("s2", data=str(root), image_size=16, ways=2, queries=2)).config
     with pytest.raises(ValueError, match=r"the test split of .*data: ways \(2\) is larger than the 1 classes"):
         task_sampler(config, "test", "cpu")
 
@@ -294,8 +295,9 @@ def test_too_many_pixels_are_refused_before_decoding(tmp_path, isolated_cache, m
         image_folder(root, "train", 2048)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="image_size"):  # and a cap on the setting itself
-        from anil_fast.scenarios import scenario_config
-        scenario_config("s2", data=str(root), image_size=4096)
+        from anil_fast.config import scenario_config
+        from anil_fast.runs.settings import resolve
+        resolve(scenario_config("s2", data=str(root), image_size=4096))
 
 
 def test_split_files_are_checked(tmp_path, isolated_cache):

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from anil_fast import ops
-from anil_fast.functional import adapted_query_loss
+from anil_fast.models import ops
+from anil_fast.models.functional import adapted_query_loss
 from helpers import assert_trains_alike, grads_of, head_problem, make, per_task_loop
 
 cpp_missing = ops.cpp_extension() is None
@@ -254,7 +254,7 @@ def test_torch_compile_fullgraph_cpu():
 def test_auto_dispatch(monkeypatch, s_rows, dim, runs):
     # "auto" runs what auto_prefers_reference says (the rule's speed is the benchmark's to
     # report, benches/test_bench_head.py); the other path is made to fail here
-    from anil_fast import functional
+    from anil_fast.models import functional
     def refuse(*args, **kwargs):
         raise AssertionError("auto ran the other path")
     other = "fused_adapted_query_loss" if runs == "reference" else "reference_adapted_query_loss"
@@ -265,7 +265,7 @@ def test_auto_dispatch(monkeypatch, s_rows, dim, runs):
 
 
 def test_backend_names():
-    from anil_fast.functional import backend_name
+    from anil_fast.models.functional import backend_name
     assert backend_name("cpp") == backend_name("triton") == "fused"
     assert backend_name("loop") == "per_task"
     with pytest.raises(ValueError, match="backend"):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from anil_fast.lake import WAYS, load_runs, run_characters, score_lake_runs, training_characters
-from anil_fast.scenarios import scenario_config
-from anil_fast.trainer import train
+from anil_fast.use.lake import WAYS, load_runs, run_characters, score_lake_runs, training_characters
+from anil_fast.config import scenario_config
+from anil_fast.training.run import train
 from helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("omniglot_dir", "offline")

@@ -15,10 +15,10 @@ import io
 import pytest
 import torch
 
-from anil_fast import ANIL, FewShotClassifier, MetaOptimizer, models
-from anil_fast.anil import BN_MODES, HEAD_INITS, PRECISIONS
-from anil_fast.functional import BACKENDS
-from anil_fast.predict import QUERY_DEPENDENT_BN_MODES
+from anil_fast import ANIL, FewShotClassifier, MetaOptimizer
+from anil_fast import models
+from anil_fast.config import BACKENDS, BN_MODES, HEAD_INITS, PRECISIONS
+from anil_fast.use.predict import QUERY_DEPENDENT_BN_MODES
 from helpers import colour_classes, pairwise, random_batch, run_cli
 
 WAYS, SIZE = 3, 16
@@ -191,7 +191,7 @@ def test_unsupported_values_are_refused_before_anything_runs(args, words, tmp_pa
 
 
 def test_the_fused_backend_where_it_has_no_kernel_is_refused_naming_it():
-    from anil_fast.functional import adapted_query_loss
+    from anil_fast.models.functional import adapted_query_loss
     with pytest.raises(ValueError, match="backend 'fused' has kernels for CPU and CUDA"):
         f = torch.zeros(1, 2, 4, device="meta")
         y = torch.zeros(1, 2, dtype=torch.int64, device="meta")

@@ -10,8 +10,8 @@ import torch
 from anil_fast import FewShotClassifier
 from anil_fast.cli import main
 from anil_fast.data import TaskBatch
-from anil_fast.scenarios import scenario_config
-from anil_fast.trainer import train
+from anil_fast.config import scenario_config
+from anil_fast.training.run import train
 from helpers import colour_classes
 
 
@@ -140,7 +140,8 @@ def test_omniglot_characters_the_model_never_saw(tmp_path):
 
 
 def test_a_prototype_head_predicts_as_it_evaluates():
-    from anil_fast import ANIL, models
+    from anil_fast import ANIL
+    from anil_fast import models
     torch.manual_seed(0)
     anil = ANIL(*models.build("conv4", 4, 16, channels=3), head_init="proto", inner_lr=0.2,
                 inner_steps=2)

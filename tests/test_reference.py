@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from anil_fast.functional import adapted_query_loss
+from anil_fast.models.functional import adapted_query_loss
 from helpers import grads_of, head_problem, per_task_loop
 
 

@@ -6,13 +6,14 @@ import time
 
 import pytest
 
-from anil_fast.optim import MetaOptimizer
+from anil_fast.training.optim import MetaOptimizer
 from anil_fast.cli import main
-from anil_fast.runfolder import load_checkpoint
-from anil_fast.scenarios import scenario_config
-from anil_fast.schedules import lr_factor, progress
+from anil_fast.runs.folder import load_checkpoint
+from anil_fast.config import scenario_config
+from anil_fast.runs.settings import resolve
+from anil_fast.training.schedules import lr_factor, progress
 from anil_fast.evaluation import evaluate_checkpoint
-from anil_fast.trainer import train
+from anil_fast.training.run import train
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +65,7 @@ def test_one_time_costs_are_kept_off_the_training_clock(tmp_path, monkeypatch):
 
 def _scripted_validation(monkeypatch, scores):
     """Validation accuracies by step (the test evaluations run for real)."""
-    import anil_fast.trainer as trainer
+    import anil_fast.training.run as trainer
     real, real_step, steps = trainer.evaluate, MetaOptimizer.step, [0]
 
     def step(self, batch, **kwargs):
@@ -121,9 +122,9 @@ def test_resume_keeps_the_best_so_far(tmp_path, monkeypatch):
 
 def test_validation_needs_the_standard_protocol():
     with pytest.raises(ValueError, match="standard"):
-        tiny(validation=10, val_every=2)
+        resolve(tiny(validation=10, val_every=2))
     with pytest.raises(ValueError, match="validation"):
-        scenario_config("std-5w1s", validation=0)  # the preset validates every 30 s
+        resolve(scenario_config("std-5w1s", validation=0))  # the preset validates every 30 s
 
 
 # -- schedules ------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from anil_fast.cli import main
-from anil_fast.runfolder import RunFolder, load_checkpoint
-from anil_fast.scenarios import scenario_config
+from anil_fast.runs.folder import RunFolder, load_checkpoint
+from anil_fast.config import scenario_config
 from anil_fast.evaluation import evaluate_checkpoint
-from anil_fast.trainer import TrainingDiverged, train
+from anil_fast.training.run import TrainingDiverged, train
 
 TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tasks", "4",
         "--inner-steps", "1", "--checkpoint-every", "2", "--no-progress", "--endless"]
@@ -255,7 +255,7 @@ def test_resume_skips_a_torn_metrics_line(finished_run, tmp_path):
 
 @needs_data
 def test_huge_weights_are_never_checkpointed_and_resume_may_lower_the_lr(tmp_path, monkeypatch):
-    from anil_fast.optim import MetaOptimizer
+    from anil_fast.training.optim import MetaOptimizer
     original, calls = MetaOptimizer.step, []
 
     def blows_up(self, batch, **kwargs):
@@ -298,12 +298,12 @@ def test_train_and_evaluate_leave_the_global_rng_alone(finished_run, tmp_path):
 
 @needs_data
 def test_bf16_without_native_support_trains_in_fp32_and_says_so(tmp_path, monkeypatch):
-    import anil_fast.build as build
-    monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: False)
+    import anil_fast.runs.settings as settings
+    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="no native bf16"):
         summary = train(tiny(meta_steps=2, precision="bf16"), tmp_path / "run", progress=False)
     assert summary["precision"] == "fp32"
-    monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: True)
     summary = train(tiny(meta_steps=2, precision="bf16"), tmp_path / "run2", progress=False)
     assert summary["precision"] == "bf16"
 
@@ -387,7 +387,7 @@ def test_run_files_follow_the_umask(tmp_path):
 
 @needs_data
 def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
-    from anil_fast.optim import MetaOptimizer
+    from anil_fast.training.optim import MetaOptimizer
     original, calls = MetaOptimizer.step, []
 
     def interrupted_at_step_5(self, batch, **kwargs):
@@ -414,8 +414,8 @@ def test_a_huge_loss_and_wild_batchnorm_statistics_stop_the_run(tmp_path, monkey
     with pytest.raises(TrainingDiverged, match="meta-loss became .*more than 10000"):
         train(tiny(meta_steps=4, inner_lr=1e30), tmp_path / "lr", progress=False)
     assert not (tmp_path / "lr" / "results.json").exists()
-    from anil_fast.batchnorm import batchnorm_layers
-    from anil_fast.optim import MetaOptimizer
+    from anil_fast.models.batchnorm import batchnorm_layers
+    from anil_fast.training.optim import MetaOptimizer
     original, calls = MetaOptimizer.step, []
 
     def wild_statistics(self, batch, **kwargs):
@@ -432,10 +432,11 @@ def test_a_huge_loss_and_wild_batchnorm_statistics_stop_the_run(tmp_path, monkey
 
 @needs_data
 def test_results_say_what_they_are(finished_run, tmp_path, capsys):
-    from anil_fast.scenarios import NO_VALIDATION_NOTE
+    from anil_fast.config import NO_VALIDATION_NOTE
     # validation asked for but never scheduled: said, not silently skipped
-    config = scenario_config("std-5w1s", validation=5, val_every=0, val_every_s=None,
-                             meta_steps=2, meta_batch=2, test_tasks=4, device="cpu")
+    from anil_fast.runs.settings import resolve
+    config = resolve(scenario_config("std-5w1s", validation=5, val_every=0, val_every_s=None,
+                                     meta_steps=2, meta_batch=2, test_tasks=4, device="cpu")).config
     assert NO_VALIDATION_NOTE in config.notes
     code, message = run_cli(capsys, "train", "--scenario", "s2", "--protocol", "standard",
                             "--validation", "5", "--val-every", "0", "--meta-steps", "1",
@@ -451,7 +452,7 @@ def test_results_say_what_they_are(finished_run, tmp_path, capsys):
 
 
 def test_compare_refuses_repeated_or_no_scenarios_before_training(tmp_path, capsys, monkeypatch):
-    import anil_fast.compare as compare
+    import anil_fast.experiments.compare as compare
     monkeypatch.setattr(compare, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     for names, word in (("s2,s2", "s2 named more than once"), ("", "at least one scenario"),
                         (" , ", "at least one scenario")):
@@ -460,7 +461,7 @@ def test_compare_refuses_repeated_or_no_scenarios_before_training(tmp_path, caps
 
 
 def test_reproduce_keeps_another_suites_report(tmp_path, capsys, monkeypatch):
-    import anil_fast.reproduce as reproduce
+    import anil_fast.experiments.reproduce as reproduce
     monkeypatch.setattr(reproduce, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     out = tmp_path / "rep"
     out.mkdir()
@@ -521,10 +522,10 @@ def test_train_config_names_unknown_keys_and_wrong_types(finished_run, tmp_path,
 
 @needs_data
 def test_precision_auto_picks_bf16_only_where_it_is_native(tmp_path, monkeypatch, capsys):
-    import anil_fast.build as build
+    import anil_fast.runs.settings as settings
     assert scenario_config("s2").precision == "auto"  # the default
     for native, expected, flag in ((False, "fp32", ["--precision", "auto"]), (True, "bf16", [])):
-        monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native)
         out = tmp_path / expected
         code, text = run_cli(capsys, "train", "--scenario", "s2", "--meta-steps", "1", *TINY,
                              *flag, "--out", str(out))

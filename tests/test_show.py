@@ -4,7 +4,7 @@ import torch
 
 from anil_fast.cli import main
 from anil_fast.data import TaskSampler
-from anil_fast.show import task_grid
+from anil_fast.experiments.show import task_grid
 
 
 def test_task_grid_columns_are_classes():

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from anil_fast import ANIL, FewShotClassifier, MetaOptimizer, models
-from anil_fast.build import task_sampler
+from anil_fast import ANIL, FewShotClassifier, MetaOptimizer
+from anil_fast import models
+from anil_fast.runs.build import task_sampler
 from anil_fast.cli import main
 from anil_fast.evaluation import evaluate, evaluate_checkpoint
-from anil_fast.runfolder import load_checkpoint
-from anil_fast.scenarios import scenario_config
-from anil_fast.trainer import train
+from anil_fast.runs.folder import load_checkpoint
+from anil_fast.runs.settings import resolve
+from anil_fast.config import scenario_config
+from anil_fast.training.run import train
 from helpers import colour_classes, make, random_batch, run_cli
 
 
@@ -83,7 +85,7 @@ def test_from_checkpoint_leaves_the_callers_rng_alone(joint_run):
 
 
 def test_every_evaluation_of_a_pool_scores_the_same_tasks(colours):
-    config = folder_config(colours)
+    config = resolve(folder_config(colours)).config
     sampler = task_sampler(config, "test", "cpu", 120)  # over 50, not a multiple of 50
     anil = ANIL(*models.build("conv4", 3, 16, channels=3), inner_lr=0.1, inner_steps=1)
     first = evaluate(anil, sampler, 120)
@@ -240,7 +242,7 @@ def test_a_rewritten_cache_entry_is_never_served(tmp_path):
 
 
 def test_validation_leaves_the_validation_sampler_where_it_was(colours):
-    config = folder_config(colours, validation=1, val_every=2, val_tasks=7)
+    config = resolve(folder_config(colours, validation=1, val_every=2, val_tasks=7)).config
     sampler = task_sampler(config, "validation", "cpu")
     state = sampler.state_dict()
     anil = ANIL(*models.build("conv4", 3, 16, channels=3), inner_lr=0.1, inner_steps=1)

@@ -3,8 +3,8 @@ reader; a clear error, before anything starts, when the package is missing."""
 import pytest
 
 from anil_fast.cli import main
-from anil_fast.scenarios import scenario_config
-from anil_fast.trainer import train
+from anil_fast.config import scenario_config
+from anil_fast.training.run import train
 
 pytestmark = pytest.mark.usefixtures("omniglot_dir", "offline")
 

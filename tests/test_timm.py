@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("timm")
 
-from anil_fast import MetaOptimizer, models  # noqa: E402
+from anil_fast import MetaOptimizer
+from anil_fast import models  # noqa: E402
 from anil_fast.errors import InputError  # noqa: E402
 from helpers import make, random_batch  # noqa: E402
 
@@ -38,7 +39,7 @@ def test_batched_timm_body_equals_the_per_task_loop(name):
 
 def test_a_body_it_cannot_batch_runs_per_task_and_says_so():
     # MobileNetV3's BatchNormAct2d applies an activation inside the norm layer
-    from anil_fast.batchnorm import unbatchable_layers
+    from anil_fast.models.batchnorm import unbatchable_layers
     body, _ = models.build("timm:mobilenetv3_small_050", 3, 32, channels=3)
     assert any("BatchNormAct2d" in layer for layer in unbatchable_layers(body))
     _step_alike("timm:mobilenetv3_small_050", batched_warns=True)
@@ -59,7 +60,7 @@ def test_a_timm_body_trains_through_the_cli(tmp_path, capsys, monkeypatch):
 
 def test_pretrained_weights_come_from_a_local_file_only(tmp_path, monkeypatch):
     import timm
-    import anil_fast.timm_bodies as timm_bodies
+    import anil_fast.models.timm_bodies as timm_bodies
     source = timm.create_model("resnet10t", num_classes=1000)  # with its classifier, as published
     torch.save(source.state_dict(), tmp_path / "weights.pth")
     body, _ = models.build("timm:resnet10t", 5, 32, channels=3, pretrained=True,
@@ -72,11 +73,12 @@ def test_pretrained_weights_come_from_a_local_file_only(tmp_path, monkeypatch):
 
 
 def test_bad_timm_names_and_settings_are_named(monkeypatch):
-    from anil_fast.scenarios import scenario_config
+    from anil_fast.config import scenario_config
+    from anil_fast.runs.settings import resolve
     with pytest.raises(InputError, match="no architecture 'resnet_nope'"):
-        scenario_config("s2", model="timm:resnet_nope")
+        resolve(scenario_config("s2", model="timm:resnet_nope"))
     with pytest.raises(InputError, match="weights_file"):
-        scenario_config("s2", model="conv4", weights_file="x.pth")
+        resolve(scenario_config("s2", model="conv4", weights_file="x.pth"))
     with pytest.raises(InputError, match="cannot take 8 px|could not be built"):
         models.build("timm:convnext_atto", 3, 8, channels=3)
     import builtins
@@ -84,4 +86,4 @@ def test_bad_timm_names_and_settings_are_named(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(
         ImportError("no timm")) if name == "timm" else real_import(name, *a, **k))
     with pytest.raises(InputError, match=r"pip install 'anil-fast\[timm\]'"):
-        scenario_config("s2", model="timm:resnet10t")
+        resolve(scenario_config("s2", model="timm:resnet10t"))

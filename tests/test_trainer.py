@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from anil_fast.cli import main
-from anil_fast.scenarios import scenario_config
-from anil_fast.trainer import TrainingDiverged, load_checkpoint, train
+from anil_fast.config import scenario_config
+from anil_fast.training.run import TrainingDiverged, load_checkpoint, train
 
 TINY = ["--image-size", "28", "--meta-batch", "2", "--queries", "2", "--test-tasks", "6",
         "--inner-steps", "2", "--checkpoint-every", "2", "--no-progress"]
@@ -80,7 +80,7 @@ def test_compare_writes_tables_and_plots(tmp_path, omniglot_dir):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, omniglot_dir):
-    from anil_fast.optim import MetaOptimizer
+    from anil_fast.training.optim import MetaOptimizer
     original = MetaOptimizer.step
     calls = []
 
@@ -139,7 +139,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, omniglot_dir):
 
 def test_device_defaults_to_auto_everywhere():
     from anil_fast.cli import build_parser
-    from anil_fast.scenarios import Config
+    from anil_fast.config import Config
     assert Config().device == "auto"
     parser = build_parser()
     for argv in (["train", "--out", "x"], ["compare", "--out", "x"]):
@@ -161,7 +161,7 @@ def test_the_package_holds_only_its_own_modules():
 
 
 def test_loss_spike_guard():
-    from anil_fast.rollback import LossSpikeGuard
+    from anil_fast.training.rollback import LossSpikeGuard
     guard = LossSpikeGuard(2.0)
     assert [guard.spiked(x) for x in (3.0, 1.2, 1.0, 1.9, 2.1, 0.8, 1.7)] == \
         [False, False, False, False, True, False, True]
@@ -170,7 +170,7 @@ def test_loss_spike_guard():
 
 def _spiking_step(monkeypatch, at_calls):
     """MetaOptimizer.step reporting a 10x loss (weights scrambled) on the given calls."""
-    from anil_fast.optim import MetaOptimizer
+    from anil_fast.training.optim import MetaOptimizer
     original, calls = MetaOptimizer.step, []
 
     def spiking(self, batch, **kwargs):
@@ -190,7 +190,7 @@ def test_a_loss_spike_rolls_back_to_the_last_checkpoint_at_half_the_lr(tmp_path,
     config = scenario_config("s2", image_size=28, meta_batch=2, queries=2, test_tasks=2,
                              meta_steps=10, checkpoint_every=4, log_every=1, device="cpu",
                              inner_steps=1, spike_rollback=3.0)
-    from anil_fast.runfolder import RunFolder
+    from anil_fast.runs.folder import RunFolder
     kept = {}
     real_save = RunFolder.save_checkpoint
 
@@ -212,7 +212,7 @@ def test_a_loss_spike_rolls_back_to_the_last_checkpoint_at_half_the_lr(tmp_path,
 
 
 def test_repeated_loss_spikes_stop_the_run_as_diverged(tmp_path, monkeypatch, omniglot_dir):
-    from anil_fast.rollback import MAX_ROLLBACKS
+    from anil_fast.training.rollback import MAX_ROLLBACKS
     _spiking_step(monkeypatch, at_calls=set(range(4, 40)))
     config = scenario_config("s2", image_size=28, meta_batch=2, queries=2, test_tasks=2,
                              meta_steps=40, checkpoint_every=2, log_every=1, device="cpu",
@@ -223,6 +223,6 @@ def test_repeated_loss_spikes_stop_the_run_as_diverged(tmp_path, monkeypatch, om
 
 @pytest.mark.parametrize("bad", [1, 0.5, True, float("inf"), "2"])
 def test_bad_spike_rollback_is_refused(bad):
-    from anil_fast.scenarios import validate_config
+    from anil_fast.config import validate_config
     with pytest.raises(ValueError, match="spike_rollback"):
         validate_config(scenario_config("std-5w1s", spike_rollback=bad))

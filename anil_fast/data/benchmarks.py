@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..env import cache_dir, data_roots, offline
-from ..errors import InputError
-from .fewshot import SPLITS, FewShotImages, decode_images, from_tensors
-from .omniglot import not_found
+from anil_fast.config import BENCHMARKS
+from anil_fast.env import cache_dir, data_roots, offline
+from anil_fast.errors import InputError
+from anil_fast.data.fewshot import SPLITS, FewShotImages, decode_images, from_tensors
+from anil_fast.data.omniglot import not_found
 
-BENCHMARKS = ("mini-imagenet", "cifar-fs", "fc100")
 CLASSES_PER_SPLIT = {"mini-imagenet": (64, 16, 20), "cifar-fs": (64, 16, 20), "fc100": (60, 20, 20)}
 NATIVE_SIZE = {"mini-imagenet": 84, "cifar-fs": 32, "fc100": 32}
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..env import (cache_dir, check_allocation, file_stamp, parse_json, read_cached_array,
+from anil_fast.env import (cache_dir, check_allocation, file_stamp, parse_json, read_cached_array,
                    write_cached_array)
-from ..errors import InputError, InputTypeError, is_int
+from anil_fast.errors import InputError, InputTypeError, is_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 SPLITS = ("train", "validation", "test")

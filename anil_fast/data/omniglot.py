@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..env import cache_dir, data_roots, file_stamp, read_cached_array, write_cached_array
-from ..errors import InputError, InputTypeError, is_int
+from anil_fast.env import cache_dir, data_roots, file_stamp, read_cached_array, write_cached_array
+from anil_fast.errors import InputError, InputTypeError, is_int
 
 SPLITS = {"background": 964, "evaluation": 659}
 FIRST_ID = {"background": 1, "evaluation": 965}

@@ -6,10 +6,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..errors import InputError, InputTypeError, check_int, is_int
-from ..env import check_allocation
-from .fewshot import FewShotImages
-from .omniglot import Omniglot
+from anil_fast.errors import InputError, InputTypeError, check_int, is_int
+from anil_fast.config import PROTOCOLS
+from anil_fast.env import check_allocation
+from anil_fast.data.fewshot import FewShotImages
+from anil_fast.data.omniglot import Omniglot
 
 DRAW_CHUNK = 65_536  # tasks drawn per call; pools up to it draw exactly as one call
 
@@ -261,7 +262,6 @@ class TaskSampler:
         self.order = None if order is None else order.to(self.device)
 
 
-PROTOCOLS = ("seed", "standard", "background")
 BACKGROUND = 964  # characters of the background set (the evaluation set has 659)
 STANDARD_TRAIN = 1200
 STANDARD_SEED = 1623  # fixed seed of the standard protocol's character split

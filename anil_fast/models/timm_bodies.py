@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError
+from anil_fast.config import TIMM_PREFIX as PREFIX
+from anil_fast.config import is_timm
+from anil_fast.errors import InputError
 
-PREFIX = "timm:"
-
-
-def is_timm(name) -> bool:
-    return isinstance(name, str) and name.startswith(PREFIX)
+__all__ = ["is_timm", "check_name", "timm_body", "weights_source"]
 
 
 def _timm():

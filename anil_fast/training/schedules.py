@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 
-from .errors import InputError
+from anil_fast.config import LR_SCHEDULES as SCHEDULES
+from anil_fast.errors import InputError
 
-SCHEDULES = ("constant", "cosine", "step")
 
 
 def lr_factor(schedule: str, progress: float, floor: float = 0.05) -> float:

@@ -33,18 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import models
-from .anil import ANIL, prefers_channels_last
-from .capture import MetaStepRunner
-from .data import TaskBatch
-from .env import cpu_flags, cpu_has_native_bf16, cpu_model
-from .errors import InputError
-from .functional import adapted_query_loss
-from .metrics import peak_rss_bytes
-from .optim import MetaOptimizer
-from .scenarios import PRESETS, scenario_config
+from anil_fast.models import bodies
+from anil_fast.models.anil import ANIL, prefers_channels_last
+from anil_fast.training.capture import MetaStepRunner
+from anil_fast.data import TaskBatch
+from anil_fast.env import cpu_flags, cpu_has_native_bf16, cpu_model
+from anil_fast.errors import InputError
+from anil_fast.models.functional import adapted_query_loss
+from anil_fast.measure.harness import PeakMemory, calls_per_second, synchronize
+from anil_fast.measure.table import markdown_table
+from anil_fast.training.optim import MetaOptimizer
+from anil_fast.config import BENCH_CASES, PRESETS, scenario_config
 
-DEFAULT_CASES = ("s2", "s1", "std-5w1s", "std-20w1s", "s4")
 # --quick: tiny shapes that keep every code path alive in seconds (a smoke run, not results)
 QUICK = dict(image_size=28, meta_batch=4, queries=2)
 QUICK_CASES = ("s2", "s1")
@@ -103,7 +103,7 @@ class Case:
 
     def model_pair(self, seed: int = 0):
         torch.manual_seed(seed)
-        return models.build(self.model, self.ways, self.image_size, channels=self.channels)
+        return bodies.build(self.model, self.ways, self.image_size, channels=self.channels)
 
 
 # -- the vmap baseline -----------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class VmapANIL(nn.Module):
         self.body, self.head = body, head
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         if freeze_body:
-            from .batchnorm import batchnorm_parameter_names
+            from anil_fast.models.batchnorm import batchnorm_parameter_names
             keep = batchnorm_parameter_names(body)
             for name, p in body.named_parameters():
                 p.requires_grad_(name in keep)
@@ -291,44 +291,14 @@ def vmap_head_error(case: Case, device, dim: int = 64) -> float:
 
 
 # -- measuring -------------------------------------------------------------------------------------
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _Memory:
-    """Peak memory of a block: CUDA max_memory_allocated above what was allocated before, or
-    on the CPU the growth of the process's peak RSS (it only shows a new peak)."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base = peak_rss_bytes()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            _sync(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.peak = peak_rss_bytes() - self.base
-        return False
-
-
 def _prepare(case, variant, device, batch, reference, quick, warmup):
     """Build a variant, take its first step (checked against the reference) and its warm-up
     steps; {"step", "error", "memory_mb"} or {"failed": message}."""
     try:
         step, model = stepper(case, variant, device, quick)
-        with _Memory(device) as memory:  # above the weights: activations, gradients, state
+        with PeakMemory(device) as memory:  # above the weights: activations, gradients, state
             loss = step(batch)
-            _sync(device)
+            synchronize(device)
             if variant.name == "vmap":
                 error = vmap_head_error(case, device)
             else:
@@ -336,25 +306,10 @@ def _prepare(case, variant, device, batch, reference, quick, warmup):
                                        reference["grads"])
             for _ in range(warmup):
                 step(batch)
-            _sync(device)
+            synchronize(device)
     except Exception as exc:  # one variant failing (capture on an odd setup) is a row, not the end
         return {"failed": f"{type(exc).__name__}: {str(exc).strip()[:120]}"}
     return {"step": step, "error": error, "memory_mb": memory.peak / 2 ** 20, "rates": []}
-
-
-def _timed_rate(fn, device, target_s: float) -> float:
-    """Calls per second of fn over about target_s (at least one call)."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    once = time.perf_counter() - start
-    n = max(1, int(target_s / max(once, 1e-6)))
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    _sync(device)
-    return n / (time.perf_counter() - start)
 
 
 def floors(case: Case, device, precisions, target_s: float) -> dict:
@@ -371,9 +326,9 @@ def floors(case: Case, device, precisions, target_s: float) -> dict:
             body.zero_grad(set_to_none=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
                 body(images).float().sum().backward()
-        with _Memory(device) as memory:
+        with PeakMemory(device) as memory:
             body_step()
-        out[f"body {precision}"] = (_timed_rate(body_step, device, target_s), memory.peak / 2 ** 20)
+        out[f"body {precision}"] = (calls_per_second(body_step, device, target_s), memory.peak / 2 ** 20)
     g = torch.Generator().manual_seed(2)
     s, q, dim = case.ways * case.shots, case.ways * case.queries, head.in_features
     leaves = [torch.randn(case.meta_batch, s, dim, generator=g).to(device).requires_grad_(),
@@ -387,7 +342,7 @@ def floors(case: Case, device, precisions, target_s: float) -> dict:
                                            inner_steps=case.inner_steps,
                                            first_order=case.first_order, backend=backend)
             torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-        out[f"head {backend}"] = (_timed_rate(head_step, device, target_s), None)
+        out[f"head {backend}"] = (calls_per_second(head_step, device, target_s), None)
     return out
 
 
@@ -406,7 +361,7 @@ def measure_case(case: Case, device, variants, repetitions: int, target_s: float
     for _ in range(repetitions):  # interleaved: a slow minute hits every variant alike
         for variant, state in prepared.values():
             if "step" in state:
-                state["rates"].append(_timed_rate(lambda: state["step"](batch), device, target_s))
+                state["rates"].append(calls_per_second(lambda: state["step"](batch), device, target_s))
     floor = floors(case, device, sorted({v.precision for v in variants}), target_s)
     loop = prepared.get(f"{BASELINE} fp32", (None, {}))[1].get("rates")
     loop_rate = statistics.median(loop) if loop else None
@@ -470,7 +425,8 @@ COLUMNS = [("case", "case"), ("variant", "variant"), ("precision", "precision"),
            ("check", "check vs reference"), ("note", "note")]
 
 
-def _cell(row: dict, key: str) -> str:
+def _cell(row: dict, key: str) -> str | None:
+    """The bench's own columns (None: the table's default rendering)."""
     if key == "range":
         return "" if row.get("it_s_min") is None else f"{row['it_s_min']:.3g}-{row['it_s_max']:.3g}"
     if key == "check":
@@ -479,10 +435,9 @@ def _cell(row: dict, key: str) -> str:
         verdict = "ok" if row["correct"] else "FAILED"
         return f"{verdict} ({row['max_rel_error']:.1e} <= {row['tolerance']:.0e})" if row["correct"] \
             else f"{verdict} ({row['max_rel_error']:.1e} > {row['tolerance']:.0e})"
-    value = row.get(key)
-    if value is None:
+    if row.get(key) is None:
         return "" if key != "it_s" else "n/a"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return None
 
 
 def markdown(rows: list[dict], info: dict, quick: bool) -> str:
@@ -493,9 +448,7 @@ def markdown(rows: list[dict], info: dict, quick: bool) -> str:
     if quick:
         lines += ["**Smoke run (--quick)**: tiny shapes that only check the command works; these "
                   "numbers are not results.", ""]
-    lines += ["| " + " | ".join(label for _, label in COLUMNS) + " |",
-              "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    lines += markdown_table(rows, COLUMNS, format_cell=_cell)
     lines += ["", "x loop: meta-steps/s over the per-task loop's; x body floor: the step's time "
               "over the body's own forward + backward on the same images (1 = the body alone); "
               "check: max relative error of the first step's loss and gradients against the "
@@ -529,15 +482,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_bench(cases=DEFAULT_CASES, device: str = "auto", quick: bool = False, out=None,
+def run_bench(cases=BENCH_CASES, device: str = "auto", quick: bool = False, out=None,
               repetitions: int | None = None, seconds: float | None = None,
               progress=None) -> tuple[list[dict], str]:
     """Measure every case (all variants of this device), write bench.md, bench.json and
     bench.png into `out` when given; (rows, the Markdown table). quick: two small cases, one
     repetition of about 0.05 s (a smoke run, labelled so)."""
-    from .build import resolve_device
+    from anil_fast.runs.settings import resolve_device
     dev = resolve_device(device)
-    names = list(QUICK_CASES if quick and cases == DEFAULT_CASES else cases)
+    names = list(QUICK_CASES if quick and cases == BENCH_CASES else cases)
     if not names:
         raise InputError("cases: name at least one preset (e.g. s2,std-5w1s)")
     specs = [Case.of(name, quick) for name in names]  # unknown names fail before any timing
@@ -557,7 +510,7 @@ def run_bench(cases=DEFAULT_CASES, device: str = "auto", quick: bool = False, ou
 
 
 def _write(out: Path, rows, info, quick, text) -> None:
-    from .env import atomic_write
+    from anil_fast.env import atomic_write
     out.mkdir(parents=True, exist_ok=True)
     record = {"info": info, "quick": quick, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     atomic_write(out / "bench.json", lambda f: f.write(json.dumps(record, indent=1).encode()))

@@ -19,22 +19,30 @@ std-20w1s on the background set only (Lake et al.'s protocol), for Lake's 20 one
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import models
-from .anil import BN_MODES, HEAD_INITS, PRECISIONS, check_learning_rates
-from .data.benchmarks import BENCHMARKS
-from .data.tasks import PROTOCOLS
-from .env import check_allocation, parse_json
-from .errors import InputError, check_optional_number, is_int
-from .functional import backend_name
-from .schedules import SCHEDULES as LR_SCHEDULES
-from .timm_bodies import check_name as check_timm_name
-from .timm_bodies import is_timm
+from anil_fast.env import check_allocation, parse_json
+from anil_fast.errors import InputError, InputTypeError, check_optional_number, is_int
+
+# -- the option lists (the model, data and training rooms import them from here) -------------
+BN_MODES = ("transductive", "running", "support", "joint")
+PRECISIONS = ("fp32", "tf32", "bf16")
+HEAD_INITS = ("learned", "zero", "proto")
+BACKENDS = ("auto", "reference", "fused", "per_task")
+# names of earlier versions (configs and checkpoints may hold them): the op now picks the kernel
+# from the device, and "loop" also named the per-task body
+LEGACY_BACKENDS = {"cpp": "fused", "triton": "fused", "loop": "per_task"}
+MODELS = ("conv4", "resnet12", "resnet18", "vgg11_bn", "efficientnet_lite0")
+# Smallest input each body turns into at least one feature pixel.
+MIN_IMAGE_SIZE = {"conv4": 16, "resnet12": 16, "resnet18": 8, "vgg11_bn": 32, "efficientnet_lite0": 8}
+TIMM_PREFIX = "timm:"  # any timm model as a body: "timm:NAME" (models/timm_bodies.py)
+PROTOCOLS = ("seed", "standard", "background")  # Omniglot's splits (data/tasks.py)
+BENCHMARKS = ("mini-imagenet", "cifar-fs", "fc100")  # data/benchmarks.py
+LR_SCHEDULES = ("constant", "cosine", "step")  # training/schedules.py
+BENCH_CASES = ("s2", "s1", "std-5w1s", "std-20w1s", "s4")  # anil-fast bench's presets
 
 SEED_FAMILY = ("s1", "s2", "s3", "s4", "s5")
 STANDARD_FAMILY = ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s")
@@ -45,6 +53,51 @@ MAX_TASKS = 1_000_000
 MAX_IMAGE_SIZE = 1024
 MAX_INNER_STEPS = 10_000
 DATASETS = ("omniglot", *BENCHMARKS, "folder")
+
+
+# -- value checks the model shares ---------------------------------------------------------
+def is_timm(name) -> bool:
+    return isinstance(name, str) and name.startswith(TIMM_PREFIX)
+
+
+def backend_name(backend) -> str:
+    """`backend` checked, with an earlier version's name mapped to today's."""
+    backend = LEGACY_BACKENDS.get(backend, backend)
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_learning_rates(inner_lr, outer_lr) -> list[str]:
+    """ValueError for learning rates that cannot make sense; the warnings for odd ones."""
+    for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputTypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise InputError(f"{name} must be finite, got {value}")
+    if inner_lr < 0:
+        raise InputError(f"inner_lr must be >= 0, got {inner_lr}: a negative inner learning rate "
+                         f"climbs the support loss instead of descending it")
+    if outer_lr < 0:
+        raise InputError(f"outer_lr must be >= 0, got {outer_lr}")
+    if outer_lr > 1e3:  # Adam's step is about lr per parameter: float32 overflows near 3e38
+        raise InputError(f"outer_lr must be at most 1e3, got {outer_lr:g}: Adam moves every "
+                         f"parameter by about the learning rate each step")
+    odd = []
+    if outer_lr > 1:
+        odd.append(f"outer_lr {outer_lr:g} is very large for Adam (usual: 1e-4..1e-2); "
+                   f"expect divergence")
+    if inner_lr > 10:
+        odd.append(f"inner_lr {inner_lr:g} is very large for the head's SGD (usual: 0.01..1); "
+                   f"expect divergence")
+    return odd
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """The smallest images a named body takes (MIN_IMAGE_SIZE): one rule, one message."""
+    least = max(8, MIN_IMAGE_SIZE[name])
+    if image_size < least:
+        raise InputError(f"image_size must be at least {least} for {name}, got {image_size}")
 
 
 @dataclass
@@ -182,7 +235,9 @@ FIELD_NAMES = {f.name for f in fields(Config)}
 
 
 def scenario_config(name: str, **overrides) -> Config:
-    """The preset `name` with `overrides` (any Config field) applied."""
+    """The preset `name` with `overrides` (any Config field) applied. Its values are checked
+    where a run starts (runs.settings.resolve: train, and the experiments before their first
+    run), or by validate_config."""
     if name not in PRESETS:
         raise InputError(f"scenario must be one of {sorted(PRESETS)}, got {name!r}")
     unknown = set(overrides) - FIELD_NAMES
@@ -191,9 +246,7 @@ def scenario_config(name: str, **overrides) -> Config:
     values = dict(PRESETS[name])
     values.update(overrides)
     values["scenario"] = name
-    config = Config(**values)
-    validate_config(config)
-    return normalized_config(config)
+    return Config(**values)
 
 
 # The types a recorded setting may have, by Config field annotation (JSON gives ints for
@@ -205,7 +258,8 @@ _FIELD_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, fl
 
 def config_from_dict(values, where: str) -> Config:
     """A Config from recorded settings (a run's config.json, a checkpoint's), every key and
-    type checked; the recorded notes are dropped (a run derives its own)."""
+    type checked (its values are resolve's to check); the recorded notes are dropped (a run
+    derives its own)."""
     if not isinstance(values, dict):
         raise InputError(f"{where}: expected a JSON object of settings, got {type(values).__name__}")
     unknown = sorted(set(values) - FIELD_NAMES)
@@ -219,9 +273,7 @@ def config_from_dict(values, where: str) -> Config:
             if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
                 raise InputError(f"{where}: {f.name} must be {f.type.replace(' | None', ' or null')}, "
                                  f"got {value!r}")
-    config = Config(**{k: v for k, v in values.items() if k != "notes"})
-    validate_config(config)
-    return normalized_config(config)
+    return Config(**{k: v for k, v in values.items() if k != "notes"})
 
 
 def config_from_file(path, **overrides) -> Config:
@@ -244,7 +296,7 @@ NO_VALIDATION_NOTE = ("validation: no validation runs (val_every is 0 and val_ev
 def normalized_config(c: Config) -> Config:
     """A copy of a valid config in today's terms: an earlier version's backend name becomes
     today's, `data` alone means dataset "folder", integer learning rates become floats."""
-    changes = {"backend": backend_name(c.backend),
+    changes = {"backend": LEGACY_BACKENDS.get(c.backend, c.backend),
                "inner_lr": float(c.inner_lr), "outer_lr": float(c.outer_lr)}
     if c.data is not None and c.dataset == "omniglot":
         changes["dataset"] = "folder"
@@ -267,9 +319,10 @@ def validate_config(c: Config) -> None:
     if c.scenario not in PRESETS:
         raise InputError(f"scenario must be one of {sorted(PRESETS)}, got {c.scenario!r}")
     if is_timm(c.model):
-        check_timm_name(c.model)  # timm installed, architecture known
-    elif c.model not in (*models.MODELS, "pretrained"):
-        raise InputError(f"model must be one of {models.MODELS}, 'pretrained' or timm:NAME, got "
+        if not c.model[len(TIMM_PREFIX):]:
+            raise InputError(f"model {c.model!r}: name a timm architecture after {TIMM_PREFIX!r}")
+    elif c.model not in (*MODELS, "pretrained"):
+        raise InputError(f"model must be one of {MODELS}, 'pretrained' or timm:NAME, got "
                          f"{c.model!r}")
     if c.weights_file is not None and not (is_timm(c.model) and c.pretrained):
         raise InputError("weights_file: the pretrained weights of a timm:NAME body (with "
@@ -333,8 +386,8 @@ def _validate_counts(c: Config, dataset: str) -> None:
                          f"character), got {c.shots} + {c.queries}")
     if c.image_size > MAX_IMAGE_SIZE:
         raise InputError(f"image_size must be at most {MAX_IMAGE_SIZE} px, got {c.image_size}")
-    if c.model in models.MIN_IMAGE_SIZE:  # the same rule, and message, as models.build
-        models.check_image_size(c.model, c.image_size)
+    if c.model in MIN_IMAGE_SIZE:  # the same rule, and message, as bodies.build
+        check_image_size(c.model, c.image_size)
     _check_memory(c)
     if c.tasks is not None and (not is_int(c.tasks) or not 1 <= c.tasks <= MAX_TASKS):
         raise InputError(f"tasks (the training pool) must be an int in 1..{MAX_TASKS:,}, got "
@@ -387,45 +440,3 @@ def _validate_schedule_and_validation(c: Config, dataset: str) -> None:
                          "protocols (--protocol background: the background set less them)")
     if (c.val_every or c.val_every_s is not None) and not c.validation:
         raise InputError("val_every/val_every_s need validation characters (validation > 0)")
-
-
-def body_lr_multipliers(config: Config, body) -> dict | None:
-    """The s5 multipliers of the outer lr, keyed by parameter-name prefix."""
-    if config.multipliers == "none":
-        return None
-    names = [n for n, _ in body.named_parameters()]
-    if config.model == "resnet18":
-        if config.multipliers == "paper":  # exactly as the reference experiment wrote them
-            return {"0.weight": 0.0, "4.": 0.0, "5.": 0.0, "6.0.conv": 0.005, "7.0.conv": 0.01,
-                    "1.weight": 0.2, "4.0.bn1": 0.2, "5.0.bn1": 0.2, "6.0.bn1": 0.3,
-                    "7.0.bn1": 0.5, "default": 0.0}
-        stage_conv = {"4": 0.0, "5": 0.0, "6": 0.005, "7": 0.01}
-        stage_bn = {"4": 0.2, "5": 0.2, "6": 0.3, "7": 0.5}
-        table = {"0.": 0.0, "1.": 0.2, "default": 0.0}
-        for n in names:
-            stage = n.split(".")[0]
-            if stage in stage_conv:
-                is_bn = ".bn" in n or ".downsample.1." in n
-                table[n] = stage_bn[stage] if is_bn else stage_conv[stage]
-        return table
-    if config.model == "efficientnet_lite0":
-        # Lite0's 16 blocks in 7 stages: blocks 0-5 (stages 1-3) like ResNet's stem, layer1
-        # and layer2 (frozen); blocks 6-8 (stage 4) like layer3; blocks 9-15 and the head conv
-        # like layer4. BatchNorm 0.2 rising to 0.5 with depth.
-        table = {"net._conv_stem": 0.0, "net._bn0": 0.2, "net._conv_head": 0.01,
-                 "net._bn1": 0.5, "default": 0.0}
-        for block in range(16):
-            conv = 0.0 if block < 6 else 0.005 if block < 9 else 0.01
-            bn = 0.2 if block < 6 else 0.3 if block < 9 else 0.5
-            table[f"net._blocks.{block}."] = conv
-            for b in ("_bn0", "_bn1", "_bn2"):
-                table[f"net._blocks.{block}.{b}"] = bn
-        if config.multipliers == "paper":  # the paper's variant: first block of each stage only
-            firsts = {0, 1, 3, 5, 8, 11, 15}
-            for block in range(16):
-                if block not in firsts:
-                    table[f"net._blocks.{block}."] = 0.0
-                    for b in ("_bn0", "_bn1", "_bn2"):
-                        table.pop(f"net._blocks.{block}.{b}")
-        return {k: v for k, v in table.items() if k == "default" or any(n.startswith(k) for n in names)}
-    raise InputError(f"multipliers are defined for resnet18 and efficientnet_lite0, not {config.model}")

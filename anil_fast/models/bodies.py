@@ -13,20 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError, InputTypeError, is_int
-from .timm_bodies import is_timm, timm_body
-
-MODELS = ("conv4", "resnet12", "resnet18", "vgg11_bn", "efficientnet_lite0")
-# Smallest input each body turns into at least one feature pixel.
-MIN_IMAGE_SIZE = {"conv4": 16, "resnet12": 16, "resnet18": 8, "vgg11_bn": 32, "efficientnet_lite0": 8}
-
-
-def check_image_size(name: str, image_size: int) -> None:
-    """The smallest images a named body takes (MIN_IMAGE_SIZE): one rule, one message."""
-    least = max(8, MIN_IMAGE_SIZE[name])
-    if image_size < least:
-        raise InputError(f"image_size must be at least {least} for {name}, got {image_size}")
-
+from anil_fast.config import MODELS, check_image_size
+from anil_fast.errors import InputError, InputTypeError, is_int
+from anil_fast.models.timm_bodies import is_timm, timm_body
 
 def conv4(channels: int = 1, hidden: int = 64) -> nn.Sequential:
     """Four blocks of conv3x3, BatchNorm, ReLU, 2x2 max-pool, then flatten. The max-pool runs
@@ -236,3 +225,46 @@ def feature_dim_of(body: nn.Module, channels: int, image_size: int) -> int:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def lr_multipliers(model: str, multipliers: str, body) -> dict | None:
+    """The s5 multipliers of the outer lr for the body `model` (multipliers "none", "paper"
+    or "full"), keyed by parameter-name prefix."""
+    if multipliers == "none":
+        return None
+    names = [n for n, _ in body.named_parameters()]
+    if model == "resnet18":
+        if multipliers == "paper":  # exactly as the reference experiment wrote them
+            return {"0.weight": 0.0, "4.": 0.0, "5.": 0.0, "6.0.conv": 0.005, "7.0.conv": 0.01,
+                    "1.weight": 0.2, "4.0.bn1": 0.2, "5.0.bn1": 0.2, "6.0.bn1": 0.3,
+                    "7.0.bn1": 0.5, "default": 0.0}
+        stage_conv = {"4": 0.0, "5": 0.0, "6": 0.005, "7": 0.01}
+        stage_bn = {"4": 0.2, "5": 0.2, "6": 0.3, "7": 0.5}
+        table = {"0.": 0.0, "1.": 0.2, "default": 0.0}
+        for n in names:
+            stage = n.split(".")[0]
+            if stage in stage_conv:
+                is_bn = ".bn" in n or ".downsample.1." in n
+                table[n] = stage_bn[stage] if is_bn else stage_conv[stage]
+        return table
+    if model == "efficientnet_lite0":
+        # Lite0's 16 blocks in 7 stages: blocks 0-5 (stages 1-3) like ResNet's stem, layer1
+        # and layer2 (frozen); blocks 6-8 (stage 4) like layer3; blocks 9-15 and the head conv
+        # like layer4. BatchNorm 0.2 rising to 0.5 with depth.
+        table = {"net._conv_stem": 0.0, "net._bn0": 0.2, "net._conv_head": 0.01,
+                 "net._bn1": 0.5, "default": 0.0}
+        for block in range(16):
+            conv = 0.0 if block < 6 else 0.005 if block < 9 else 0.01
+            bn = 0.2 if block < 6 else 0.3 if block < 9 else 0.5
+            table[f"net._blocks.{block}."] = conv
+            for b in ("_bn0", "_bn1", "_bn2"):
+                table[f"net._blocks.{block}.{b}"] = bn
+        if multipliers == "paper":  # the paper's variant: first block of each stage only
+            firsts = {0, 1, 3, 5, 8, 11, 15}
+            for block in range(16):
+                if block not in firsts:
+                    table[f"net._blocks.{block}."] = 0.0
+                    for b in ("_bn0", "_bn1", "_bn2"):
+                        table.pop(f"net._blocks.{block}.{b}")
+        return {k: v for k, v in table.items() if k == "default" or any(n.startswith(k) for n in names)}
+    raise InputError(f"multipliers are defined for resnet18 and efficientnet_lite0, not {model}")

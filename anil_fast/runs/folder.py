@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .env import atomic_write, parse_json
-from .errors import AnilFastError, InputError
+from anil_fast.env import atomic_write, parse_json
+from anil_fast.errors import AnilFastError, InputError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"

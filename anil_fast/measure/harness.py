@@ -1,12 +1,15 @@
-"""Shared pieces of the speed suites and the GPU check: problems, timed callables, memory and
-bandwidth measurements, and the table printer. Timings are reported, never asserted."""
+"""The one timing harness: `anil-fast bench` (bench.py), the pytest-benchmark suites and the
+GPU check in benches/ measure with it. Problems (random episodes), timed callables (median
+seconds per call, calls per second), memory (peak above a baseline, bytes saved for the
+backward) and bandwidth. Timings are reported, never asserted; tables come from table.py."""
 from __future__ import annotations
 
 import time
 
 import torch
 
-from anil_fast.functional import adapted_query_loss
+from anil_fast.metrics import peak_rss_bytes
+from anil_fast.models.functional import adapted_query_loss
 
 # (ways, shots, queries per class) of the benchmarked task shapes
 TASK_SHAPES = {"5w1s": (5, 1, 5), "20w5s": (20, 5, 5)}
@@ -48,8 +51,49 @@ def median_seconds(benchmark) -> float | None:
 
 
 def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calls_per_second(fn, device, target_s: float) -> float:
+    """Calls per second of fn over about target_s (at least one call)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    once = time.perf_counter() - start
+    n = max(1, int(target_s / max(once, 1e-6)))
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    synchronize(device)
+    return n / (time.perf_counter() - start)
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max_memory_allocated above what was allocated before, or
+    on the CPU the growth of the process's peak RSS (it only shows a new peak)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = peak_rss_bytes()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = peak_rss_bytes() - self.base
+        return False
 
 
 def time_call(fn, device, min_time=0.2, max_iters=200) -> float:
@@ -108,21 +152,3 @@ def traffic_floor_bytes(problem, first_order: bool) -> int:
     read = (fs.numel() + fq.numel()) * fs.element_size()
     write = (fq.numel() + (0 if first_order else fs.numel())) * fs.element_size()
     return read + write
-
-
-def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
-    def fmt(v):
-        if v is None:
-            return "n/a"
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(v)
-    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns]
-    lines = [title] if title else []
-    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    lines.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        lines.append("  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
-    text = "\n".join(lines)
-    print(text)
-    return text

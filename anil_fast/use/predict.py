@@ -27,11 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .anil import ANIL, BN_MODES
-from .data import TaskBatch
-from .data.fewshot import (IMAGE_SUFFIXES, check_class_folder, decode_file, flatten_alpha,
+from anil_fast.config import BN_MODES
+from anil_fast.models.anil import ANIL
+from anil_fast.data import TaskBatch
+from anil_fast.data.fewshot import (IMAGE_SUFFIXES, check_class_folder, decode_file, flatten_alpha,
                             pil_to_array, to_8bit)
-from .errors import InputError, InputTypeError, is_int
+from anil_fast.errors import InputError, InputTypeError, is_int
 
 __all__ = ["FewShotClassifier", "image_paths"]
 
@@ -101,15 +102,16 @@ class FewShotClassifier:
                         inner_steps: int | None = None, bn_mode: str | None = None):
         """From a run folder (best.pt when it has one, else checkpoint.pt; `weights` "best" or
         "last" chooses) or a checkpoint file."""
-        from .evaluation import load_run_model
-        anil, config, _, file, which = load_run_model(path, weights, device)
+        from anil_fast.runs.load import load_run
+        run = load_run(path, weights, device)
+        anil, config = run.anil, run.settings.config
         # transductive and joint BatchNorm would make each answer depend on the other query
         # images: a run evaluated that way predicts with its support set's statistics instead
         default = "support" if config.bn_mode in QUERY_DEPENDENT_BN_MODES else config.bn_mode
         clf = cls(anil, config.image_size, config.input_channels, config.dataset == "omniglot",
                   config.eval_inner_steps if inner_steps is None else inner_steps,
                   bn_mode or default)
-        clf.checkpoint, clf.weights, clf.config = str(file), which, config
+        clf.checkpoint, clf.weights, clf.config = str(run.file), run.weights, config
         return clf
 
     @property
@@ -207,6 +209,12 @@ class FewShotClassifier:
         self.classes, self._support = classes, (x, y)
         return self
 
+    @property
+    def support(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fitted support set (images as the body takes them, labels 0..len(classes)-1),
+        or None before fit()."""
+        return self._support
+
     def predict_proba(self, images) -> torch.Tensor:
         """Class probabilities [Q, len(classes)] of the query images (columns: self.classes)."""
         if self._support is None:
@@ -228,5 +236,5 @@ class FewShotClassifier:
                input_channels: int | None = None, input_dtype: str = "uint8"):
         """The classifier adapted to the support set as a file that runs without anil-fast:
         a torch.export program (.pt2), ONNX (.onnx) or TorchScript (.pt); see export.py."""
-        from .export import export
+        from anil_fast.use.export import export
         return export(self, path, format, input_size, input_channels, input_dtype)

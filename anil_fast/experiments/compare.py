@@ -6,11 +6,13 @@ import csv
 import json
 from pathlib import Path
 
-from . import distributed
-from .errors import InputError
-from .runfolder import METRICS, read_metrics
-from .scenarios import scenario_config
-from .trainer import train
+from anil_fast import distributed
+from anil_fast.errors import InputError
+from anil_fast.runs.folder import METRICS, read_metrics
+from anil_fast.config import scenario_config
+from anil_fast.measure.table import markdown_table
+from anil_fast.runs.settings import resolve
+from anil_fast.training.run import train
 
 COLUMNS = [
     ("scenario", "scenario"), ("model", "body"), ("total_parameters", "total params"),
@@ -39,23 +41,13 @@ def row_of(summary: dict) -> dict:
     return row
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def write_tables(rows: list[dict], out: Path) -> None:
     (out / "comparison.json").write_text(json.dumps(rows, indent=1))
     with open(out / "comparison.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(label for _, label in COLUMNS) + " |",
-             "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k, _ in COLUMNS) + " |" for r in rows]
+    lines = markdown_table(rows, COLUMNS, digits=4)
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 
 
@@ -106,14 +98,15 @@ def compare(scenarios: list[str], out_dir, overrides: dict | None = None,
     if repeated:
         raise InputError(f"scenarios: {', '.join(repeated)} named more than once (each trains "
                          f"into its own folder of --out)")
-    configs = [scenario_config(name, **(overrides or {})) for name in scenarios]  # fail early
+    # every run's settings resolved before the first trains: a bad one fails early
+    runs = [resolve(scenario_config(name, **(overrides or {}))) for name in scenarios]
     rows, run_dirs = [], {}
-    for config in configs:
-        run_dir = out / config.scenario
-        summary = train(config, run_dir, progress=progress, resume=resume, overwrite=overwrite,
+    for settings in runs:
+        run_dir = out / settings.config.scenario
+        summary = train(settings, run_dir, progress=progress, resume=resume, overwrite=overwrite,
                         tensorboard=run_dir / "tensorboard" if tensorboard else None)
         rows.append(row_of(summary))
-        run_dirs[config.scenario] = run_dir
+        run_dirs[settings.config.scenario] = run_dir
     if distributed.current().is_main:
         write_tables(rows, out)
         write_plots(run_dirs, rows, out)

@@ -8,7 +8,9 @@ import math
 
 import torch
 
-from .errors import AnilFastError
+from anil_fast.errors import Interrupted, TrainingDiverged
+
+__all__ = ["TrainingDiverged", "Interrupted", "kept_checkpoint", "insane_state", "insane_loss"]
 
 # A checkpoint is only written while every parameter is finite and at most this large: no
 # network this toolkit trains has weights near it, a diverging one passes it long before NaN.
@@ -23,15 +25,6 @@ LOSS_LIMIT = 1e4
 ADVICE = ("Lower --outer-lr or --inner-lr and continue with --resume (learning rates may change "
           "on resume; results.json records it), or start over with --overwrite (inside "
           "torch.compile or a CUDA graph, labels outside 0..ways-1 also give a NaN loss)")
-
-
-class TrainingDiverged(AnilFastError, RuntimeError):
-    """The loss, a weight or a BatchNorm statistic left its sane range; the last good
-    checkpoint is kept."""
-
-
-class Interrupted(AnilFastError):
-    """Ctrl-C (SIGINT) during training; the last checkpoint is kept (exit code 130)."""
 
 
 def kept_checkpoint(path, step: int) -> str:

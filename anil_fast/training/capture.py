@@ -17,9 +17,9 @@ from dataclasses import astuple
 
 import torch
 
-from .data import TaskBatch
-from .errors import InputError, InputTypeError
-from .optim import MetaOptimizer
+from anil_fast.data import TaskBatch
+from anil_fast.errors import InputError, InputTypeError
+from anil_fast.training.optim import MetaOptimizer
 
 
 class MetaStepRunner:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .build import split_images
-from .data import TaskSampler
-from .errors import InputError, is_int
-from .scenarios import Config
+from anil_fast.runs.build import split_images
+from anil_fast.data import TaskSampler
+from anil_fast.errors import InputError, is_int
+from anil_fast.config import Config
+from anil_fast.runs.settings import resolve
 
 SPLITS = ("train", "validation", "test")
 
@@ -41,6 +42,7 @@ def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
         raise InputError(f"tasks must be an int in 1..16, got {tasks!r}")
     from matplotlib.figure import Figure  # a figure of its own: no global backend switch
 
+    config = resolve(config, "cpu").config  # checked and in today's terms
     images = split_images(config, split, "cpu")
     sampler = TaskSampler(images, config.ways, config.shots, config.queries, tasks,
                           rotations=config.rotations, seed=config.seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .errors import InputError
+from anil_fast.errors import InputError
 
 
 def require(log_dir=None) -> None:
@@ -41,7 +41,7 @@ class TensorBoardLog:
 
     def progress(self, step: int, learning_rates: dict, device, it_s: float | None) -> None:
         """The rates of the steps so far: learning rate per group, it/s, peak memory (MiB)."""
-        from .metrics import peak_memory
+        from anil_fast.metrics import peak_memory
         memory = {f"memory/{k.removesuffix('_bytes')}_MiB": v / 2**20
                   for k, v in peak_memory(device).items() if v is not None}
         self.scalars(step, {"train/it_s": it_s, **memory,

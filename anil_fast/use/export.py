@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm import batch_statistics_of
-from .errors import InputError, InputTypeError, is_int
-from .functional import adapted_head
+from anil_fast.models.batchnorm import batch_statistics_of
+from anil_fast.errors import InputError, InputTypeError, is_int
+from anil_fast.models.functional import adapted_head
 
 FORMATS = {".pt2": "export", ".onnx": "onnx", ".pt": "torchscript"}
 # ITU-R 601 luma, the weights Pillow's convert("L") uses
@@ -112,7 +112,7 @@ def frozen_body(anil, support: torch.Tensor, bn_mode: str) -> tuple[nn.Module, t
 def adapted_classifier(clf, input_size: int | None = None, input_channels: int | None = None,
                        input_dtype: str = "uint8") -> AdaptedClassifier:
     """The module an export writes, from a fitted FewShotClassifier."""
-    if clf._support is None:
+    if clf.support is None:
         raise InputError("fit() the support set first: the exported head is adapted to it")
     input_size = clf.image_size if input_size is None else input_size
     input_channels = clf.channels if input_channels is None else input_channels
@@ -123,7 +123,7 @@ def adapted_classifier(clf, input_size: int | None = None, input_channels: int |
     if input_dtype not in ("uint8", "float"):
         raise InputError(f"input_dtype must be 'uint8' or 'float', got {input_dtype!r}")
     anil = clf.anil
-    support, labels = clf._support
+    support, labels = clf.support
     body, features = frozen_body(anil, support.cpu(), clf.bn_mode)
     steps = anil.inner_steps if clf.inner_steps is None else clf.inner_steps
     labels = labels.cpu()

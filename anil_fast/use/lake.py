@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.omniglot import search_roots
-from .errors import InputError
+from anil_fast.data.omniglot import search_roots
+from anil_fast.errors import InputError
 
 RUNS_FILE = "one_shot_runs.zip"
 WAYS = 20
@@ -81,7 +81,7 @@ def load_runs(root=None) -> list[LakeRun]:
 def run_characters(runs: list[LakeRun], root=None) -> set[int]:
     """The evaluation-set characters (0..658) the runs' images are drawings of, found by their
     pixels in Omniglot's evaluation set."""
-    from .data import Omniglot
+    from anil_fast.data import Omniglot
     ink = Omniglot("evaluation", 105, root, "cpu").images[:, :, 0].numpy() > 0.5  # [659, 20, H, W]
     index = {np.packbits(ink[c, d]).tobytes(): c for c in range(ink.shape[0]) for d in range(ink.shape[1])}
     found = set()
@@ -98,7 +98,7 @@ def run_characters(runs: list[LakeRun], root=None) -> set[int]:
 def training_characters(config) -> set[int]:
     """The evaluation-set characters (0..658) a run's config trained or validated on (a
     checkpoint selected on a character has seen it too)."""
-    from .data.tasks import standard_characters
+    from anil_fast.data.tasks import standard_characters
     if config.dataset != "omniglot":
         raise InputError(f"lake runs: a model trained on {config.dataset} data; Lake's runs are "
                          f"Omniglot's, scored with Omniglot's preprocessing")
@@ -114,8 +114,8 @@ def score_lake_runs(path, weights: str | None = None, device: str = "auto",
     """The error of a checkpoint on the 20 runs: over the 400 items and per run, with its
     head adapted to each run's 20 training images (the run's inner steps and learning rate)
     and BatchNorm as predict uses it; the published errors beside it (references.json)."""
-    from .predict import FewShotClassifier
-    from .reproduce import references
+    from anil_fast.use.predict import FewShotClassifier
+    from anil_fast.data.references import references
     clf = FewShotClassifier.from_checkpoint(path, weights, device, bn_mode=bn_mode)
     if clf.max_classes < WAYS:
         raise InputError(f"lake runs: the runs are 20-way; this model's head serves "

@@ -25,11 +25,13 @@ import torch
 from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from .anil import check_learning_rates, require_batch
-from .batchnorm import batchnorm_layers, batchnorm_parameter_names
-from .data import TaskBatch
-from .errors import InputError, InputTypeError, check_optional_number, is_int
-from .models import count_parameters
+from anil_fast.config import Config, check_learning_rates
+from anil_fast.models import bodies
+from anil_fast.models.anil import ANIL, require_batch
+from anil_fast.models.batchnorm import batchnorm_layers, batchnorm_parameter_names
+from anil_fast.data import TaskBatch
+from anil_fast.errors import InputError, InputTypeError, check_optional_number, is_int
+from anil_fast.models.bodies import count_parameters
 
 
 def multiplier_for(name: str, multipliers: dict) -> float:
@@ -349,3 +351,14 @@ def parameter_counts(anil, optimizer: MetaOptimizer) -> dict:
     trainable = sum(g["parameters"] for g in optimizer.groups_report())
     return {"total_parameters": body + head, "trainable_parameters": trainable,
             "body_parameters": body, "head_parameters": head, "batchnorm_parameters": bn}
+
+
+def meta_optimizer(config: Config, anil: ANIL, schedule=None) -> MetaOptimizer:
+    """The presets' optimisation: Adam at config.outer_lr, the preset's learning-rate
+    multipliers, warmup of the body, `schedule` (step -> factor) and the config's cap on the
+    meta-gradient's norm."""
+    return MetaOptimizer(anil, lr=config.outer_lr, optimizer=torch.optim.Adam,
+                         multipliers=bodies.lr_multipliers(config.model, config.multipliers,
+                                                           anil.body),
+                         warmup_steps=config.warmup_steps, schedule=schedule,
+                         clip_grad_norm=config.clip_grad_norm)

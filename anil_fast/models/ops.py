@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .env import cpu_key, extensions_dir
-from .errors import InputError
-from .kernels import anil_head
+from anil_fast.env import cpu_key, extensions_dir
+from anil_fast.errors import InputError
+from anil_fast.kernels import anil_head
 
 _cpp_module = None
 _cpp_error: str | None = None

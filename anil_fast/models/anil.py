@@ -8,50 +8,22 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from .batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
+from anil_fast.models.batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
                         batchnorm_parameter_names, batchnorm_training_mode,
                         features_with_support_statistics, grouped_batchnorm, unbatchable_layers)
-from .data import TaskBatch
-from .env import cpu_has_native_bf16
-from .errors import InputError, InputTypeError, is_int
-from .functional import adapted_query_loss, backend_name
-
-BN_MODES = ("transductive", "running", "support", "joint")
-PRECISIONS = ("fp32", "tf32", "bf16")
-HEAD_INITS = ("learned", "zero", "proto")
-
-
-def check_learning_rates(inner_lr, outer_lr) -> list[str]:
-    """ValueError for learning rates that cannot make sense; the warnings for odd ones."""
-    for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputTypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise InputError(f"{name} must be finite, got {value}")
-    if inner_lr < 0:
-        raise InputError(f"inner_lr must be >= 0, got {inner_lr}: a negative inner learning rate "
-                         f"climbs the support loss instead of descending it")
-    if outer_lr < 0:
-        raise InputError(f"outer_lr must be >= 0, got {outer_lr}")
-    if outer_lr > 1e3:  # Adam's step is about lr per parameter: float32 overflows near 3e38
-        raise InputError(f"outer_lr must be at most 1e3, got {outer_lr:g}: Adam moves every "
-                         f"parameter by about the learning rate each step")
-    odd = []
-    if outer_lr > 1:
-        odd.append(f"outer_lr {outer_lr:g} is very large for Adam (usual: 1e-4..1e-2); "
-                   f"expect divergence")
-    if inner_lr > 10:
-        odd.append(f"inner_lr {inner_lr:g} is very large for the head's SGD (usual: 0.01..1); "
-                   f"expect divergence")
-    return odd
-
+from anil_fast.data import TaskBatch
+from anil_fast.config import (BN_MODES, HEAD_INITS, LEGACY_BACKENDS, PRECISIONS, backend_name,
+                              check_learning_rates)
+from anil_fast.env import cpu_has_native_bf16
+from anil_fast.errors import InputError, InputTypeError, is_int
+from anil_fast.models.functional import adapted_query_loss
 
 def prefers_channels_last(device, precision: str, backend: str) -> bool:
     """Where channels_last is faster: bf16 on CUDA (tensor cores) and the fast path on the CPU
     (oneDNN convolutions; measured 1.5x on conv4). The same numbers either way."""
     device = torch.device(device)
     return (precision == "bf16" and device.type == "cuda") or (
-        device.type == "cpu" and backend_name(backend) not in ("reference", "per_task"))
+        device.type == "cpu" and LEGACY_BACKENDS.get(backend, backend) not in ("reference", "per_task"))
 
 
 def require_batch(batch) -> None:

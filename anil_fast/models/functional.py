@@ -15,20 +15,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError, InputTypeError, is_int
-
-BACKENDS = ("auto", "reference", "fused", "per_task")
-# names of earlier versions (configs and checkpoints may hold them): the op now picks the kernel
-# from the device, and "loop" also named the per-task body
-LEGACY_BACKENDS = {"cpp": "fused", "triton": "fused", "loop": "per_task"}
+from anil_fast.config import backend_name
+from anil_fast.errors import InputError, InputTypeError, is_int
 
 
-def backend_name(backend) -> str:
-    """`backend` checked, with an earlier version's name mapped to today's."""
-    backend = LEGACY_BACKENDS.get(backend, backend)
-    if backend not in BACKENDS:
-        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 def _tracing_or_capturing(t: torch.Tensor) -> bool:
@@ -232,7 +222,7 @@ def adapted_query_loss(support_features, support_labels, query_features, query_l
                          weight, bias, inner_lr, inner_steps)
     if not isinstance(first_order, bool):
         raise InputTypeError(f"first_order must be a bool, got {type(first_order).__name__}")
-    from . import ops  # the fused op; imported lazily (triton and the C++ build are optional)
+    from anil_fast.models import ops  # the fused op; imported lazily (triton and the C++ build are optional)
     device = support_features.device
     if backend == "fused" and not ops.fused_device(device):
         raise InputError(f"backend 'fused' has kernels for CPU and CUDA tensors, got {device}")

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
-from . import distributed
-from .env import parse_json
-from .errors import InputError, is_int
-from .runfolder import RunFolder
-from .scenarios import SEED_FAMILY, STANDARD_FAMILY, scenario_config
-from .trainer import train
+from anil_fast import distributed
+from anil_fast.data.references import references
+from anil_fast.env import parse_json
+from anil_fast.errors import InputError, is_int
+from anil_fast.runs.folder import RunFolder
+from anil_fast.config import SEED_FAMILY, STANDARD_FAMILY, scenario_config
+from anil_fast.measure.table import markdown_table
+from anil_fast.runs.settings import resolve
+from anil_fast.training.run import train
 
 SUITES = {"paper": STANDARD_FAMILY, "seed": SEED_FAMILY}
 # Tiny settings that keep every code path of a suite alive in seconds on a CPU.
@@ -34,10 +36,6 @@ SMOKE = {
     "seed": dict(image_size=28, meta_steps=2, meta_batch=2, queries=2, test_tasks=6,
                  inner_steps=1, tasks=None, checkpoint_every=2),
 }
-
-
-def references() -> dict:
-    return parse_json((files("anil_fast.data") / "references.json").read_text())
 
 
 def suite_configs(suite: str, budget_s: float | None = 300.0, device: str = "auto",
@@ -133,10 +131,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
     if any(r["run"] == "smoke" for r in rows):
         lines += ["**Smoke run**: tiny budgets that only check the command works; these numbers "
                   "are not results.", ""]
-    lines += ["| " + " | ".join(label for _, label in COLUMNS) + " |",
-              "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join("n/a" if r[k] is None else str(r[k]) for k, _ in COLUMNS) + " |"
-              for r in rows]
+    lines += markdown_table(rows, COLUMNS, digits=12)  # the rows' numbers are rounded already
     sources = sorted({r["reference_source"] for r in rows if r["reference_source"]})
     lines += ["", "References: " + "; ".join(sources) + "." if sources else ""]
     (out / "reproduce.md").write_text("\n".join(lines) + "\n")
@@ -210,17 +205,20 @@ def reproduce(suite: str, out_dir, budget_s: float | None = 300.0, device: str =
     tensorboard/ with `tensorboard`."""
     if not is_int(seeds) or not 1 <= seeds <= 100:
         raise InputError(f"seeds must be an int in 1..100, got {seeds!r}")
-    configs = suite_configs(suite, budget_s, device, smoke, overrides, presets)  # fail early
+    configs = suite_configs(suite, budget_s, device, smoke, overrides, presets)
+    # every run's settings resolved before the first trains: a bad one fails early
+    runs = [[resolve(dataclasses.replace(c, seed=c.seed + k)) for k in range(seeds)]
+            for c in configs]
     out = Path(out_dir)
     _check_report_is_ours(out / "reproduce.json", suite, overwrite)
     table = references()
     rows, summaries = [], []
-    for config in configs:
+    for seeded_runs in runs:
         seed_rows, seed_summaries = [], []
-        for k in range(seeds):
-            seeded = dataclasses.replace(config, seed=config.seed + k)
-            run_dir = out / config.scenario / (f"seed{seeded.seed}" if seeds > 1 else "")
-            summary = train(seeded, run_dir, progress=progress, resume=resume,
+        for settings in seeded_runs:
+            seeded = settings.config
+            run_dir = out / seeded.scenario / (f"seed{seeded.seed}" if seeds > 1 else "")
+            summary = train(settings, run_dir, progress=progress, resume=resume,
                             overwrite=overwrite,
                             tensorboard=run_dir / "tensorboard" if tensorboard else None)
             seed_summaries.append(summary)

@@ -2,8 +2,8 @@
 evaluation.score_selected)."""
 from __future__ import annotations
 
-from . import distributed
-from .optim import parameter_counts
+from anil_fast import distributed
+from anil_fast.training.optim import parameter_counts
 
 
 def run_summary(run, session_steps: int) -> dict:
