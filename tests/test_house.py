@@ -187,6 +187,17 @@ def test_the_package_is_in_rooms_and_its_top_level_is_short():
     assert rooms == ROOMS, rooms ^ ROOMS
 
 
+def test_no_file_of_the_package_is_ignored_by_git():
+    # a clone must hold every module (a "runs/" rule once hid anil_fast/runs/ from commits)
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(ROOT)) for p in PACKAGE + [*(ROOT / "anil_fast").rglob("*.json"),
+                                                         *(ROOT / "csrc").rglob("*.cpp")]]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert not ignored, ignored
+
+
 def test_no_import_runs_up_a_floor():
     up = [f"{module_name(p)} -> {m}" for p in PACKAGE for m in imported_modules(p)
           if floor_of(m) > floor_of(module_name(p))]

@@ -7,7 +7,7 @@ from anil_fast.training.optim import parameter_counts
 
 
 def run_summary(run, session_steps: int) -> dict:
-    """A run's facts for results.json (trainer._Run `run`): steps, time, speed (this session's
+    """A run's facts for results.json (training.run.TrainingRun `run`): steps, time, speed (this session's
     `session_steps` over its training seconds), precision, parameters and their groups,
     resumes that changed settings, validation."""
     config, anil = run.config, run.anil
