@@ -31,14 +31,16 @@ OVERRIDES = {
     "data_root": str, "time_budget": float, "lr_schedule": str, "lr_floor": float,
     "validation": int, "val_tasks": int, "val_every": int, "val_every_s": float,
     "dataset": str, "data": str, "split_file": str, "channels": int, "hidden": int,
-    "weights_file": str, "head_init": str, "clip_grad_norm": float,
+    "weights_file": str, "head_init": str, "feature_norm": str, "clip_grad_norm": float,
+    "within_alphabet": float,
     "spike_rollback": float,
 }
 FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "capture")
 # the overrides `reproduce` takes, on top of every preset it trains (the rows name them)
-REPRODUCE_OVERRIDES = ("head_init", "bn_mode", "precision", "inner_lr", "outer_lr",
+REPRODUCE_OVERRIDES = ("head_init", "feature_norm", "bn_mode", "precision", "inner_lr", "outer_lr",
                        "inner_steps", "eval_inner_steps", "meta_batch", "queries", "seed",
-                       "lr_schedule", "clip_grad_norm", "spike_rollback", "test_tasks")
+                       "lr_schedule", "clip_grad_norm", "spike_rollback", "test_tasks",
+                       "within_alphabet")
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:

@@ -31,6 +31,8 @@ from anil_fast.errors import InputError, InputTypeError, check_optional_number, 
 BN_MODES = ("transductive", "running", "support", "joint")
 PRECISIONS = ("fp32", "tf32", "bf16")
 HEAD_INITS = ("learned", "zero", "proto")
+# what the head sees of the body's features (models/anil.py, ANIL.head_features)
+FEATURE_NORMS = ("none", "task", "unit")
 BACKENDS = ("auto", "reference", "fused", "per_task")
 # names of earlier versions (configs and checkpoints may hold them): the op now picks the kernel
 # from the device, and "loop" also named the per-task body
@@ -68,8 +70,9 @@ def backend_name(backend) -> str:
     return backend
 
 
-def check_learning_rates(inner_lr, outer_lr) -> list[str]:
-    """ValueError for learning rates that cannot make sense; the warnings for odd ones."""
+def check_learning_rates(inner_lr, outer_lr, feature_norm: str = "none") -> list[str]:
+    """ValueError for learning rates that cannot make sense; the warnings for odd ones (an
+    inner step's size depends on the head's features: see ANIL.head_features)."""
     for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputTypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -87,9 +90,12 @@ def check_learning_rates(inner_lr, outer_lr) -> list[str]:
     if outer_lr > 1:
         odd.append(f"outer_lr {outer_lr:g} is very large for Adam (usual: 1e-4..1e-2); "
                    f"expect divergence")
-    if inner_lr > 10:
+    if feature_norm == "none" and inner_lr > 10:
         odd.append(f"inner_lr {inner_lr:g} is very large for the head's SGD (usual: 0.01..1); "
                    f"expect divergence")
+    elif feature_norm != "none" and inner_lr > 1000:  # a row's step is about inner_lr / rows
+        odd.append(f"inner_lr {inner_lr:g} is very large for the head's SGD on normalised "
+                   f"features (usual: about the ways, 5..20); expect divergence")
     return odd
 
 
@@ -117,6 +123,9 @@ class Config:
     hidden: int | None = None  # conv4 filters (64; 32 for mini-ImageNet as in MAML/ANIL)
     protocol: str = "seed"  # Omniglot only: "seed", "standard" or "background" (data/tasks.py)
     rotations: bool = False
+    # Omniglot only: the share of training tasks drawn within one alphabet (Lake et al.'s
+    # one-shot runs are such tasks; data/tasks.py TaskSampler's within_group)
+    within_alphabet: float = 0.0
     image_size: int = 105
     ways: int = 5
     shots: int = 1
@@ -141,6 +150,7 @@ class Config:
     eval_inner_steps: int | None = None  # default: inner_steps
     bn_mode: str = "transductive"
     head_init: str = "learned"  # each task's initial head: "learned", "zero", "proto"
+    feature_norm: str = "none"  # the head's features: as the body gives them, "task", "unit"
     seed: int = 0
     device: str = "auto"  # cuda when there is a GPU, else cpu (as for eval)
     backend: str = "auto"
@@ -244,9 +254,31 @@ def scenario_config(name: str, **overrides) -> Config:
     if unknown:
         raise InputError(f"unknown override(s) {sorted(unknown)}; known: {sorted(FIELD_NAMES)}")
     values = dict(PRESETS[name])
+    notes = []
+    if values.get("head_init") == "proto" and overrides.get("head_init", "proto") != "proto":
+        learned = learned_head_settings(values["ways"])
+        kept = {k: v for k, v in learned.items() if k not in overrides}
+        values.update(kept)
+        if kept:
+            notes.append(f"head_init {overrides['head_init']}: the preset's settings for a "
+                         f"head without prototypes: "
+                         + ", ".join(f"{k} {v}" for k, v in kept.items()))
     values.update(overrides)
     values["scenario"] = name
-    return Config(**values)
+    config = Config(**values)
+    config.notes.extend(notes)
+    return config
+
+
+def learned_head_settings(ways: int) -> dict:
+    """What a preset built around the prototype head changes for a "learned" or "zero" head
+    (the ANIL paper's model): the head sees unit-length features, so an inner step's size no
+    longer follows the body's feature norm (with raw features it grew to 25x the stability
+    bound at std-20w1s and the run collapsed); inner_lr = ways moves each class's logit by
+    about one unit per step (the support loss is a mean over ways * shots rows); second order,
+    since in first order the body would learn from the query features alone. Measured in
+    docs/how-to/reproduce.md ("The learned head")."""
+    return dict(feature_norm="unit", inner_lr=float(ways), first_order=False)
 
 
 # The types a recorded setting may have, by Config field annotation (JSON gives ints for
@@ -333,6 +365,8 @@ def validate_config(c: Config) -> None:
         raise InputError(f"bn_mode must be one of {BN_MODES}, got {c.bn_mode!r}")
     if c.head_init not in HEAD_INITS:
         raise InputError(f"head_init must be one of {HEAD_INITS}, got {c.head_init!r}")
+    if c.feature_norm not in FEATURE_NORMS:
+        raise InputError(f"feature_norm must be one of {FEATURE_NORMS}, got {c.feature_norm!r}")
     if c.precision not in (*PRECISIONS, "auto"):
         raise InputError(f"precision must be one of {(*PRECISIONS, 'auto')}, got {c.precision!r}")
     backend_name(c.backend)  # raises for an unknown name; earlier versions' names are known
@@ -354,6 +388,11 @@ def _validate_data(c: Config) -> str:
         raise InputError(f"protocol must be one of {PROTOCOLS}, got {c.protocol!r}")
     if c.split_file is not None and dataset != "folder":
         raise InputError("split_file is for dataset 'folder' (with data)")
+    if isinstance(c.within_alphabet, bool) or not isinstance(c.within_alphabet, (int, float)) \
+            or not 0.0 <= c.within_alphabet <= 1.0:
+        raise InputError(f"within_alphabet must be a share in 0..1, got {c.within_alphabet!r}")
+    if c.within_alphabet and dataset != "omniglot":
+        raise InputError(f"within_alphabet is for Omniglot (its alphabets), not {dataset}")
     if c.channels is not None and (dataset != "folder" or c.channels not in (1, 3)):
         raise InputError(f"channels: 1 or 3, for dataset 'folder'; got {c.channels!r}")
     if c.hidden is not None and (c.model != "conv4" or not is_int(c.hidden) or c.hidden < 1):

@@ -3,11 +3,12 @@
 - All of head init x BatchNorm mode x backend x order (96 models), fp32: one meta-gradient,
   evaluation, predict and a save/load, each against the reference (plain autograd, per-task
   body, NCHW) built from the same weights, where they must agree.
-- Pairwise over every switch of the Python API (those, precision, batched or per-task body,
-  channels_last, torch.compile): each pair of values in at least one model, the same checks
-  (bf16 against the reference in bf16, within bf16's rounding).
-- Pairwise over every switch of the command line (head init, BatchNorm mode, precision with
-  auto, backend, order, capture, compile): `train`, `eval` and `predict` as a user runs them.
+- Pairwise over every switch of the Python API (those, the head's feature norm, precision,
+  batched or per-task body, channels_last, torch.compile): each pair of values in at least one
+  model, the same checks (bf16 against the reference in bf16, within bf16's rounding).
+- Pairwise over every switch of the command line (head init, feature norm, BatchNorm mode,
+  precision with auto, backend, order, capture, compile): `train`, `eval` and `predict` as a
+  user runs them.
 - What is not supported is refused before anything runs, with an error naming the setting.
 """
 import io
@@ -17,7 +18,7 @@ import torch
 
 from anil_fast import ANIL, FewShotClassifier, MetaOptimizer
 from anil_fast import models
-from anil_fast.config import BACKENDS, BN_MODES, HEAD_INITS, PRECISIONS
+from anil_fast.config import BACKENDS, BN_MODES, FEATURE_NORMS, HEAD_INITS, PRECISIONS
 from anil_fast.use.predict import QUERY_DEPENDENT_BN_MODES
 from helpers import colour_classes, pairwise, random_batch, run_cli
 
@@ -25,12 +26,14 @@ WAYS, SIZE = 3, 16
 
 
 def build(head_init="learned", bn_mode="transductive", backend="auto", first_order=True,
-          precision="fp32", batched_body=None, channels_last=False, compile=False) -> ANIL:
+          precision="fp32", batched_body=None, channels_last=False, compile=False,
+          feature_norm="none") -> ANIL:
     torch.manual_seed(0)  # every combination starts from the same weights
     body, head = models.build("conv4", WAYS, SIZE)
     return ANIL(body, head, inner_lr=0.3, inner_steps=2, first_order=first_order, backend=backend,
                 precision=precision, batched_body=batched_body, channels_last=channels_last,
-                compile=compile, joint_batchnorm=bn_mode == "joint", head_init=head_init)
+                compile=compile, joint_batchnorm=bn_mode == "joint", head_init=head_init,
+                feature_norm=feature_norm)
 
 
 def batch(seed=0):
@@ -65,7 +68,8 @@ def check_against_reference(bn_mode, tolerance, **switches):
     # the reference in the same precision: bf16 rounds the body's convolutions either way
     reference = build(bn_mode=bn_mode, head_init=switches.get("head_init", "learned"),
                       first_order=switches.get("first_order", True), backend="reference",
-                      batched_body=False, precision=switches.get("precision", "fp32"))
+                      batched_body=False, precision=switches.get("precision", "fp32"),
+                      feature_norm=switches.get("feature_norm", "none"))
     # the meta-gradient and the running statistics it leaves
     loss, grads, buffers = meta_gradient(anil)
     ref_loss, ref_grads, ref_buffers = meta_gradient(reference)
@@ -110,7 +114,8 @@ def test_every_model_combination_in_fp32_agrees_with_the_reference(head_init, bn
                             first_order=first_order)
 
 
-API_SWITCHES = dict(head_init=HEAD_INITS, bn_mode=BN_MODES, precision=PRECISIONS,
+API_SWITCHES = dict(head_init=HEAD_INITS, feature_norm=FEATURE_NORMS, bn_mode=BN_MODES,
+                    precision=PRECISIONS,
                     backend=BACKENDS, batched_body=(None, True, False),
                     channels_last=(False, True), first_order=(True, False),
                     compile=(False, "aot_eager"))
@@ -135,7 +140,8 @@ def test_pairwise_api_switches_agree_with_the_reference(row):
 
 # -- the command line ---------------------------------------------------------------------------
 
-CLI_SWITCHES = dict(head_init=HEAD_INITS, bn_mode=BN_MODES, precision=("auto", *PRECISIONS),
+CLI_SWITCHES = dict(head_init=HEAD_INITS, feature_norm=FEATURE_NORMS, bn_mode=BN_MODES,
+                    precision=("auto", *PRECISIONS),
                     backend=BACKENDS, order=("first", "second"), capture=(False, True),
                     compile=(False, True))
 CLI_ROWS = pairwise(CLI_SWITCHES)
@@ -158,7 +164,8 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
         compile_ = torch.compile  # is what is checked here (test_anil checks its numbers)
         monkeypatch.setattr(torch, "compile", lambda m, **k: compile_(m, backend="aot_eager"))
     out = tmp_path / "run"
-    flags = ["--head-init", row["head_init"], "--bn-mode", row["bn_mode"], "--precision",
+    flags = ["--head-init", row["head_init"], "--feature-norm", row["feature_norm"],
+             "--bn-mode", row["bn_mode"], "--precision",
              row["precision"], "--backend", row["backend"],
              "--first-order" if row["order"] == "first" else "--second-order",
              "--capture" if row["capture"] else "--no-capture",
@@ -181,6 +188,7 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
     (["--backend", "triton-ish"], "backend must be one of"),
     (["--precision", "fp8"], "precision must be one of"),
     (["--head-init", "random"], "head_init must be one of"),
+    (["--feature-norm", "l2"], "feature_norm must be one of"),
     (["--bn-mode", "batch"], "bn_mode must be one of"),
     (["--device", "meta"], "cpu and cuda devices only"),
 ])

@@ -10,7 +10,7 @@ from anil_fast.errors import InputError, InputTypeError, check_int, is_int
 from anil_fast.config import PROTOCOLS
 from anil_fast.env import check_allocation
 from anil_fast.data.fewshot import FewShotImages
-from anil_fast.data.omniglot import Omniglot
+from anil_fast.data.omniglot import Omniglot, packaged_alphabets
 
 DRAW_CHUNK = 65_536  # tasks drawn per call; pools up to it draw exactly as one call
 
@@ -87,11 +87,19 @@ class TaskSampler:
     draws a fixed pool of that many tasks once and walks through it in meta-batches (reshuffled
     each pass); without it, every batch is new. Deterministic for a seed; `state_dict()` and
     `load_state_dict()` carry the position for resumed runs.
+
+    `groups` (an int per class of the images, e.g. each character's alphabet) with
+    `within_group` = p: each task is drawn, with probability p, from the classes of one group
+    (one alphabet, in one quarter turn), chosen uniformly among the groups with at least
+    `ways` classes; the others as usual. Lake et al.'s one-shot runs are 20-way tasks within
+    one alphabet: training on such tasks trains on their kind of confusions. p = 0 draws
+    exactly as without groups.
     """
 
     def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int,
                  meta_batch: int, rotations: bool = False, seed: int = 0,
-                 num_tasks: int | None = None):
+                 num_tasks: int | None = None, groups: torch.Tensor | None = None,
+                 within_group: float = 0.0):
         if isinstance(images, Omniglot):
             images = images.images
         if isinstance(images, torch.Tensor):
@@ -126,6 +134,8 @@ class TaskSampler:
         self.data, self.ways, self.shots, self.queries = data, ways, shots, queries
         self.meta_batch, self.rotations, self.seed = meta_batch, rotations, seed
         self.device = data.device
+        self.within_group, self.class_groups, self.eligible_groups = \
+            self._check_groups(groups, within_group, data.num_classes)
         self.max_count = int(data.counts.max())
         self._uniform = bool((data.counts == self.max_count).all())
         self.generator = torch.Generator(device=self.device)
@@ -138,6 +148,36 @@ class TaskSampler:
         self.pool = self.draw_indices(num_tasks) if num_tasks is not None else None
         self.position = 0  # next task of the pool
         self.order = None
+
+    def _check_groups(self, groups, within_group, base_classes):
+        """(p, the group of every class counting rotations [num_classes], the groups with at
+        least `ways` classes); (0.0, None, None) without groups."""
+        if isinstance(within_group, bool) or not isinstance(within_group, (int, float)) or \
+                not 0.0 <= within_group <= 1.0:
+            raise InputError(f"within_group must be a probability in 0..1, got {within_group!r}")
+        if groups is None:
+            if within_group:
+                raise InputError("within_group > 0 needs groups (e.g. each character's alphabet)")
+            return 0.0, None, None
+        if not isinstance(groups, torch.Tensor) or groups.dtype not in (torch.int32, torch.int64) \
+                or groups.shape != (base_classes,):
+            raise InputTypeError(f"groups must be an integer tensor with one entry per class "
+                                 f"({base_classes}), got "
+                                 f"{tuple(groups.shape) if isinstance(groups, torch.Tensor) else type(groups).__name__}")
+        if within_group == 0:
+            return 0.0, None, None
+        groups = groups.long().cpu()
+        if groups.min() < 0:
+            raise InputError("groups must be >= 0")
+        count = int(groups.max()) + 1
+        if self.rotations:  # a group per alphabet and quarter turn
+            groups = torch.cat([groups + k * count for k in range(4)])
+        sizes = torch.bincount(groups)
+        eligible = (sizes >= self.ways).nonzero().flatten()
+        if eligible.numel() == 0:
+            raise InputError(f"within_group: no group has {self.ways} classes (the largest has "
+                             f"{int(sizes.max())}); draw fewer ways or turn within_group off")
+        return float(within_group), groups.to(self.device), eligible.to(self.device)
 
     # -- drawing -----------------------------------------------------------------------------
     def draw_indices(self, tasks: int) -> TaskIndices:
@@ -153,7 +193,13 @@ class TaskSampler:
         g, dev = self.generator, self.device
         # Classes distinct within a task: the `ways` largest of uniform keys. Their order is
         # random, so class j of a task getting label j is a random labelling.
-        classes = torch.rand(tasks, self.num_classes, generator=g, device=dev).topk(self.ways).indices
+        keys = torch.rand(tasks, self.num_classes, generator=g, device=dev)
+        if self.within_group:  # some tasks from one group: keys outside it sort below all others
+            within = torch.rand(tasks, generator=g, device=dev) < self.within_group
+            pick = torch.randint(len(self.eligible_groups), (tasks,), generator=g, device=dev)
+            outside = self.class_groups[None, :] != self.eligible_groups[pick][:, None]
+            keys = keys - 2.0 * (outside & within[:, None])
+        classes = keys.topk(self.ways).indices
         base = self.data.num_classes
         characters = classes % base
         rotations = classes // base if self.rotations else torch.zeros_like(classes)
@@ -303,6 +349,24 @@ def load_split(protocol: str, split: str, image_size: int = 28, root=None, devic
     both = torch.cat([Omniglot(s, image_size, root, "cpu", download).images
                       for s in ("background", "evaluation")])
     return both[characters].to(device)
+
+
+def split_alphabets(protocol: str, split: str, validation: int = 0) -> torch.Tensor:
+    """The alphabet (an index into the 50 official alphabets, background then evaluation) of
+    every character of load_split(protocol, split, validation=...), in its order."""
+    names = packaged_alphabets("background") + packaged_alphabets("evaluation")
+    index = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    alphabets = torch.tensor([index[name] for name in names])
+    if protocol == "seed":
+        if split == "validation":
+            raise InputError("split='validation' exists only in the 'standard' and "
+                             "'background' protocols")
+        return alphabets[:BACKGROUND] if split == "train" else alphabets[BACKGROUND:]
+    if protocol == "background":
+        if split == "test":
+            return alphabets[BACKGROUND:]
+        return alphabets[background_characters(split, validation)]
+    return alphabets[standard_characters(split, validation)]
 
 
 def background_characters(split: str, validation: int = 0) -> torch.Tensor:

@@ -6,13 +6,14 @@ import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anil_fast.models.batchnorm import (RunningStats, batch_statistics_without_update, batchnorm_layers,
                         batchnorm_parameter_names, batchnorm_training_mode,
                         features_with_support_statistics, grouped_batchnorm, unbatchable_layers)
 from anil_fast.data import TaskBatch
-from anil_fast.config import (BN_MODES, HEAD_INITS, LEGACY_BACKENDS, PRECISIONS, backend_name,
+from anil_fast.config import (BN_MODES, FEATURE_NORMS, HEAD_INITS, LEGACY_BACKENDS, PRECISIONS, backend_name,
                               check_learning_rates)
 from anil_fast.env import cpu_has_native_bf16
 from anil_fast.errors import InputError, InputTypeError, is_int
@@ -24,6 +25,20 @@ def prefers_channels_last(device, precision: str, backend: str) -> bool:
     device = torch.device(device)
     return (precision == "bf16" and device.type == "cuda") or (
         device.type == "cpu" and LEGACY_BACKENDS.get(backend, backend) not in ("reference", "per_task"))
+
+
+# feature_norm's query scale at the start of meta-training. Measured at std-20w1s, learned
+# head, unit features, inner_lr 20, second order, 150 s at one thread, 200 test tasks: the
+# scale held at 1, 81.4%; held at 3, 90.9% (the prototype head: 90.3%). It is meta-learned
+# from there (docs/how-to/reproduce.md, "The learned head").
+QUERY_SCALE_INIT = 3.0
+
+
+def task_feature_scale(support_features: torch.Tensor) -> torch.Tensor:
+    """1 / the root-mean-square L2 norm of each task's support features [..., S, D] -> [...]
+    (feature_norm "task")."""
+    squared = support_features.pow(2).sum(-1).mean(-1)
+    return squared.clamp_min(torch.finfo(torch.float32).tiny).rsqrt()
 
 
 def require_batch(batch) -> None:
@@ -53,7 +68,7 @@ class ANIL(nn.Module):
                  backend: str = "auto", batched_body: bool | None = None,
                  precision: str = "fp32", compile: bool | str = False,
                  channels_last: bool = False, joint_batchnorm: bool = False,
-                 head_init: str = "learned"):
+                 head_init: str = "learned", feature_norm: str = "none"):
         super().__init__()
         if not isinstance(body, nn.Module):
             raise InputTypeError(f"body must be an nn.Module, got {type(body).__name__}")
@@ -65,7 +80,7 @@ class ANIL(nn.Module):
         if head.out_features < 2:
             raise InputError(f"head must have one output per way (at least 2), got "
                              f"{head.out_features}")
-        for message in check_learning_rates(inner_lr, 0.0):
+        for message in check_learning_rates(inner_lr, 0.0, feature_norm):
             warnings.warn(message, stacklevel=2)
         if not is_int(inner_steps):
             raise InputTypeError(f"inner_steps must be an int, got {type(inner_steps).__name__}")
@@ -89,6 +104,13 @@ class ANIL(nn.Module):
         # ANIL paper), "zero", or "proto" (Proto-MAML: W0_c = 2 s p_c, b0_c = -s |p_c|^2 from
         # the task's support prototypes p_c, with a meta-learned scale s starting at 1)
         self.head_init = head_init
+        if feature_norm not in FEATURE_NORMS:
+            raise InputError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        self.feature_norm = feature_norm  # see head_features
+        if feature_norm != "none" and head_init != "proto":
+            # the query logits' meta-learned scale (head_features); the prototype head has its own
+            self.query_scale = nn.Parameter(torch.full((), QUERY_SCALE_INIT, dtype=head.weight.dtype,
+                                                       device=head.weight.device))
         if head_init == "proto":
             self.proto_scale = nn.Parameter(torch.ones((), dtype=head.weight.dtype,
                                                        device=head.weight.device))
@@ -292,11 +314,38 @@ class ANIL(nn.Module):
         # label check on the fused op (no sync in a step): out-of-range labels give the task a
         # NaN loss on every device, which the trainer stops on.
         with torch.autocast(fs.device.type, enabled=False):
+            fs, fq = self.head_features(fs, fq, first_order)
             weight, bias = self.initial_head(fs, batch.support_y, ways)
             return adapted_query_loss(
                 fs, batch.support_y, fq, batch.query_y, weight, bias,
                 inner_lr=self.inner_lr, inner_steps=inner_steps, first_order=first_order,
                 backend=self.backend, check_labels=False)
+
+    def head_features(self, fs: torch.Tensor, fq: torch.Tensor, first_order: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support [T,S,D] and query [T,Q,D] features the head adapts on and scores, by
+        feature_norm: "none" as the body gives them; "task" each task's divided by one scalar,
+        the root-mean-square norm of its support features (task_feature_scale); "unit" each
+        feature vector of unit length. Normalised, the query features of a learned or zero
+        head are also multiplied by query_scale, a meta-learned scale of the query logits
+        (starting at QUERY_SCALE_INIT; the prototype head's proto_scale plays that part).
+
+        Why: an inner SGD step on the support loss (a mean over S rows) moves row i's own logit
+        by about inner_lr * |f_i|^2 / S; a conv4 body's |f|^2 is in the hundreds and grows as it
+        trains, so a fixed inner_lr ends far beyond the step's stability bound (the learned
+        head's collapse at std-20w1s). With |f| = 1 the step no longer follows the body. With
+        it, the query logits' size, the outer softmax's temperature, would be set by inner_lr
+        and the steps alone: query_scale learns it instead. Differentiable; first order takes
+        the "task" scale as a constant, as it takes the support features."""
+        if self.feature_norm == "none":
+            return fs, fq
+        dtype = torch.promote_types(fs.dtype, torch.float32)  # bf16 features: fp32 norms
+        fs, fq = fs.to(dtype), fq.to(dtype)
+        query_scale = self.query_scale.to(dtype) if hasattr(self, "query_scale") else 1.0
+        if self.feature_norm == "unit":
+            return F.normalize(fs, dim=-1), F.normalize(fq, dim=-1) * query_scale
+        scale = task_feature_scale(fs.detach() if first_order else fs)[:, None, None]
+        return fs * scale, fq * (scale * query_scale)
 
     def initial_head(self, fs: torch.Tensor, support_y: torch.Tensor, ways: int | None = None):
         """The head each task's inner loop starts from (see head_init): shared [N, D], [N], or

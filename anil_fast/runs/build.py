@@ -8,6 +8,7 @@ import torch
 from anil_fast.config import MAX_SEED, Config
 from anil_fast.data import TaskSampler, image_folder, load_benchmark, load_split
 from anil_fast.data.fewshot import default_split_names
+from anil_fast.data.tasks import split_alphabets
 from anil_fast.errors import InputError
 from anil_fast.models import bodies
 from anil_fast.models.anil import ANIL
@@ -34,7 +35,8 @@ def build_anil(settings: Settings) -> ANIL:
                 first_order=config.first_order, backend=config.backend,
                 batched_body=settings.batched_body, precision=config.precision,
                 compile=config.compile, channels_last=settings.channels_last,
-                joint_batchnorm=config.bn_mode == "joint", head_init=config.head_init)
+                joint_batchnorm=config.bn_mode == "joint", head_init=config.head_init,
+                feature_norm=config.feature_norm)
 
 
 def load_model_state(anil: ANIL, state: dict) -> None:
@@ -81,10 +83,14 @@ def task_sampler(config: Config, split: str, device, tasks: int | None = None,
     else:
         pool = tasks or (config.val_tasks if split == "validation" else config.test_tasks)
         batch = min(50, pool)
+    groups = None  # training tasks within one alphabet, some of them (config.within_alphabet)
+    if split == "train" and config.dataset == "omniglot" and config.within_alphabet:
+        groups = split_alphabets(config.protocol, split, config.validation)
     try:
         return TaskSampler(images, config.ways, config.shots, config.queries, batch,
                            rotations=config.rotations,
-                           seed=(_POOL_SEED[split] + config.seed) % (MAX_SEED + 1), num_tasks=pool)
+                           seed=(_POOL_SEED[split] + config.seed) % (MAX_SEED + 1), num_tasks=pool,
+                           groups=groups, within_group=config.within_alphabet if groups is not None else 0.0)
     except InputError as exc:  # too few classes or images: say which split of which data
         source = config.data if config.dataset == "folder" else config.dataset
         raise InputError(f"the {split} split of {source}: {exc}") from exc

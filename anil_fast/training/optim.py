@@ -78,6 +78,8 @@ def parameter_groups(anil, lr: float, multipliers: dict | None = None) -> list[d
     head = [(f"head.{n}", p) for n, p in anil.head.named_parameters()]
     if anil.head_init == "proto":
         head.append(("proto_scale", anil.proto_scale))  # the prototype head's scale
+    if hasattr(anil, "query_scale"):
+        head.append(("query_scale", anil.query_scale))  # normalised features' logit scale
     for _, p in head:
         p.requires_grad_(True)
     groups = [{"params": [p for _, p in head], "name": "head", "multiplier": 1.0,

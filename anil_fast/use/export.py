@@ -27,6 +27,7 @@ from torch import nn
 
 from anil_fast.models.batchnorm import batch_statistics_of
 from anil_fast.errors import InputError, InputTypeError, is_int
+from anil_fast.models.anil import task_feature_scale
 from anil_fast.models.functional import adapted_head
 
 FORMATS = {".pt2": "export", ".onnx": "onnx", ".pt": "torchscript"}
@@ -55,7 +56,7 @@ class AdaptedClassifier(nn.Module):
 
     def __init__(self, body: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
                  image_size: int, channels: int, omniglot: bool, input_size: int,
-                 input_channels: int, uint8: bool):
+                 input_channels: int, uint8: bool, unit_features: bool = False):
         super().__init__()
         self.body = body
         self.register_buffer("weight", weight.detach().clone())
@@ -64,6 +65,7 @@ class AdaptedClassifier(nn.Module):
         self.register_buffer("resize", resize_matrix(input_size, image_size, omniglot))
         self.image_size, self.channels, self.omniglot = image_size, channels, omniglot
         self.input_size, self.input_channels, self.uint8 = input_size, input_channels, uint8
+        self.unit_features = unit_features  # feature_norm "unit" (its scales are in the weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(torch.float32)
@@ -77,7 +79,10 @@ class AdaptedClassifier(nn.Module):
             x = 1.0 - x  # Omniglot's ink is 1 on paper 0
         if self.input_size != self.image_size:
             x = self.resize @ x @ self.resize.T
-        logits = self.body(x) @ self.weight.T + self.bias
+        features = self.body(x)
+        if self.unit_features:
+            features = F.normalize(features, dim=-1)
+        logits = features @ self.weight.T + self.bias
         return torch.softmax(logits, dim=-1)
 
 
@@ -124,18 +129,25 @@ def adapted_classifier(clf, input_size: int | None = None, input_channels: int |
         raise InputError(f"input_dtype must be 'uint8' or 'float', got {input_dtype!r}")
     anil = clf.anil
     support, labels = clf.support
-    body, features = frozen_body(anil, support.cpu(), clf.bn_mode)
+    body, body_features = frozen_body(anil, support.cpu(), clf.bn_mode)
     steps = anil.inner_steps if clf.inner_steps is None else clf.inner_steps
     labels = labels.cpu()
     device = clf.device
+    # the support features the head adapts on (ANIL.head_features); the query side's scalars,
+    # "task"'s norm and the query scale, are folded into the adapted weight: W (c f) = (c W) f
+    features = anil.head_features(body_features[None], body_features[None])[0][0]
+    scale = task_feature_scale(body_features) if anil.feature_norm == "task" else 1.0
+    if hasattr(anil, "query_scale"):
+        scale = scale * anil.query_scale.detach().float().cpu()
     with torch.no_grad():  # "learned", "zero" or the support's prototypes, as predict starts
         w0, b0 = anil.initial_head(features.to(device)[None], labels.to(device)[None],
                                    len(clf.classes))
     weight, bias = adapted_head(w0.reshape(-1, features.shape[-1]).float().cpu(),
                                 b0.reshape(-1).float().cpu(), features, labels,
                                 inner_lr=anil.inner_lr, inner_steps=steps)
-    return AdaptedClassifier(body, weight, bias, clf.image_size, clf.channels, clf.omniglot,
-                             input_size, input_channels, input_dtype == "uint8")
+    return AdaptedClassifier(body, weight * scale, bias, clf.image_size, clf.channels,
+                             clf.omniglot, input_size, input_channels, input_dtype == "uint8",
+                             unit_features=anil.feature_norm == "unit")
 
 
 def example_input(module: AdaptedClassifier, batch: int = 2) -> torch.Tensor:
