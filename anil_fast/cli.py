@@ -7,13 +7,14 @@ last checkpoint kept); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 # Only what the parser needs is imported here (the option lists, the errors): each command
 # imports its own modules when it runs.
-from anil_fast.config import BENCH_CASES, BN_MODES, PRESETS, Config
+from anil_fast.config import BENCH_CASES, BN_MODES, PRESETS, Config, describe_model
 from anil_fast.errors import AnilFastError, InputError, Interrupted, TrainingDiverged
 
 
@@ -278,6 +279,7 @@ def _print_summary(summary: dict, config, info, out=print) -> None:
     if "evaluation" not in summary:
         return
     out(f"checkpoint tested: {summary['selected']}")
+    out(f"model: {describe_model(dataclasses.replace(config, precision=summary['precision']))}")
     _print_eval(summary["evaluation"], out)
     if "evaluation_last" in summary:
         last = summary["evaluation_last"]
@@ -359,6 +361,7 @@ def _eval(args, info, out) -> None:
         out(json.dumps(result))
     else:
         out(f"weights: {result['weights']}, {result['checkpoint']}")
+        out(f"model: {result['model_settings']}")
         _print_eval(result, out)
 
 
@@ -369,6 +372,7 @@ def _lake_runs(args, out) -> None:
         out(json.dumps(result))
         return
     out(f"weights: {result['weights']}, {result['checkpoint']}")
+    out(f"model: {result['model_settings']}")
     out(f"Lake et al.'s 20 one-shot runs, 20-way within-alphabet (BatchNorm: {result['bn_mode']})")
     out("error per run (%): " + " ".join(f"{100 * e:.0f}" for e in result["per_run"]))
     out(f"error over the {result['items']} items: {100 * result['error']:.2f}%")

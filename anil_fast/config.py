@@ -270,6 +270,16 @@ def scenario_config(name: str, **overrides) -> Config:
     return config
 
 
+def describe_model(c: Config) -> str:
+    """What a result was measured with, in one line: body, head init, the head's features,
+    the inner loop, order and precision (printed beside every accuracy)."""
+    features = "" if c.feature_norm == "none" else f" on {c.feature_norm}-normalised features"
+    test_steps = c.inner_steps if c.eval_inner_steps is None else c.eval_inner_steps
+    return (f"{c.model}, head {c.head_init}{features}, inner lr {c.inner_lr:g} x "
+            f"{c.inner_steps} steps ({test_steps} at test), "
+            f"{'first' if c.first_order else 'second'} order, precision {c.precision}")
+
+
 def learned_head_settings(ways: int) -> dict:
     """What a preset built around the prototype head changes for a "learned" or "zero" head
     (the ANIL paper's model): the head sees unit-length features, so an inner step's size no

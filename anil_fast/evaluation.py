@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anil_fast import distributed
-from anil_fast.config import BN_MODES, MAX_TASKS, Config
+from anil_fast.config import BN_MODES, MAX_TASKS, Config, describe_model
 from anil_fast.data import TaskSampler
 from anil_fast.errors import InputError, is_int
 from anil_fast.metrics import mean_ci95
@@ -100,6 +100,7 @@ def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
                           config.eval_inner_steps, progress=progress)
     result.pop("per_task_after")
     result.update({"scenario": config.scenario, "model": config.model,
+                   "model_settings": describe_model(config),
                    "step": run.checkpoint["step"], "checkpoint": str(run.file),
                    "weights": run.weights})
     return result

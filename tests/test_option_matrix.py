@@ -12,6 +12,7 @@
 - What is not supported is refused before anything runs, with an error naming the setting.
 """
 import io
+import json
 
 import pytest
 import torch
@@ -176,9 +177,14 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
                      "--out", out, *flags)
     assert code == 0, text
     assert "accuracy after adaptation" in text and ("capture: CUDA graphs" in text) == row["capture"]
+    # the result says what it was measured with
+    features = "" if row["feature_norm"] == "none" else f" on {row['feature_norm']}-normalised features"
+    model = f"model: conv4, head {row['head_init']}{features}, inner lr "
+    assert model in text and f"{row['order']} order, precision " in text, text
     code, text = run_cli(capsys, "eval", "--checkpoint", out, "--tasks", 2, "--device", "cpu", "--json")
     assert code == 0, text
     assert '"bn_mode": "%s"' % row["bn_mode"] in text
+    assert json.loads(text.strip().splitlines()[-1])["model_settings"].startswith(model[7:])
     code, text = run_cli(capsys, "predict", "--checkpoint", out, "--support", classes / "support",
                      "--query", classes / "query", "--device", "cpu")
     assert code == 0 and f"(BatchNorm: {predict_mode(row['bn_mode'])})" in text, text

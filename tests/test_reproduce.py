@@ -210,10 +210,13 @@ def test_reproduce_takes_overrides_and_names_them(tmp_path, capsys):
                  "--precision", "fp32", "--clip-grad-norm", "5"]) == 0
     [row] = json.loads((out / "reproduce.json").read_text())
     assert row["head_init"] == "learned" and row["precision"] == "fp32"
+    # the learned head's preset settings (config.learned_head_settings), named in the row
+    assert (row["feature_norm"], row["inner_lr"], row["order"]) == ("unit", 5.0, "second")
     config = json.loads((out / "std-5w1s" / "config.json").read_text())
     assert config["head_init"] == "learned" and config["clip_grad_norm"] == 5
     md = (out / "reproduce.md").read_text()
-    assert "| head init | precision |" in md and "| learned | fp32 |" in md
+    assert "| head init | head's features | inner lr | order | precision |" in md
+    assert "| learned | unit | 5 | second | fp32 |" in md
     assert main(["reproduce", "--suite", "paper", "--presets", "std-5w1s", "--smoke",
                  "--out", str(tmp_path / "bad"), "--head-init", "magic"]) == 2
     assert "head_init" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anil_fast.config import describe_model
 from anil_fast.data.omniglot import search_roots
 from anil_fast.errors import InputError
 
@@ -134,5 +135,6 @@ def score_lake_runs(path, weights: str | None = None, device: str = "auto",
     table = references()
     return {"error": float(np.mean(per_run)), "per_run": per_run, "items": WAYS * len(runs),
             "bn_mode": clf.bn_mode, "weights": clf.weights, "checkpoint": clf.checkpoint,
+            "model_settings": describe_model(clf.config),
             "references": [{**r, "cite": table["cite"][r["source"]],
                             "source": table["sources"][r["source"]]} for r in table["lake"]]}
