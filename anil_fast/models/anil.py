@@ -98,22 +98,7 @@ class ANIL(nn.Module):
                 param.requires_grad_(name in trained)
         self.batched_body = batched_body
         self.precision = precision
-        if head_init not in HEAD_INITS:
-            raise InputError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
-        # Each task's initial head: "learned" (head.weight, head.bias, meta-learned as in the
-        # ANIL paper), "zero", or "proto" (Proto-MAML: W0_c = 2 s p_c, b0_c = -s |p_c|^2 from
-        # the task's support prototypes p_c, with a meta-learned scale s starting at 1)
-        self.head_init = head_init
-        if feature_norm not in FEATURE_NORMS:
-            raise InputError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
-        self.feature_norm = feature_norm  # see head_features
-        if feature_norm != "none" and head_init != "proto":
-            # the query logits' meta-learned scale (head_features); the prototype head has its own
-            self.query_scale = nn.Parameter(torch.full((), QUERY_SCALE_INIT, dtype=head.weight.dtype,
-                                                       device=head.weight.device))
-        if head_init == "proto":
-            self.proto_scale = nn.Parameter(torch.ones((), dtype=head.weight.dtype,
-                                                       device=head.weight.device))
+        self._set_head_init(head_init, feature_norm)
         # meta-training normalises each task's support and query together (bn_mode "joint")
         self.joint_batchnorm = bool(joint_batchnorm)
         self._labels_checked = False  # the first training batch's labels are checked once
@@ -320,6 +305,23 @@ class ANIL(nn.Module):
                 fs, batch.support_y, fq, batch.query_y, weight, bias,
                 inner_lr=self.inner_lr, inner_steps=inner_steps, first_order=first_order,
                 backend=self.backend, check_labels=False)
+
+    def _set_head_init(self, head_init: str, feature_norm: str) -> None:
+        """Each task's initial head: "learned" (head.weight, head.bias, meta-learned as in the
+        ANIL paper), "zero", or "proto" (Proto-MAML: W0_c = 2 s p_c, b0_c = -s |p_c|^2 from the
+        task's support prototypes p_c, with a meta-learned scale s, proto_scale, starting at 1);
+        and the features it sees (head_features), with the query logits' meta-learned scale
+        for a normalised learned or zero head."""
+        if head_init not in HEAD_INITS:
+            raise InputError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        if feature_norm not in FEATURE_NORMS:
+            raise InputError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        self.head_init, self.feature_norm = head_init, feature_norm
+        like = dict(dtype=self.head.weight.dtype, device=self.head.weight.device)
+        if head_init == "proto":
+            self.proto_scale = nn.Parameter(torch.ones((), **like))
+        elif feature_norm != "none":
+            self.query_scale = nn.Parameter(torch.full((), QUERY_SCALE_INIT, **like))
 
     def head_features(self, fs: torch.Tensor, fq: torch.Tensor, first_order: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
