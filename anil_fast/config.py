@@ -283,8 +283,8 @@ def describe_model(c: Config) -> str:
 def learned_head_settings(ways: int) -> dict:
     """What a preset built around the prototype head changes for a "learned" or "zero" head
     (the ANIL paper's model): the head sees unit-length features, so an inner step's size no
-    longer follows the body's feature norm (with raw features it grew to 25x the stability
-    bound at std-20w1s and the run collapsed); inner_lr = ways moves each class's logit by
+    longer follows the body's feature norm (with raw features the norm grew as the body
+    trained, the step outgrew its stability bound and std-20w1s collapsed); inner_lr = ways moves each class's logit by
     about one unit per step (the support loss is a mean over ways * shots rows); second order,
     since in first order the body would learn from the query features alone. Measured in
     docs/how-to/reproduce.md ("The learned head")."""

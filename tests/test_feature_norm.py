@@ -155,3 +155,14 @@ def test_a_head_without_prototypes_gets_its_own_preset_settings(head_init):
     # presets not built around the prototype head are left as they are
     s2 = scenario_config("s2", head_init=head_init)
     assert (s2.feature_norm, s2.inner_lr) == ("none", scenario_config("s2").inner_lr)
+
+
+def test_the_large_inner_lr_warning_knows_normalised_features():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inner_lr = ways on unit features is the usual step
+        make(ways=3, inner_lr=20.0, feature_norm="unit")
+    with pytest.warns(UserWarning, match="inner_lr 20 is very large"):
+        make(ways=3, inner_lr=20.0)  # on raw features it is not
+    with pytest.warns(UserWarning, match="on normalised features"):
+        make(ways=3, inner_lr=5000.0, feature_norm="task")

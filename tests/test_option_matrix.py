@@ -195,6 +195,8 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
     (["--precision", "fp8"], "precision must be one of"),
     (["--head-init", "random"], "head_init must be one of"),
     (["--feature-norm", "l2"], "feature_norm must be one of"),
+    (["--dataset", "cifar-fs", "--within-alphabet", "0.5"], "within_alphabet is for Omniglot"),
+    (["--within-alphabet", "1.5"], "within_alphabet must be a share in 0..1"),
     (["--bn-mode", "batch"], "bn_mode must be one of"),
     (["--device", "meta"], "cpu and cuda devices only"),
 ])

@@ -2,6 +2,8 @@
 every such task's classes share an alphabet and a quarter turn, the share of such tasks is
 the one asked for, a share of 0 draws exactly as before, and the alphabets of every split are
 Omniglot's own."""
+import json
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from anil_fast.data.omniglot import packaged_alphabets
 from anil_fast.data.tasks import BACKGROUND, background_characters, split_alphabets
 from anil_fast.runs.build import task_sampler
 from anil_fast.runs.settings import resolve
+from helpers import run_cli
 
 # 964 classes in 37 groups of uneven sizes (7..47, as alphabets are), one too small for 20 ways
 SIZES = [7] + [26] * 35 + [47]
@@ -106,3 +109,14 @@ def test_the_config_draws_training_tasks_within_alphabets(omniglot_dir):
             resolve(scenario_config("lake-20w1s", within_alphabet=bad))
     with pytest.raises(ValueError, match="within_alphabet is for Omniglot"):
         resolve(scenario_config("cifarfs-5w1s", within_alphabet=0.5))
+
+
+def test_the_command_line_trains_within_alphabets(omniglot_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, text = run_cli(capsys, "train", "--scenario", "lake-20w1s", "--within-alphabet", 0.5,
+                         "--ways", 5, "--meta-steps", 2, "--meta-batch", 2, "--queries", 1,
+                         "--test-tasks", 2, "--val-tasks", 2, "--precision", "fp32",
+                         "--device", "cpu", "--no-progress", "--data-root", omniglot_dir,
+                         "--out", out)
+    assert code == 0 and "accuracy after adaptation" in text, text
+    assert json.loads((out / "config.json").read_text())["within_alphabet"] == 0.5
