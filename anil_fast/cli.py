@@ -33,7 +33,7 @@ OVERRIDES = {
     "validation": int, "val_tasks": int, "val_every": int, "val_every_s": float,
     "dataset": str, "data": str, "split_file": str, "channels": int, "hidden": int,
     "weights_file": str, "head_init": str, "feature_norm": str, "clip_grad_norm": float,
-    "within_alphabet": float,
+    "within_alphabet": float, "augment_shift": int,
     "spike_rollback": float,
 }
 FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "capture")
@@ -41,7 +41,7 @@ FLAGS = ("first_order", "freeze_body", "pretrained", "rotations", "compile", "ca
 REPRODUCE_OVERRIDES = ("head_init", "feature_norm", "bn_mode", "precision", "inner_lr", "outer_lr",
                        "inner_steps", "eval_inner_steps", "meta_batch", "queries", "seed",
                        "lr_schedule", "clip_grad_norm", "spike_rollback", "test_tasks",
-                       "within_alphabet")
+                       "within_alphabet", "augment_shift")
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +170,9 @@ def _add_inspection_commands(sub) -> None:
                     help="score a 20-way Omniglot checkpoint on Lake et al.'s 20 official "
                          "one-shot runs (one_shot_runs.zip beside the Omniglot files) instead "
                          "of test tasks; refused for a model that trained on their characters")
+    ev.add_argument("--test-shifts", type=int, default=0,
+                    help="test-time augmentation: every image also taken at each whole-pixel "
+                         "shift within N pixels ((2N+1)^2 copies; default 0: none)")
 
     cmp = sub.add_parser("compare", help="train several scenarios and compare them")
     cmp.add_argument("--scenarios", default="s1,s2,s3,s4,s5")
@@ -198,6 +201,9 @@ def _add_predict_command(sub) -> None:
     pred.add_argument("--bn-mode", choices=BN_MODES, default=None,
                       help="BatchNorm (default: the run's own, 'support' for a transductive run: "
                            "each query classified on its own)")
+    pred.add_argument("--test-shifts", type=int, default=0,
+                      help="test-time augmentation: every image also taken at each whole-pixel "
+                           "shift within N pixels ((2N+1)^2 copies; default 0: none)")
     pred.add_argument("--top", type=int, default=1, help="classes shown per image")
     pred.add_argument("--json", action="store_true", help="one JSON object per image")
     pred.add_argument("--device", default="auto")
@@ -250,7 +256,10 @@ def _add_bench_command(sub) -> None:
 
 
 def _print_eval(result: dict, out=print) -> None:
-    out(f"test tasks: {result['tasks']} (BatchNorm: {result['bn_mode']})")
+    shifts = result.get("test_shifts", 0)
+    shifts = (f", each image at {(2 * shifts + 1) ** 2} shifts of up to {shifts} px "
+              f"(test-time augmentation)" if shifts else "")
+    out(f"test tasks: {result['tasks']} (BatchNorm: {result['bn_mode']}{shifts})")
     out(f"accuracy before adaptation: {100 * result['accuracy_before']:.2f}% "
         f"± {100 * result['ci95_before']:.2f}")
     out(f"accuracy after adaptation:  {100 * result['accuracy_after']:.2f}% "
@@ -356,7 +365,8 @@ def _eval(args, info, out) -> None:
         return _lake_runs(args, out)
     from anil_fast.evaluation import evaluate_checkpoint
     result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
-                                 progress=not args.json, weights=args.weights)
+                                 progress=not args.json, weights=args.weights,
+                                 test_shifts=args.test_shifts)
     if args.json:
         out(json.dumps(result))
     else:
@@ -367,13 +377,17 @@ def _eval(args, info, out) -> None:
 
 def _lake_runs(args, out) -> None:
     from anil_fast.use.lake import score_lake_runs
-    result = score_lake_runs(args.checkpoint, args.weights, args.device, args.bn_mode)
+    result = score_lake_runs(args.checkpoint, args.weights, args.device, args.bn_mode,
+                             test_shifts=args.test_shifts)
     if args.json:
         out(json.dumps(result))
         return
     out(f"weights: {result['weights']}, {result['checkpoint']}")
     out(f"model: {result['model_settings']}")
-    out(f"Lake et al.'s 20 one-shot runs, 20-way within-alphabet (BatchNorm: {result['bn_mode']})")
+    shifts = (f", each image at {result['copies']} shifts of up to {result['test_shifts']} px "
+              f"(test-time augmentation)" if result["test_shifts"] else "")
+    out(f"Lake et al.'s 20 one-shot runs, 20-way within-alphabet (BatchNorm: "
+        f"{result['bn_mode']}{shifts})")
     out("error per run (%): " + " ".join(f"{100 * e:.0f}" for e in result["per_run"]))
     out(f"error over the {result['items']} items: {100 * result['error']:.2f}%")
     for ref in result["references"]:
@@ -442,7 +456,7 @@ def _predict(args, info, out) -> None:
     if args.top < 1:
         raise InputError(f"--top must be at least 1, got {args.top}")
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.weights, args.device,
-                                            args.inner_steps, args.bn_mode)
+                                            args.inner_steps, args.bn_mode, args.test_shifts)
     clf.fit(args.support)
     queries = image_paths(args.query)
     if not queries:
@@ -450,7 +464,8 @@ def _predict(args, info, out) -> None:
     probabilities = clf.predict_proba(queries)
     if not args.json:
         out(f"{clf.weights} of {clf.checkpoint}; {len(clf.classes)} classes from {args.support}, "
-            f"{len(queries)} query images (BatchNorm: {clf.bn_mode})")
+            f"{len(queries)} query images (BatchNorm: {clf.bn_mode}"
+            + (f", test-time shifts within {clf.test_shifts} px" if clf.test_shifts else "") + ")")
     top = min(args.top, len(clf.classes))
     for path, row in zip(queries, probabilities):
         p, i = row.topk(top)

@@ -126,6 +126,9 @@ class Config:
     # Omniglot only: the share of training tasks drawn within one alphabet (Lake et al.'s
     # one-shot runs are such tasks; data/tasks.py TaskSampler's within_group)
     within_alphabet: float = 0.0
+    # training images moved by a random whole number of pixels in -N..N on each axis
+    # (augmentation; data/augment.py); validation and test images never
+    augment_shift: int = 0
     image_size: int = 105
     ways: int = 5
     shots: int = 1
@@ -219,7 +222,10 @@ for _ways in (5, 20):
 # Lake et al.'s protocol: std-20w1s trained on the background set only (its validation
 # characters held out of it), so that Lake's 20 one-shot runs, all drawings of the evaluation
 # set, may score it (anil-fast eval --lake-runs); its test tasks come from the evaluation set.
-PRESETS["lake-20w1s"] = dict(PRESETS["std-20w1s"], protocol="background")
+# Half of its training tasks lie within one alphabet, as the runs' do, and its training images
+# are shifted by up to 2 px (docs/how-to/evaluate.md, "Lake et al.'s 20 one-shot runs").
+PRESETS["lake-20w1s"] = dict(PRESETS["std-20w1s"], protocol="background", within_alphabet=0.5,
+                             augment_shift=2)
 # Beyond Omniglot, with the settings of the numbers they are compared with (references.json).
 # mini-ImageNet: the ANIL paper's (MAML's) regime: conv4 with 32 filters at 84 px, 5 inner
 # steps at lr 0.01 (10 at test), meta-batch 4 (1-shot) or 2 (5-shot), 15 queries per class,
@@ -272,12 +278,16 @@ def scenario_config(name: str, **overrides) -> Config:
 
 def describe_model(c: Config) -> str:
     """What a result was measured with, in one line: body, head init, the head's features,
-    the inner loop, order and precision (printed beside every accuracy)."""
+    the inner loop, order, precision, and the training tasks' within-alphabet share and shift
+    augmentation when set (printed beside every accuracy)."""
     features = "" if c.feature_norm == "none" else f" on {c.feature_norm}-normalised features"
     test_steps = c.inner_steps if c.eval_inner_steps is None else c.eval_inner_steps
+    tasks = [f"{c.within_alphabet:.0%} of its tasks within one alphabet"] if c.within_alphabet else []
+    tasks += [f"images shifted by up to {c.augment_shift} px"] if c.augment_shift else []
     return (f"{c.model}, head {c.head_init}{features}, inner lr {c.inner_lr:g} x "
             f"{c.inner_steps} steps ({test_steps} at test), "
-            f"{'first' if c.first_order else 'second'} order, precision {c.precision}")
+            f"{'first' if c.first_order else 'second'} order, precision {c.precision}"
+            + (f"; trained with {' and '.join(tasks)}" if tasks else ""))
 
 
 def learned_head_settings(ways: int) -> dict:
@@ -403,6 +413,10 @@ def _validate_data(c: Config) -> str:
         raise InputError(f"within_alphabet must be a share in 0..1, got {c.within_alphabet!r}")
     if c.within_alphabet and dataset != "omniglot":
         raise InputError(f"within_alphabet is for Omniglot (its alphabets), not {dataset}")
+    if not is_int(c.augment_shift) or c.augment_shift < 0 or \
+            (is_int(c.image_size) and 2 * c.augment_shift >= c.image_size):
+        raise InputError(f"augment_shift must be an int in 0..{max((c.image_size - 1) // 2, 0) if is_int(c.image_size) else '?'} "
+                         f"(whole pixels, below half the image size), got {c.augment_shift!r}")
     if c.channels is not None and (dataset != "folder" or c.channels not in (1, 3)):
         raise InputError(f"channels: 1 or 3, for dataset 'folder'; got {c.channels!r}")
     if c.hidden is not None and (c.model != "conv4" or not is_int(c.hidden) or c.hidden < 1):

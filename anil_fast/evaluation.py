@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from anil_fast import distributed
 from anil_fast.config import BN_MODES, MAX_TASKS, Config, describe_model
 from anil_fast.data import TaskSampler
+from anil_fast.data.augment import check_shift, mean_over_copies, with_shifted_copies
 from anil_fast.errors import InputError, is_int
 from anil_fast.metrics import mean_ci95
 from anil_fast.models.anil import ANIL
@@ -23,10 +24,14 @@ __all__ = ["evaluate", "score_selected", "evaluate_checkpoint"]
 
 
 def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "transductive",
-             inner_steps: int | None = None, progress: bool = False) -> dict:
+             inner_steps: int | None = None, progress: bool = False,
+             test_shifts: int = 0) -> dict:
     """Mean query accuracy before and after adaptation over `tasks` tasks, with 95% CIs.
     Under torch.distributed each rank adapts its share of every batch and the per-task
-    accuracies are gathered in task order: the same numbers as one process."""
+    accuracies are gathered in task order: the same numbers as one process. `test_shifts`:
+    test-time augmentation, every image also at each whole-pixel shift within that many
+    pixels (FewShotClassifier's; 0: none)."""
+    check_shift("test_shifts", test_shifts, min(sampler.data.image_shape[-2:]))
     info = distributed.current()
     distributed.average_running_stats(anil.body)
     before, after = [], []
@@ -36,8 +41,8 @@ def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "trans
         count = indices.characters.shape[0]
         share = distributed.shard(count, info)
         if share.stop > share.start:
-            result = anil.evaluate(sampler.materialise(indices[share]), inner_steps, bn_mode)
-            per_before, per_after = result["per_task_before"], result["per_task_after"]
+            per_before, per_after = _accuracies(anil, sampler.materialise(indices[share]),
+                                                inner_steps, bn_mode, test_shifts)
         else:  # more ranks than tasks in this batch
             per_before = per_after = torch.zeros(0)
         device = indices.characters.device
@@ -53,7 +58,26 @@ def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "trans
     _, ci_gain = mean_ci95((after_t - before_t).numpy())
     return {"accuracy_before": mean_b, "ci95_before": ci_b, "accuracy_after": mean_a,
             "ci95_after": ci_a, "gain": mean_a - mean_b, "ci95_gain": ci_gain, "tasks": tasks,
-            "bn_mode": bn_mode, "per_task_after": after_t.tolist()}
+            "bn_mode": bn_mode, "test_shifts": test_shifts, "per_task_after": after_t.tolist()}
+
+
+def _accuracies(anil: ANIL, batch, inner_steps, bn_mode: str, test_shifts: int):
+    """Per-task query accuracy [T] before and after adaptation; with test_shifts, of the
+    scores averaged over each image's shifted copies, a few tasks at a time (each task
+    holds (2m+1)^2 times the images)."""
+    if not test_shifts:
+        result = anil.evaluate(batch, inner_steps, bn_mode)
+        return result["per_task_before"], result["per_task_after"]
+    before, after = [], []
+    chunk = max(1, 50 // (2 * test_shifts + 1) ** 2)
+    for start in range(0, batch.num_tasks, chunk):
+        part = batch[start:start + chunk]
+        shifted, copies = with_shifted_copies(part, test_shifts)
+        logits = anil.adapted_logits(shifted, inner_steps, bn_mode)
+        for out, scores in zip((before, after), logits):
+            predicted = mean_over_copies(scores, copies).argmax(-1)
+            out.append((predicted == part.query_y).float().mean(1).cpu())
+    return torch.cat(before), torch.cat(after)
 
 
 def score_selected(anil: ANIL, config: Config, sampler: TaskSampler, step: int,
@@ -83,21 +107,23 @@ def score_selected(anil: ANIL, config: Config, sampler: TaskSampler, step: int,
 
 def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
                         device: str = "auto", progress: bool = True,
-                        weights: str | None = None) -> dict:
+                        weights: str | None = None, test_shifts: int = 0) -> dict:
     """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was):
-    the weights `checkpoint_file` picks, with the run's own BatchNorm mode unless `bn_mode`."""
+    the weights `checkpoint_file` picks, with the run's own BatchNorm mode unless `bn_mode`;
+    test_shifts: test-time augmentation (evaluate's)."""
     if not is_int(tasks) or not 1 <= tasks <= MAX_TASKS:
         raise InputError(f"tasks must be an int in 1..{MAX_TASKS:,}, got {tasks!r}")
     if bn_mode is not None and bn_mode not in BN_MODES:
         raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     run = load_run(path, weights, device)
+    check_shift("test_shifts", test_shifts, run.settings.config.image_size)
     with own_rng(run.settings.device):
         config = run.settings.config
         # a folder run's recorded split (its test classes as it drew them), else today's
         sampler = task_sampler(config, "test", run.settings.device, tasks,
                                classes=run.checkpoint.get("classes"))
         result = evaluate(run.anil, sampler, tasks, bn_mode or config.bn_mode,
-                          config.eval_inner_steps, progress=progress)
+                          config.eval_inner_steps, progress=progress, test_shifts=test_shifts)
     result.pop("per_task_after")
     result.update({"scenario": config.scenario, "model": config.model,
                    "model_settings": describe_model(config),

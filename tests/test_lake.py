@@ -6,7 +6,7 @@ import json
 import pytest
 
 from anil_fast.use.lake import WAYS, load_runs, run_characters, score_lake_runs, training_characters
-from anil_fast.config import scenario_config
+from anil_fast.config import describe_model, scenario_config
 from anil_fast.training.run import train
 from helpers import run_cli
 
@@ -59,7 +59,8 @@ def test_a_background_model_is_scored_and_a_standard_one_refused(runs, tmp_path,
     assert code == 2 and "serves 5 ways" in text
 
 
-def test_the_background_protocol_holds_validation_out_of_the_background_set(runs, tmp_path):
+def test_the_background_protocol_holds_validation_out_of_the_background_set(runs, tmp_path,
+                                                                           capsys):
     from anil_fast.data import load_split
     from anil_fast.data.tasks import background_characters
     train_chars = set(background_characters("train", 100).tolist())
@@ -73,5 +74,20 @@ def test_the_background_protocol_holds_validation_out_of_the_background_set(runs
     summary = train(config, tmp_path / "bg", progress=False)
     assert summary["validation"]["best"] is not None  # validated on background characters
     assert len(score_lake_runs(tmp_path / "bg", device="cpu")["per_run"]) == 20  # accepted
+    # the preset trains as the runs test: tasks within one alphabet, shifted images
+    assert (config.within_alphabet, config.augment_shift) == (0.5, 2)
+    assert describe_model(config).endswith("; trained with 50% of its tasks within one "
+                                           "alphabet and images shifted by up to 2 px")
+    shifted = score_lake_runs(tmp_path / "bg", device="cpu", test_shifts=1)
+    assert (shifted["test_shifts"], shifted["copies"], len(shifted["per_run"])) == (1, 9, 20)
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "bg", "--lake-runs",
+                         "--test-shifts", 1, "--device", "cpu")
+    assert code == 0 and "each image at 9 shifts of up to 1 px" in text, text
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "bg", "--test-shifts", 1,
+                         "--tasks", 3, "--device", "cpu")
+    assert code == 0 and "test tasks: 3 (BatchNorm: transductive, each image at 9 shifts" in text, text
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "bg", "--test-shifts", 14,
+                         "--tasks", 3, "--device", "cpu")
+    assert code == 2 and "test_shifts must be below half the image size (28 px)" in text, text
     assert scenario_config("std-5w1s", protocol="background").validation == 100
 

@@ -7,8 +7,8 @@
   batched or per-task body, channels_last, torch.compile): each pair of values in at least one
   model, the same checks (bf16 against the reference in bf16, within bf16's rounding).
 - Pairwise over every switch of the command line (head init, feature norm, BatchNorm mode,
-  precision with auto, backend, order, capture, compile): `train`, `eval` and `predict` as a
-  user runs them.
+  precision with auto, backend, order, capture, compile, shift augmentation in training and
+  at test time): `train`, `eval` and `predict` as a user runs them.
 - What is not supported is refused before anything runs, with an error naming the setting.
 """
 import io
@@ -144,7 +144,7 @@ def test_pairwise_api_switches_agree_with_the_reference(row):
 CLI_SWITCHES = dict(head_init=HEAD_INITS, feature_norm=FEATURE_NORMS, bn_mode=BN_MODES,
                     precision=("auto", *PRECISIONS),
                     backend=BACKENDS, order=("first", "second"), capture=(False, True),
-                    compile=(False, True))
+                    compile=(False, True), augment_shift=(0, 1), test_shifts=(0, 1))
 CLI_ROWS = pairwise(CLI_SWITCHES)
 
 
@@ -170,7 +170,8 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
              row["precision"], "--backend", row["backend"],
              "--first-order" if row["order"] == "first" else "--second-order",
              "--capture" if row["capture"] else "--no-capture",
-             "--compile" if row["compile"] else "--no-compile"]
+             "--compile" if row["compile"] else "--no-compile",
+             "--augment-shift", row["augment_shift"]]
     code, text = run_cli(capsys, "train", "--data", classes / "data", "--image-size", SIZE, "--ways",
                      WAYS, "--queries", 1, "--meta-batch", 2, "--meta-steps", 2, "--endless",
                      "--inner-steps", 2, "--test-tasks", 2, "--device", "cpu", "--no-progress",
@@ -181,13 +182,16 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
     features = "" if row["feature_norm"] == "none" else f" on {row['feature_norm']}-normalised features"
     model = f"model: conv4, head {row['head_init']}{features}, inner lr "
     assert model in text and f"{row['order']} order, precision " in text, text
+    assert ("trained with images shifted by up to 1 px" in text) == bool(row["augment_shift"])
     code, text = run_cli(capsys, "eval", "--checkpoint", out, "--tasks", 2, "--device", "cpu", "--json")
     assert code == 0, text
     assert '"bn_mode": "%s"' % row["bn_mode"] in text
     assert json.loads(text.strip().splitlines()[-1])["model_settings"].startswith(model[7:])
     code, text = run_cli(capsys, "predict", "--checkpoint", out, "--support", classes / "support",
-                     "--query", classes / "query", "--device", "cpu")
-    assert code == 0 and f"(BatchNorm: {predict_mode(row['bn_mode'])})" in text, text
+                     "--query", classes / "query", "--device", "cpu", "--test-shifts",
+                     row["test_shifts"])
+    shifts = ", test-time shifts within 1 px" if row["test_shifts"] else ""
+    assert code == 0 and f"(BatchNorm: {predict_mode(row['bn_mode'])}{shifts})" in text, text
 
 
 @pytest.mark.parametrize("args, words", [
@@ -197,6 +201,8 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
     (["--feature-norm", "l2"], "feature_norm must be one of"),
     (["--dataset", "cifar-fs", "--within-alphabet", "0.5"], "within_alphabet is for Omniglot"),
     (["--within-alphabet", "1.5"], "within_alphabet must be a share in 0..1"),
+    (["--augment-shift", "-1"], "augment_shift must be an int in 0..52"),
+    (["--image-size", "28", "--augment-shift", "14"], "augment_shift must be an int in 0..13"),
     (["--bn-mode", "batch"], "bn_mode must be one of"),
     (["--device", "meta"], "cpu and cuda devices only"),
 ])

@@ -9,6 +9,7 @@ import torch
 from anil_fast.errors import InputError, InputTypeError, check_int, is_int
 from anil_fast.config import PROTOCOLS
 from anil_fast.env import check_allocation
+from anil_fast.data.augment import check_shift, random_shifts, shift_images
 from anil_fast.data.fewshot import FewShotImages
 from anil_fast.data.omniglot import Omniglot, packaged_alphabets
 
@@ -61,13 +62,16 @@ class TaskBatch:
 @dataclass
 class TaskIndices:
     """What defines a batch of tasks: characters [T,W], drawings [T,W,shots+queries],
-    rotations [T,W] (quarter turns). Cheap to draw; materialised into images on demand."""
+    rotations [T,W] (quarter turns), and for training with augmentation each image's shift
+    [T,W,shots+queries,2] (None: unshifted). Cheap to draw; materialised into images on demand."""
     characters: torch.Tensor
     drawings: torch.Tensor
     rotations: torch.Tensor
+    shifts: torch.Tensor | None = None
 
     def __getitem__(self, index) -> "TaskIndices":
-        return TaskIndices(self.characters[index], self.drawings[index], self.rotations[index])
+        return TaskIndices(self.characters[index], self.drawings[index], self.rotations[index],
+                           None if self.shifts is None else self.shifts[index])
 
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
@@ -94,12 +98,16 @@ class TaskSampler:
     `ways` classes; the others as usual. Lake et al.'s one-shot runs are 20-way tasks within
     one alphabet: training on such tasks trains on their kind of confusions. p = 0 draws
     exactly as without groups.
+
+    `max_shift` = m > 0 augments the training batches (next_indices, sample): every image of
+    a batch moves by a random whole number of pixels in -m..m on each axis, drawn anew each
+    time a task is used (a pool's tasks too); evaluation_indices never shifts.
     """
 
     def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int,
                  meta_batch: int, rotations: bool = False, seed: int = 0,
                  num_tasks: int | None = None, groups: torch.Tensor | None = None,
-                 within_group: float = 0.0):
+                 within_group: float = 0.0, max_shift: int = 0):
         if isinstance(images, Omniglot):
             images = images.images
         if isinstance(images, torch.Tensor):
@@ -127,6 +135,7 @@ class TaskSampler:
         if num_tasks is not None:
             check_int("num_tasks", num_tasks, 1)
         data.check_examples(shots + queries)
+        self.max_shift = check_shift("max_shift", max_shift, min(height, width))
         self.num_classes = data.num_classes * (4 if rotations else 1)
         if ways > self.num_classes:
             raise InputError(f"ways ({ways}) is larger than the {self.num_classes} classes of "
@@ -186,8 +195,8 @@ class TaskSampler:
         if tasks <= DRAW_CHUNK:
             return self._draw(tasks)
         parts = [self._draw(min(DRAW_CHUNK, tasks - start)) for start in range(0, tasks, DRAW_CHUNK)]
-        return TaskIndices(*(torch.cat([getattr(p, f.name) for p in parts])
-                             for f in fields(TaskIndices)))
+        return TaskIndices(*(torch.cat([getattr(p, name) for p in parts])
+                             for name in ("characters", "drawings", "rotations")))
 
     def _draw(self, tasks: int) -> TaskIndices:
         g, dev = self.generator, self.device
@@ -232,6 +241,9 @@ class TaskSampler:
         bank = self._bank()
         support = _as_float(bank.index_select(0, rows[:, :, :s].reshape(-1)))
         query = _as_float(bank.index_select(0, rows[:, :, s:].reshape(-1)))
+        if idx.shifts is not None:
+            support = shift_images(support, idx.shifts[:, :, :s].reshape(-1, 2), self.max_shift)
+            query = shift_images(query, idx.shifts[:, :, s:].reshape(-1, 2), self.max_shift)
         labels = torch.arange(ways, device=self.device).view(1, ways, 1)
         return TaskBatch(
             support_x=support.view(tasks, ways * s, *bank.shape[1:]),
@@ -241,7 +253,14 @@ class TaskSampler:
         )
 
     def next_indices(self) -> TaskIndices:
-        """The indices of the next meta-batch (from the pool, or newly drawn)."""
+        """The indices of the next meta-batch (from the pool, or newly drawn), with random
+        shifts when the sampler has a max_shift."""
+        idx = self._next_tasks()
+        if self.max_shift:  # drawn for the whole batch, so that every rank draws the same
+            idx.shifts = random_shifts(idx.drawings.shape, self.max_shift, self.generator, self.device)
+        return idx
+
+    def _next_tasks(self) -> TaskIndices:
         if self.pool is None:
             return self.draw_indices(self.meta_batch)
         picked = []
@@ -267,7 +286,7 @@ class TaskSampler:
         while done < tasks:
             count = min(self.meta_batch, tasks - done)
             if self.pool is None:
-                yield self.next_indices()[:count]
+                yield self._next_tasks()[:count]
             else:
                 rows = torch.arange(done, done + count, device=self.device) % self.num_tasks
                 yield self.pool[rows]

@@ -175,8 +175,10 @@ class ANIL(nn.Module):
         tasks, s_rows = batch.support_y.shape
         q_rows = batch.query_y.shape[1]
         if bn_mode == "support":
+            # the eager body: the statistics are read by forward hooks, which a compiled graph
+            # traced without them skips (dynamo does not guard on hooks; evaluation only)
             pairs = [features_with_support_statistics(
-                self._body_forward, self.body, self._layout(batch.support_x[t]),
+                self.body, self.body, self._layout(batch.support_x[t]),
                 self._layout(batch.query_x[t])) for t in range(tasks)]
             return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         # First order: the support features get no gradient, so compute them without autograd.

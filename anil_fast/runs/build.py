@@ -90,7 +90,8 @@ def task_sampler(config: Config, split: str, device, tasks: int | None = None,
         return TaskSampler(images, config.ways, config.shots, config.queries, batch,
                            rotations=config.rotations,
                            seed=(_POOL_SEED[split] + config.seed) % (MAX_SEED + 1), num_tasks=pool,
-                           groups=groups, within_group=config.within_alphabet if groups is not None else 0.0)
+                           groups=groups, within_group=config.within_alphabet if groups is not None else 0.0,
+                           max_shift=config.augment_shift if split == "train" else 0)
     except InputError as exc:  # too few classes or images: say which split of which data
         source = config.data if config.dataset == "folder" else config.dataset
         raise InputError(f"the {split} split of {source}: {exc}") from exc

@@ -119,6 +119,9 @@ def adapted_classifier(clf, input_size: int | None = None, input_channels: int |
     """The module an export writes, from a fitted FewShotClassifier."""
     if clf.support is None:
         raise InputError("fit() the support set first: the exported head is adapted to it")
+    if clf.test_shifts:
+        raise InputError("export: a classifier with test_shifts scores each image at several "
+                         "shifts, which the exported file does not; build it with test_shifts=0")
     input_size = clf.image_size if input_size is None else input_size
     input_channels = clf.channels if input_channels is None else input_channels
     if not is_int(input_size) or not 1 <= input_size <= 4096:

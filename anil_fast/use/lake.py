@@ -111,13 +111,15 @@ def training_characters(config) -> set[int]:
 
 
 def score_lake_runs(path, weights: str | None = None, device: str = "auto",
-                    bn_mode: str | None = None, root=None) -> dict:
+                    bn_mode: str | None = None, root=None, test_shifts: int = 0) -> dict:
     """The error of a checkpoint on the 20 runs: over the 400 items and per run, with its
     head adapted to each run's 20 training images (the run's inner steps and learning rate)
-    and BatchNorm as predict uses it; the published errors beside it (references.json)."""
+    and BatchNorm as predict uses it; the published errors beside it (references.json).
+    test_shifts: test-time augmentation by whole-pixel shifts (FewShotClassifier's)."""
     from anil_fast.use.predict import FewShotClassifier
     from anil_fast.data.references import references
-    clf = FewShotClassifier.from_checkpoint(path, weights, device, bn_mode=bn_mode)
+    clf = FewShotClassifier.from_checkpoint(path, weights, device, bn_mode=bn_mode,
+                                            test_shifts=test_shifts)
     if clf.max_classes < WAYS:
         raise InputError(f"lake runs: the runs are 20-way; this model's head serves "
                          f"{clf.max_classes} ways (train with --ways 20)")
@@ -134,7 +136,8 @@ def score_lake_runs(path, weights: str | None = None, device: str = "auto",
         per_run.append(sum(int(p != a) for p, a in zip(predicted, run.answers)) / WAYS)
     table = references()
     return {"error": float(np.mean(per_run)), "per_run": per_run, "items": WAYS * len(runs),
-            "bn_mode": clf.bn_mode, "weights": clf.weights, "checkpoint": clf.checkpoint,
+            "bn_mode": clf.bn_mode, "test_shifts": clf.test_shifts,
+            "copies": (2 * clf.test_shifts + 1) ** 2, "weights": clf.weights, "checkpoint": clf.checkpoint,
             "model_settings": describe_model(clf.config),
             "references": [{**r, "cite": table["cite"][r["source"]],
                             "source": table["sources"][r["source"]]} for r in table["lake"]]}
