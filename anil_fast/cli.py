@@ -255,10 +255,14 @@ def _add_bench_command(sub) -> None:
                        help="seconds per variant per round (0.5)")
 
 
+def _shifts_text(shifts: int) -> str:
+    """How a result's images were scored, when test-time shifts were used."""
+    return (f", each image at {(2 * shifts + 1) ** 2} shifts of up to {shifts} px (test-time "
+            f"augmentation)" if shifts else "")
+
+
 def _print_eval(result: dict, out=print) -> None:
-    shifts = result.get("test_shifts", 0)
-    shifts = (f", each image at {(2 * shifts + 1) ** 2} shifts of up to {shifts} px "
-              f"(test-time augmentation)" if shifts else "")
+    shifts = _shifts_text(result.get("test_shifts", 0))
     out(f"test tasks: {result['tasks']} (BatchNorm: {result['bn_mode']}{shifts})")
     out(f"accuracy before adaptation: {100 * result['accuracy_before']:.2f}% "
         f"± {100 * result['ci95_before']:.2f}")
@@ -384,10 +388,8 @@ def _lake_runs(args, out) -> None:
         return
     out(f"weights: {result['weights']}, {result['checkpoint']}")
     out(f"model: {result['model_settings']}")
-    shifts = (f", each image at {result['copies']} shifts of up to {result['test_shifts']} px "
-              f"(test-time augmentation)" if result["test_shifts"] else "")
     out(f"Lake et al.'s 20 one-shot runs, 20-way within-alphabet (BatchNorm: "
-        f"{result['bn_mode']}{shifts})")
+        f"{result['bn_mode']}{_shifts_text(result['test_shifts'])})")
     out("error per run (%): " + " ".join(f"{100 * e:.0f}" for e in result["per_run"]))
     out(f"error over the {result['items']} items: {100 * result['error']:.2f}%")
     for ref in result["references"]:

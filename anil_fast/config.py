@@ -99,6 +99,15 @@ def check_learning_rates(inner_lr, outer_lr, feature_norm: str = "none") -> list
     return odd
 
 
+def check_shift(name: str, value, image_size: int | None = None) -> int:
+    """`value` as a shift in whole pixels (an int >= 0, below half the image size): the
+    training augmentation's and the test-time copies' (data/augment.py)."""
+    if not is_int(value) or value < 0 or (image_size is not None and 2 * value >= image_size):
+        top = "" if image_size is None else f" below half the image size ({image_size} px)"
+        raise InputError(f"{name} must be a whole number of pixels >= 0{top}, got {value!r}")
+    return value
+
+
 def check_image_size(name: str, image_size: int) -> None:
     """The smallest images a named body takes (MIN_IMAGE_SIZE): one rule, one message."""
     least = max(8, MIN_IMAGE_SIZE[name])
@@ -413,10 +422,7 @@ def _validate_data(c: Config) -> str:
         raise InputError(f"within_alphabet must be a share in 0..1, got {c.within_alphabet!r}")
     if c.within_alphabet and dataset != "omniglot":
         raise InputError(f"within_alphabet is for Omniglot (its alphabets), not {dataset}")
-    if not is_int(c.augment_shift) or c.augment_shift < 0 or \
-            (is_int(c.image_size) and 2 * c.augment_shift >= c.image_size):
-        raise InputError(f"augment_shift must be an int in 0..{max((c.image_size - 1) // 2, 0) if is_int(c.image_size) else '?'} "
-                         f"(whole pixels, below half the image size), got {c.augment_shift!r}")
+    check_shift("augment_shift", c.augment_shift, c.image_size if is_int(c.image_size) else None)
     if c.channels is not None and (dataset != "folder" or c.channels not in (1, 3)):
         raise InputError(f"channels: 1 or 3, for dataset 'folder'; got {c.channels!r}")
     if c.hidden is not None and (c.model != "conv4" or not is_int(c.hidden) or c.hidden < 1):

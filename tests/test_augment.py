@@ -9,7 +9,7 @@ from anil_fast import ANIL, FewShotClassifier, models
 from anil_fast.config import scenario_config
 from anil_fast.data import TaskBatch, TaskSampler
 from anil_fast.data.augment import all_shifts, check_shift, shift_images, shifted_copies
-from anil_fast.errors import InputError, InputTypeError
+from anil_fast.errors import InputError
 from anil_fast.runs.build import task_sampler
 from anil_fast.runs.settings import resolve
 
@@ -49,10 +49,9 @@ def test_all_shifts_and_the_copies():
         torch.testing.assert_close(copies[k, 2], shifted_by_hand(x[2], dy, dx), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("value, error", [(-1, InputError), (1.0, InputTypeError),
-                                          (True, InputTypeError), (5, InputError)])
-def test_bad_shifts_are_refused_naming_the_argument(value, error):
-    with pytest.raises(error, match="max_shift"):
+@pytest.mark.parametrize("value", [-1, 1.0, True, 5])
+def test_bad_shifts_are_refused_naming_the_argument(value):
+    with pytest.raises(InputError, match="max_shift must be a whole number of pixels"):
         check_shift("max_shift", value, 10)
 
 
@@ -98,7 +97,7 @@ def test_the_config_shifts_the_training_split_only(omniglot_dir):
     assert task_sampler(config, "validation", "cpu").max_shift == 0
     assert task_sampler(config, "test", "cpu").max_shift == 0
     for bad in (-1, 14, 1.5):
-        with pytest.raises(InputError, match="augment_shift must be an int in 0..13"):
+        with pytest.raises(InputError, match=r"augment_shift must be a whole number of pixels >= 0 below half the image size \(28 px\)"):
             resolve(scenario_config("std-5w1s", augment_shift=bad))
 
 

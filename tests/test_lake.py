@@ -88,6 +88,6 @@ def test_the_background_protocol_holds_validation_out_of_the_background_set(runs
     assert code == 0 and "test tasks: 3 (BatchNorm: transductive, each image at 9 shifts" in text, text
     code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "bg", "--test-shifts", 14,
                          "--tasks", 3, "--device", "cpu")
-    assert code == 2 and "test_shifts must be below half the image size (28 px)" in text, text
+    assert code == 2 and "test_shifts must be a whole number of pixels >= 0 below half the image size (28 px)" in text, text
     assert scenario_config("std-5w1s", protocol="background").validation == 100
 

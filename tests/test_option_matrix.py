@@ -201,8 +201,8 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
     (["--feature-norm", "l2"], "feature_norm must be one of"),
     (["--dataset", "cifar-fs", "--within-alphabet", "0.5"], "within_alphabet is for Omniglot"),
     (["--within-alphabet", "1.5"], "within_alphabet must be a share in 0..1"),
-    (["--augment-shift", "-1"], "augment_shift must be an int in 0..52"),
-    (["--image-size", "28", "--augment-shift", "14"], "augment_shift must be an int in 0..13"),
+    (["--augment-shift", "-1"], "augment_shift must be a whole number of pixels >= 0"),
+    (["--image-size", "28", "--augment-shift", "14"], "below half the image size (28 px)"),
     (["--bn-mode", "batch"], "bn_mode must be one of"),
     (["--device", "meta"], "cpu and cuda devices only"),
 ])

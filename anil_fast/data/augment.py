@@ -11,15 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from anil_fast.errors import InputError, check_int
+from anil_fast.config import check_shift
 
-
-def check_shift(name: str, value, image_size: int | None = None) -> int:
-    """`value` as a shift in whole pixels (an int >= 0, below half the image size)."""
-    check_int(name, value, 0)
-    if image_size is not None and 2 * value >= image_size:
-        raise InputError(f"{name} must be below half the image size ({image_size} px), got {value}")
-    return value
+__all__ = ["check_shift", "shift_images", "random_shifts", "all_shifts", "shifted_copies",
+           "with_shifted_copies", "mean_over_copies"]
 
 
 def shift_images(x: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> torch.Tensor:
