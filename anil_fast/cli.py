@@ -173,6 +173,9 @@ def _add_inspection_commands(sub) -> None:
     ev.add_argument("--test-shifts", type=int, default=0,
                     help="test-time augmentation: every image also taken at each whole-pixel "
                          "shift within N pixels ((2N+1)^2 copies; default 0: none)")
+    ev.add_argument("--split", choices=("test", "validation"), default="test",
+                    help="the run's test classes (default) or its validation classes: choose "
+                         "test-time settings (--bn-mode, --test-shifts) there, before the test")
 
     cmp = sub.add_parser("compare", help="train several scenarios and compare them")
     cmp.add_argument("--scenarios", default="s1,s2,s3,s4,s5")
@@ -263,7 +266,8 @@ def _shifts_text(shifts: int) -> str:
 
 def _print_eval(result: dict, out=print) -> None:
     shifts = _shifts_text(result.get("test_shifts", 0))
-    out(f"test tasks: {result['tasks']} (BatchNorm: {result['bn_mode']}{shifts})")
+    split = result.get("split", "test")  # train's summary and older results: the test split
+    out(f"{split} tasks: {result['tasks']} (BatchNorm: {result['bn_mode']}{shifts})")
     out(f"accuracy before adaptation: {100 * result['accuracy_before']:.2f}% "
         f"± {100 * result['ci95_before']:.2f}")
     out(f"accuracy after adaptation:  {100 * result['accuracy_after']:.2f}% "
@@ -366,11 +370,15 @@ def _train(args, info, out) -> None:
 
 def _eval(args, info, out) -> None:
     if args.lake_runs:
+        if args.split != "test":
+            raise InputError("--lake-runs scores Lake et al.'s runs, a test set: --split "
+                             "validation does not apply (choose settings with --split "
+                             "validation first, without --lake-runs)")
         return _lake_runs(args, out)
     from anil_fast.evaluation import evaluate_checkpoint
     result = evaluate_checkpoint(args.checkpoint, args.tasks, args.bn_mode, args.device,
                                  progress=not args.json, weights=args.weights,
-                                 test_shifts=args.test_shifts)
+                                 test_shifts=args.test_shifts, split=args.split)
     if args.json:
         out(json.dumps(result))
     else:

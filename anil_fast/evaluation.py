@@ -20,7 +20,9 @@ from anil_fast.runs.build import load_model_state, own_rng, task_sampler
 from anil_fast.runs.folder import load_checkpoint
 from anil_fast.runs.load import load_run
 
-__all__ = ["evaluate", "score_selected", "evaluate_checkpoint"]
+__all__ = ["evaluate", "score_selected", "evaluate_checkpoint", "EVAL_SPLITS"]
+
+EVAL_SPLITS = ("test", "validation")  # what evaluate_checkpoint scores
 
 
 def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "transductive",
@@ -107,25 +109,33 @@ def score_selected(anil: ANIL, config: Config, sampler: TaskSampler, step: int,
 
 def evaluate_checkpoint(path, tasks: int = 1000, bn_mode: str | None = None,
                         device: str = "auto", progress: bool = True,
-                        weights: str | None = None, test_shifts: int = 0) -> dict:
-    """Evaluate a run's checkpoint on `tasks` test tasks (the caller's RNG is left as it was):
-    the weights `checkpoint_file` picks, with the run's own BatchNorm mode unless `bn_mode`;
-    test_shifts: test-time augmentation (evaluate's)."""
+                        weights: str | None = None, test_shifts: int = 0,
+                        split: str = "test") -> dict:
+    """Evaluate a run's checkpoint on `tasks` tasks of its test split (the caller's RNG is
+    left as it was): the weights `checkpoint_file` picks, with the run's own BatchNorm mode
+    unless `bn_mode`; test_shifts: test-time augmentation (evaluate's). split="validation"
+    scores the run's validation classes instead, the held-out data on which to choose
+    test-time settings (bn_mode, test_shifts) before the test split sees them."""
     if not is_int(tasks) or not 1 <= tasks <= MAX_TASKS:
         raise InputError(f"tasks must be an int in 1..{MAX_TASKS:,}, got {tasks!r}")
     if bn_mode is not None and bn_mode not in BN_MODES:
         raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if split not in EVAL_SPLITS:
+        raise InputError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
     run = load_run(path, weights, device)
-    check_shift("test_shifts", test_shifts, run.settings.config.image_size)
+    config = run.settings.config
+    check_shift("test_shifts", test_shifts, config.image_size)
+    if split == "validation" and config.dataset == "omniglot" and not config.validation:
+        raise InputError("split='validation': this run held no Omniglot characters out of "
+                         "training (its validation is 0), so it has no validation split")
     with own_rng(run.settings.device):
-        config = run.settings.config
-        # a folder run's recorded split (its test classes as it drew them), else today's
-        sampler = task_sampler(config, "test", run.settings.device, tasks,
+        # a folder run's recorded split (its classes as it drew them), else today's
+        sampler = task_sampler(config, split, run.settings.device, tasks,
                                classes=run.checkpoint.get("classes"))
         result = evaluate(run.anil, sampler, tasks, bn_mode or config.bn_mode,
                           config.eval_inner_steps, progress=progress, test_shifts=test_shifts)
     result.pop("per_task_after")
-    result.update({"scenario": config.scenario, "model": config.model,
+    result.update({"split": split, "scenario": config.scenario, "model": config.model,
                    "model_settings": describe_model(config),
                    "step": run.checkpoint["step"], "checkpoint": str(run.file),
                    "weights": run.weights})

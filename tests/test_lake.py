@@ -45,6 +45,12 @@ def test_a_background_model_is_scored_and_a_standard_one_refused(runs, tmp_path,
     code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "seed", "--lake-runs",
                          "--device", "cpu", "--json")
     assert code == 0 and json.loads(text.strip().splitlines()[-1])["error"] == result["error"]
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "seed", "--split",
+                         "validation", "--device", "cpu")
+    assert code == 2 and "held no Omniglot characters out of training" in text, text
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "seed", "--split",
+                         "validation", "--lake-runs", "--device", "cpu")
+    assert code == 2 and "--split validation does not apply" in text, text
     standard = scenario_config("std-20w1s", meta_steps=2, meta_batch=2, queries=1, test_tasks=2,
                                val_tasks=4, device="cpu", precision="fp32")
     train(standard, tmp_path / "std", progress=False)
@@ -90,4 +96,38 @@ def test_the_background_protocol_holds_validation_out_of_the_background_set(runs
                          "--tasks", 3, "--device", "cpu")
     assert code == 2 and "test_shifts must be a whole number of pixels >= 0 below half the image size (28 px)" in text, text
     assert scenario_config("std-5w1s", protocol="background").validation == 100
+
+
+def test_test_time_settings_are_chosen_on_the_validation_characters(tmp_path, capsys):
+    """eval --split validation scores the run's held-out background characters, the same
+    pool as a direct evaluation of the validation sampler, and not the test split's."""
+    from anil_fast.evaluation import evaluate, evaluate_checkpoint
+    from anil_fast.runs.build import own_rng, task_sampler
+    from anil_fast.runs.load import load_run
+    config = scenario_config("lake-20w1s", meta_steps=2, meta_batch=2, queries=1, test_tasks=2,
+                             val_tasks=4, device="cpu", precision="fp32", seed=3)
+    train(config, tmp_path / "bg", progress=False)
+    run = load_run(tmp_path / "bg", None, "cpu")
+    scored = {}
+    for split in ("validation", "test"):
+        with own_rng(run.settings.device):
+            sampler = task_sampler(run.settings.config, split, run.settings.device, 23)
+            direct = evaluate(run.anil, sampler, 23, config.bn_mode, test_shifts=1)
+        result = evaluate_checkpoint(tmp_path / "bg", 23, device="cpu", progress=False,
+                                     test_shifts=1, split=split)
+        assert result["split"] == split
+        assert result["accuracy_after"] == direct["accuracy_after"]
+        assert result["accuracy_before"] == direct["accuracy_before"]
+        scored[split] = direct["per_task_after"]
+    assert scored["validation"] != scored["test"]  # 23 tasks of other characters
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "bg", "--split",
+                         "validation", "--tasks", 3, "--device", "cpu")
+    assert code == 0 and "validation tasks: 3 (BatchNorm: transductive)" in text, text
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "bg", "--split", "validation",
+                         "--bn-mode", "support", "--test-shifts", 1, "--tasks", 2, "--json")
+    assert code == 0, text
+    result = json.loads(text.strip().splitlines()[-1])
+    assert (result["split"], result["bn_mode"], result["test_shifts"]) == ("validation", "support", 1)
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate_checkpoint(tmp_path / "bg", 3, device="cpu", split="val")
 
