@@ -27,7 +27,7 @@ OVERRIDES = {
     "ways": int, "shots": int, "queries": int, "inner_lr": float, "outer_lr": float,
     "inner_steps": int, "meta_batch": int, "meta_steps": int, "tasks": int, "image_size": int,
     "model": str, "device": str, "seed": int, "backend": str, "test_tasks": int,
-    "eval_inner_steps": int, "warmup_steps": int, "multipliers": str, "protocol": str,
+    "eval_inner_steps": int, "eval_ways": int, "warmup_steps": int, "multipliers": str, "protocol": str,
     "bn_mode": str, "checkpoint_every": int, "log_every": int, "precision": str,
     "data_root": str, "time_budget": float, "lr_schedule": str, "lr_floor": float,
     "validation": int, "val_tasks": int, "val_every": int, "val_every_s": float,
@@ -279,8 +279,8 @@ def _print_eval(result: dict, out=print) -> None:
 
 # A reference number is printed only for the data and task it was measured on: a run that
 # changes one of these has no reference. One that changes the others gets it with a caveat.
-REFERENCE_DATA = ("dataset", "data", "split_file", "protocol", "rotations", "ways", "shots")
-REFERENCE_SETTINGS = ("queries", "image_size", "test_tasks", "bn_mode", "tasks")
+REFERENCE_DATA = ("dataset", "data", "split_file", "protocol", "rotations", "test_ways", "shots")
+REFERENCE_SETTINGS = ("queries", "image_size", "test_tasks", "bn_mode", "tasks", "ways")
 
 
 def _print_summary(summary: dict, config, info, out=print) -> None:

@@ -160,6 +160,8 @@ class Config:
     val_every_s: float | None = None  # ... or every N seconds of training
     test_tasks: int = 100
     eval_inner_steps: int | None = None  # default: inner_steps
+    eval_ways: int | None = None  # validation and test tasks' ways (default: ways); fewer
+    # than ways: the model trains on harder tasks than those it is scored on
     bn_mode: str = "transductive"
     head_init: str = "learned"  # each task's initial head: "learned", "zero", "proto"
     feature_norm: str = "none"  # the head's features: as the body gives them, "task", "unit"
@@ -186,6 +188,11 @@ class Config:
             raise InputError("meta_steps or time_budget must be given when tasks (the pool "
                              "size) is None")
         return math.ceil(self.tasks / self.meta_batch)
+
+    @property
+    def test_ways(self) -> int:
+        """The ways of validation and test tasks: eval_ways, else ways."""
+        return self.ways if self.eval_ways is None else self.eval_ways
 
     @property
     def input_channels(self) -> int:
@@ -287,12 +294,13 @@ def scenario_config(name: str, **overrides) -> Config:
 
 def describe_model(c: Config) -> str:
     """What a result was measured with, in one line: body, head init, the head's features,
-    the inner loop, order, precision, and the training tasks' within-alphabet share and shift
-    augmentation when set (printed beside every accuracy)."""
+    the inner loop, order, precision, and the training tasks' within-alphabet share, shift
+    augmentation and ways when they differ from the test's (printed beside every accuracy)."""
     features = "" if c.feature_norm == "none" else f" on {c.feature_norm}-normalised features"
     test_steps = c.inner_steps if c.eval_inner_steps is None else c.eval_inner_steps
     tasks = [f"{c.within_alphabet:.0%} of its tasks within one alphabet"] if c.within_alphabet else []
     tasks += [f"images shifted by up to {c.augment_shift} px"] if c.augment_shift else []
+    tasks += [f"{c.ways}-way tasks, scored on {c.eval_ways}-way ones"] if c.test_ways != c.ways else []
     return (f"{c.model}, head {c.head_init}{features}, inner lr {c.inner_lr:g} x "
             f"{c.inner_steps} steps ({test_steps} at test), "
             f"{'first' if c.first_order else 'second'} order, precision {c.precision}"
@@ -450,6 +458,10 @@ def _validate_counts(c: Config, dataset: str) -> None:
         raise InputError(f"seed must be an int in 0..2**63-1, got {c.seed!r}")
     if c.eval_inner_steps is not None and (not is_int(c.eval_inner_steps) or c.eval_inner_steps < 0):
         raise InputError(f"eval_inner_steps must be an int >= 0, got {c.eval_inner_steps!r}")
+    if c.eval_ways is not None and not (is_int(c.eval_ways) and is_int(c.ways)
+                                        and 2 <= c.eval_ways <= c.ways):
+        raise InputError(f"eval_ways must be an int in 2..ways ({c.ways}): validation and test "
+                         f"tasks are served by the head's first rows, got {c.eval_ways!r}")
     if dataset == "omniglot" and c.shots + c.queries > 20:
         raise InputError(f"shots + queries must be at most 20 (Omniglot's drawings per "
                          f"character), got {c.shots} + {c.queries}")

@@ -44,7 +44,7 @@ def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "trans
         share = distributed.shard(count, info)
         if share.stop > share.start:
             per_before, per_after = _accuracies(anil, sampler.materialise(indices[share]),
-                                                inner_steps, bn_mode, test_shifts)
+                                                inner_steps, bn_mode, test_shifts, sampler.ways)
         else:  # more ranks than tasks in this batch
             per_before = per_after = torch.zeros(0)
         device = indices.characters.device
@@ -63,19 +63,20 @@ def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "trans
             "bn_mode": bn_mode, "test_shifts": test_shifts, "per_task_after": after_t.tolist()}
 
 
-def _accuracies(anil: ANIL, batch, inner_steps, bn_mode: str, test_shifts: int):
-    """Per-task query accuracy [T] before and after adaptation; with test_shifts, of the
-    scores averaged over each image's shifted copies, a few tasks at a time (each task
-    holds (2m+1)^2 times the images)."""
+def _accuracies(anil: ANIL, batch, inner_steps, bn_mode: str, test_shifts: int, ways: int):
+    """Per-task query accuracy [T] before and after adaptation of `ways`-way tasks (the head's
+    first rows when fewer than its outputs); with test_shifts, of the scores averaged over
+    each image's shifted copies, a few tasks at a time (each task holds (2m+1)^2 times the
+    images)."""
     if not test_shifts:
-        result = anil.evaluate(batch, inner_steps, bn_mode)
+        result = anil.evaluate(batch, inner_steps, bn_mode, ways)
         return result["per_task_before"], result["per_task_after"]
     before, after = [], []
     chunk = max(1, 50 // (2 * test_shifts + 1) ** 2)
     for start in range(0, batch.num_tasks, chunk):
         part = batch[start:start + chunk]
         shifted, copies = with_shifted_copies(part, test_shifts)
-        logits = anil.adapted_logits(shifted, inner_steps, bn_mode)
+        logits = anil.adapted_logits(shifted, inner_steps, bn_mode, ways)
         for out, scores in zip((before, after), logits):
             predicted = mean_over_copies(scores, copies).argmax(-1)
             out.append((predicted == part.query_y).float().mean(1).cpu())

@@ -44,15 +44,16 @@ def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
 
     config = resolve(config, "cpu").config  # checked and in today's terms
     images = split_images(config, split, "cpu")
-    sampler = TaskSampler(images, config.ways, config.shots, config.queries, tasks,
+    ways = config.ways if split == "train" else config.test_ways  # --eval-ways
+    sampler = TaskSampler(images, ways, config.shots, config.queries, tasks,
                           rotations=config.rotations, seed=config.seed)
     batch = sampler.sample()
     shown_queries = min(config.queries, max_queries)
     rows = config.shots + shown_queries
-    fig = Figure(figsize=(max(4.0, 0.6 * config.ways + 1), 0.6 * rows * tasks + 1))
+    fig = Figure(figsize=(max(4.0, 0.6 * ways + 1), 0.6 * rows * tasks + 1))
     axes = fig.subplots(tasks, 1, squeeze=False)
     for t, ax in enumerate(axes[:, 0]):
-        grid = task_grid(batch, t, config.ways, config.shots, config.queries)[:rows]
+        grid = task_grid(batch, t, ways, config.shots, config.queries)[:rows]
         r, w, c, h, wd = grid.shape
         picture = grid.permute(0, 3, 1, 4, 2).reshape(r * h, w * wd, c).clamp(0, 1).numpy()
         ax.imshow(picture[..., 0] if c == 1 else picture,
@@ -62,7 +63,7 @@ def show_tasks(config: Config, out, tasks: int = 3, split: str = "train",
                       fontsize=6)
         ax.set_yticks([config.shots * h / 2, config.shots * h + shown_queries * h / 2],
                       ["support", "query"], fontsize=7)
-        ax.set_title(f"task {t}: {config.ways}-way {config.shots}-shot ({split}, labels on the "
+        ax.set_title(f"task {t}: {ways}-way {config.shots}-shot ({split}, labels on the "
                      f"axis; {shown_queries} of {config.queries} queries per class)", fontsize=7)
     source = (f"{config.protocol} protocol" if config.dataset == "omniglot" else
               config.data if config.dataset == "folder" else config.dataset)

@@ -434,10 +434,11 @@ class ANIL(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None,
-                 bn_mode: str = "transductive") -> dict:
-        """Query accuracy before and after adapting the head on each task's support set.
-        Returns accuracy_before / accuracy_after (means), loss_after and per-task tensors [T]."""
-        before, after = self.adapted_logits(batch, inner_steps, bn_mode)
+                 bn_mode: str = "transductive", ways: int | None = None) -> dict:
+        """Query accuracy before and after adapting the head on each task's support set
+        (`ways`: adapted_logits'). Returns accuracy_before / accuracy_after (means),
+        loss_after and per-task tensors [T]."""
+        before, after = self.adapted_logits(batch, inner_steps, bn_mode, ways)
         loss = torch.nn.functional.cross_entropy(after.flatten(0, 1), batch.query_y.flatten()).item()
         if not math.isfinite(loss):
             warnings.warn("evaluate: the adapted logits are not finite (NaN or infinite weights "

@@ -87,7 +87,8 @@ def task_sampler(config: Config, split: str, device, tasks: int | None = None,
     if split == "train" and config.dataset == "omniglot" and config.within_alphabet:
         groups = split_alphabets(config.protocol, split, config.validation)
     try:
-        return TaskSampler(images, config.ways, config.shots, config.queries, batch,
+        ways = config.ways if split == "train" else config.test_ways
+        return TaskSampler(images, ways, config.shots, config.queries, batch,
                            rotations=config.rotations,
                            seed=(_POOL_SEED[split] + config.seed) % (MAX_SEED + 1), num_tasks=pool,
                            groups=groups, within_group=config.within_alphabet if groups is not None else 0.0,

@@ -1,0 +1,68 @@
+"""--eval-ways: a model that trains on tasks of more ways than it is scored on (validation and
+test tasks of eval_ways classes, served by the head's first rows), wired through training's
+validation, the end-of-run test, eval, the summary and the refusals."""
+import json
+
+import pytest
+import torch
+
+from anil_fast.config import describe_model, scenario_config
+from anil_fast.evaluation import evaluate_checkpoint
+from anil_fast.runs.build import own_rng, task_sampler
+from anil_fast.runs.load import load_run
+from anil_fast.training.run import train
+from helpers import run_cli
+
+pytestmark = pytest.mark.usefixtures("omniglot_dir", "offline")
+
+
+def test_a_run_trains_at_its_ways_and_is_scored_at_eval_ways(tmp_path, capsys):
+    config = scenario_config("std-5w1s", ways=7, eval_ways=3, meta_steps=3, meta_batch=2,
+                             queries=2, val_tasks=5, val_every=2, test_tasks=9, device="cpu",
+                             precision="fp32", seed=4)
+    assert (config.ways, config.test_ways) == (7, 3)
+    assert task_sampler(config, "train", "cpu").ways == 7
+    assert task_sampler(config, "validation", "cpu").ways == task_sampler(config, "test", "cpu").ways == 3
+    summary = train(config, tmp_path / "run", progress=False)
+    assert summary["validation"]["best"] is not None  # validated on 3-way tasks
+    assert describe_model(config).endswith("; trained with 7-way tasks, scored on 3-way ones")
+    run = load_run(tmp_path / "run", None, "cpu")
+    assert run.anil.head.out_features == 7
+    with own_rng(run.settings.device), torch.no_grad():  # the test pool, scored by hand
+        sampler = task_sampler(run.settings.config, "test", run.settings.device, 9)
+        after = []
+        for indices in sampler.evaluation_indices(9):
+            batch = sampler.materialise(indices)
+            assert int(batch.query_y.max()) == 2
+            _, logits = run.anil.adapted_logits(batch, None, config.bn_mode, ways=3)
+            after.append((logits.argmax(-1) == batch.query_y).float().mean(1))
+    expected = torch.cat(after).mean().item()
+    result = evaluate_checkpoint(tmp_path / "run", 9, device="cpu", progress=False)
+    assert result["accuracy_after"] == pytest.approx(expected, abs=1e-6)
+    assert summary["evaluation"]["tasks"] == 9
+    code, text = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run", "--tasks", 4,
+                         "--test-shifts", 1, "--json")
+    assert code == 0 and json.loads(text.strip().splitlines()[-1])["tasks"] == 4, text
+
+
+def test_the_summary_keeps_the_presets_reference_for_a_run_scored_at_its_ways(tmp_path, capsys):
+    code, text = run_cli(capsys, "train", "--scenario", "std-5w1s", "--ways", 6, "--eval-ways", 5,
+                         "--meta-steps", 1, "--meta-batch", 2, "--queries", 1, "--val-tasks", 2,
+                         "--test-tasks", 2, "--device", "cpu", "--no-progress",
+                         "--out", tmp_path / "six")
+    assert code == 0, text
+    assert "trained with 6-way tasks, scored on 5-way ones" in text
+    assert "reference: " in text and "this run changed" in text and "ways" in text, text
+    assert "none printed" not in text, text
+    code, text = run_cli(capsys, "train", "--scenario", "std-5w1s", "--ways", 6, "--meta-steps", 1,
+                         "--meta-batch", 2, "--queries", 1, "--val-tasks", 2, "--test-tasks", 2,
+                         "--device", "cpu", "--no-progress", "--out", tmp_path / "six-way-test")
+    assert code == 0 and "none printed" in text and "test_ways" in text, text
+
+
+@pytest.mark.parametrize("value", ["1", "6"])
+def test_eval_ways_outside_2_to_ways_is_refused(value, tmp_path, capsys):
+    code, text = run_cli(capsys, "train", "--scenario", "std-5w1s", "--eval-ways", value,
+                         "--out", tmp_path / "run")
+    assert code == 2 and "eval_ways must be an int in 2..ways (5)" in text, text
+    assert not (tmp_path / "run").exists()
