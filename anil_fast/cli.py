@@ -14,7 +14,7 @@ from pathlib import Path
 
 # Only what the parser needs is imported here (the option lists, the errors): each command
 # imports its own modules when it runs.
-from anil_fast.config import BENCH_CASES, BN_MODES, PRESETS, Config, describe_model
+from anil_fast.config import BENCH_CASES, BN_MODES, EVAL_SPLITS, PRESETS, Config, describe_model
 from anil_fast.errors import AnilFastError, InputError, Interrupted, TrainingDiverged
 
 
@@ -173,7 +173,7 @@ def _add_inspection_commands(sub) -> None:
     ev.add_argument("--test-shifts", type=int, default=0,
                     help="test-time augmentation: every image also taken at each whole-pixel "
                          "shift within N pixels ((2N+1)^2 copies; default 0: none)")
-    ev.add_argument("--split", choices=("test", "validation"), default="test",
+    ev.add_argument("--split", choices=EVAL_SPLITS, default="test",
                     help="the run's test classes (default) or its validation classes: choose "
                          "test-time settings (--bn-mode, --test-shifts) there, before the test")
 

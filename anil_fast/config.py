@@ -29,6 +29,7 @@ from anil_fast.errors import InputError, InputTypeError, check_optional_number, 
 
 # -- the option lists (the model, data and training rooms import them from here) -------------
 BN_MODES = ("transductive", "running", "support", "joint")
+EVAL_SPLITS = ("test", "validation")  # the splits eval / evaluate_checkpoint score
 PRECISIONS = ("fp32", "tf32", "bf16")
 HEAD_INITS = ("learned", "zero", "proto")
 # what the head sees of the body's features (models/anil.py, ANIL.head_features)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anil_fast import distributed
-from anil_fast.config import BN_MODES, MAX_TASKS, Config, describe_model
+from anil_fast.config import BN_MODES, EVAL_SPLITS, MAX_TASKS, Config, describe_model
 from anil_fast.data import TaskSampler
 from anil_fast.data.augment import check_shift, mean_over_copies, with_shifted_copies
 from anil_fast.errors import InputError, is_int
@@ -20,9 +20,7 @@ from anil_fast.runs.build import load_model_state, own_rng, task_sampler
 from anil_fast.runs.folder import load_checkpoint
 from anil_fast.runs.load import load_run
 
-__all__ = ["evaluate", "score_selected", "evaluate_checkpoint", "EVAL_SPLITS"]
-
-EVAL_SPLITS = ("test", "validation")  # what evaluate_checkpoint scores
+__all__ = ["evaluate", "score_selected", "evaluate_checkpoint"]
 
 
 def evaluate(anil: ANIL, sampler: TaskSampler, tasks: int, bn_mode: str = "transductive",

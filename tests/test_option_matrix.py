@@ -144,7 +144,8 @@ def test_pairwise_api_switches_agree_with_the_reference(row):
 CLI_SWITCHES = dict(head_init=HEAD_INITS, feature_norm=FEATURE_NORMS, bn_mode=BN_MODES,
                     precision=("auto", *PRECISIONS),
                     backend=BACKENDS, order=("first", "second"), capture=(False, True),
-                    compile=(False, True), augment_shift=(0, 1), test_shifts=(0, 1))
+                    compile=(False, True), augment_shift=(0, 1), test_shifts=(0, 1),
+                    eval_ways=(None, 2))
 CLI_ROWS = pairwise(CLI_SWITCHES)
 
 
@@ -171,7 +172,8 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
              "--first-order" if row["order"] == "first" else "--second-order",
              "--capture" if row["capture"] else "--no-capture",
              "--compile" if row["compile"] else "--no-compile",
-             "--augment-shift", row["augment_shift"]]
+             "--augment-shift", row["augment_shift"],
+             *(["--eval-ways", row["eval_ways"]] if row["eval_ways"] else [])]
     code, text = run_cli(capsys, "train", "--data", classes / "data", "--image-size", SIZE, "--ways",
                      WAYS, "--queries", 1, "--meta-batch", 2, "--meta-steps", 2, "--endless",
                      "--inner-steps", 2, "--test-tasks", 2, "--device", "cpu", "--no-progress",
@@ -183,6 +185,7 @@ def test_pairwise_cli_switches_train_evaluate_and_predict(row, classes, tmp_path
     model = f"model: conv4, head {row['head_init']}{features}, inner lr "
     assert model in text and f"{row['order']} order, precision " in text, text
     assert ("trained with images shifted by up to 1 px" in text) == bool(row["augment_shift"])
+    assert ("3-way tasks, scored on 2-way ones" in text) == bool(row["eval_ways"]), text
     code, text = run_cli(capsys, "eval", "--checkpoint", out, "--tasks", 2, "--device", "cpu", "--json")
     assert code == 0, text
     assert '"bn_mode": "%s"' % row["bn_mode"] in text
