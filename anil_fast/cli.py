@@ -14,7 +14,8 @@ from pathlib import Path
 
 # Only what the parser needs is imported here (the option lists, the errors): each command
 # imports its own modules when it runs.
-from anil_fast.config import BENCH_CASES, BN_MODES, EVAL_SPLITS, PRESETS, Config, describe_model
+from anil_fast.config import (BENCH_CASES, BN_MODES, EVAL_SPLITS, PRESETS, describe_model,
+                              scenario_config)
 from anil_fast.errors import AnilFastError, InputError, Interrupted, TrainingDiverged
 
 
@@ -302,8 +303,9 @@ def _print_summary(summary: dict, config, info, out=print) -> None:
         last = summary["evaluation_last"]
         out(f"(last weights: {100 * last['accuracy_after']:.2f}% ± {100 * last['ci95_after']:.2f})")
     table = references()
-    # the reference numbers hold for the preset's own data and settings
-    preset = Config(**PRESETS[config.scenario])
+    # the reference numbers hold for the preset's own data and settings (for this head: a
+    # learned head trains on the preset's plain tasks, config.PLAIN_TASKS)
+    preset = scenario_config(config.scenario, head_init=config.head_init)
     other_data = [k for k in REFERENCE_DATA if getattr(config, k) != getattr(preset, k)]
     if other_data:
         out(f"reference: none printed (the preset's references are for its own data and task; "
@@ -349,7 +351,7 @@ def main(argv=None) -> int:
 
 
 def _train(args, info, out) -> None:
-    from anil_fast.config import config_from_file, scenario_config
+    from anil_fast.config import config_from_file
     from anil_fast.runs.settings import resolve
     from anil_fast.training.run import train
     if args.config is not None:
@@ -405,7 +407,6 @@ def _lake_runs(args, out) -> None:
 
 
 def _show_tasks(args, info, out) -> None:
-    from anil_fast.config import scenario_config
     from anil_fast.experiments.show import show_tasks
     overrides = {k: getattr(args, k) for k in ("ways", "shots", "queries", "image_size", "seed",
                                                "data_root", "data", "dataset", "split_file")

@@ -12,15 +12,17 @@ import torch
 from anil_fast.models import ops
 from anil_fast.measure.harness import episode_problem, median_seconds
 
-# the presets' (ways, shots, queries per class), as the trainer samples them
-PRESET_SHAPES = {"5w1s": (5, 1, 5), "5w5s": (5, 5, 5), "20w1s": (20, 1, 5), "20w5s": (20, 5, 5)}
+# the presets' (ways, shots, queries per class), as the trainer samples them (std-5w1s
+# trains on 10w1s tasks: config.PROTO_TASKS)
+PRESET_SHAPES = {"5w1s": (5, 1, 5), "10w1s": (10, 1, 5), "5w5s": (5, 5, 5), "20w1s": (20, 1, 5),
+                 "20w5s": (20, 5, 5)}
 RESULTS: dict = {}
 SMOKE = {"tasks": 8, "shape": "5w1s"}  # the case `pytest benches --smoke` keeps
 
 
 @pytest.mark.parametrize("loop", ["cpp", "torch"])
 @pytest.mark.parametrize("shape", list(PRESET_SHAPES))
-@pytest.mark.parametrize("tasks", [8, 32, 256], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("tasks", [1, 8, 32, 256], ids=lambda t: f"T{t}")
 def test_small_loop(benchmark, loop, shape, tasks):
     if loop == "cpp" and ops.cpp_extension() is None:
         pytest.skip("the C++ small loop could not be built here")

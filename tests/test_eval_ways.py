@@ -62,7 +62,53 @@ def test_the_summary_keeps_the_presets_reference_for_a_run_scored_at_its_ways(tm
 
 @pytest.mark.parametrize("value", ["1", "6"])
 def test_eval_ways_outside_2_to_ways_is_refused(value, tmp_path, capsys):
-    code, text = run_cli(capsys, "train", "--scenario", "std-5w1s", "--eval-ways", value,
+    code, text = run_cli(capsys, "train", "--scenario", "std-5w5s", "--eval-ways", value,
                          "--out", tmp_path / "run")
     assert code == 2 and "eval_ways must be an int in 2..ways (5)" in text, text
     assert not (tmp_path / "run").exists()
+
+
+# -- std-5w1s's preset: its prototype head trains on 10-way tasks, one a step ---------------------
+
+@pytest.mark.parametrize("overrides, expected, note", [
+    ({}, (10, 1, 5), False),  # the preset: 10-way training tasks, one a step, scored 5-way
+    ({"meta_batch": 4}, (10, 4, 5), False),
+    ({"eval_ways": 3}, (10, 1, 3), False),
+    ({"ways": 10}, (10, 1, 5), False),  # the preset's own ways: its recipe stays
+    ({"head_init": "proto"}, (10, 1, 5), False),
+    ({"ways": 6}, (6, 8, 6), True),  # --ways N: N-way tasks in training and test, 8 a step
+    ({"ways": 6, "meta_batch": 3}, (6, 3, 6), True),
+    ({"ways": 7, "eval_ways": 4}, (7, 8, 4), True),
+    ({"head_init": "learned"}, (5, 8, 5), True),  # the learned head was measured on these
+    ({"head_init": "zero", "meta_batch": 2}, (5, 2, 5), True),
+])
+def test_std_5w1s_trains_on_10_way_tasks_unless_a_run_sets_its_ways_or_head(overrides, expected,
+                                                                             note):
+    config = scenario_config("std-5w1s", **overrides)
+    assert (config.ways, config.meta_batch, config.test_ways) == expected
+    assert any("the preset's plain tasks" in n for n in config.notes) == note, config.notes
+    if overrides.get("head_init") == "learned":  # its inner lr follows the ways it trains on
+        assert config.inner_lr == 5.0
+
+
+def test_the_other_std_presets_train_on_their_test_tasks():
+    for name in ("std-5w5s", "std-20w1s", "std-20w5s"):
+        config = scenario_config(name)
+        assert config.ways == config.test_ways and config.meta_batch == 8 and not config.notes
+
+
+def test_the_std_5w1s_preset_keeps_its_reference_uncaveated(tmp_path, capsys):
+    """The preset's own run (10-way training, 5-way test) and its learned-head run (the plain
+    5-way tasks) both print MAML's number with no caveat about ways (only about the tiny run's
+    queries and test tasks), and say what they trained on."""
+    common = ("--meta-steps", 1, "--queries", 1, "--val-tasks", 2, "--test-tasks", 2,
+              "--device", "cpu", "--no-progress")
+    code, text = run_cli(capsys, "train", "--scenario", "std-5w1s", *common, "--out", tmp_path / "p")
+    assert code == 0 and "trained with 10-way tasks, scored on 5-way ones" in text, text
+    assert "reference: MAML" in text and "this run changed queries, test_tasks)" in text, text
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["meta_batch"] == 1
+    code, text = run_cli(capsys, "train", "--scenario", "std-5w1s", "--head-init", "learned",
+                         *common, "--out", tmp_path / "l")
+    assert code == 0 and "reference: MAML" in text, text
+    assert "this run changed queries, test_tasks)" in text, text
+    assert "scored on" not in text and "the preset's plain tasks" in text, text

@@ -216,7 +216,25 @@ def test_reproduce_takes_overrides_and_names_them(tmp_path, capsys):
     assert config["head_init"] == "learned" and config["clip_grad_norm"] == 5
     md = (out / "reproduce.md").read_text()
     assert "| head init | head's features | inner lr | order | precision |" in md
+    # the learned head trains on std-5w1s's plain 5-way tasks (config.PLAIN_TASKS)
+    assert (row["ways"], row["trained_on"]) == (5, "5-way x 2")
+    assert "| training tasks a step | head init |" in md and "| 5-way x 2 | learned |" in md
     assert "| learned | unit | 5 | second | fp32 |" in md
     assert main(["reproduce", "--suite", "paper", "--presets", "std-5w1s", "--smoke",
                  "--out", str(tmp_path / "bad"), "--head-init", "magic"]) == 2
     assert "head_init" in capsys.readouterr().err
+
+
+def test_a_row_names_its_training_tasks_beside_its_test_ways():
+    """std-5w1s trains on 10-way tasks and is scored on 5-way ones: the row's ways are the
+    test tasks' (those of its reference), its training tasks a column of their own."""
+    from anil_fast.data.references import references
+    from anil_fast.experiments.reproduce import row_of, suite_configs
+    [config] = suite_configs("paper", device="cpu", smoke=True, presets=["std-5w1s"])
+    evaluation = dict(accuracy_after=0.981, ci95_after=0.002, accuracy_before=0.981, gain=0.0,
+                      tasks=10, bn_mode="transductive")
+    summary = dict(evaluation=evaluation, model="conv4", precision="fp32", train_time_s=2.0,
+                   it_s=3.0, meta_steps=6, device="cpu")
+    row = row_of("paper", summary, config, True, references())
+    assert (row["ways"], row["trained_on"]) == (5, "10-way x 2")
+    assert row["reference"].startswith("MAML 98.7") and row["gap_points"] == pytest.approx(-0.6)

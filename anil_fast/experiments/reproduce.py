@@ -68,7 +68,9 @@ def row_of(suite: str, summary: dict, config, smoke: bool, table: dict) -> dict:
     first = refs[0] if refs else None
     return {
         "suite": suite, "preset": config.scenario, "run": "smoke" if smoke else "full",
-        "ways": config.ways, "shots": config.shots, "body": summary["model"],
+        "ways": config.test_ways, "shots": config.shots, "body": summary["model"],
+        # what it trained on, where that differs from its test tasks (config.PROTO_TASKS)
+        "trained_on": f"{config.ways}-way x {config.meta_batch}",
         "accuracy": round(ours, 2), "std": None, "seeds": 1, "seed": config.seed,
         "ci95": round(100 * ev["ci95_after"], 2),
         "before": round(100 * ev["accuracy_before"], 2), "gain": round(100 * ev["gain"], 2),
@@ -113,7 +115,8 @@ COLUMNS = [("preset", "preset"), ("body", "body"), ("accuracy", "ours (%)"),
            ("std", "± std over seeds"), ("seeds", "seeds"), ("ci95", "± CI95"),
            ("before", "before adaptation (%)"), ("gain", "inner-loop gain (points)"),
            ("reference", "reference (%)"), ("gap_points", "gap (points)"),
-           ("bn_mode", "BatchNorm"), ("head_init", "head init"),
+           ("bn_mode", "BatchNorm"), ("trained_on", "training tasks a step"),
+           ("head_init", "head init"),
            ("feature_norm", "head's features"), ("inner_lr", "inner lr"), ("order", "order"),
            ("precision", "precision"),
            ("train_time_s", "train time (s)"), ("it_s", "it/s"),
