@@ -240,8 +240,9 @@ for _ways in (5, 20):
 # 5-way test tasks (so the papers' numbers still apply): harder tasks, and in the same time
 # 3.6x the steps of 8 five-way tasks (fp32, 2-core CPU). In the time an AVX2 CPU ran 1,170
 # steps of those (5 minutes) this gives 98.38 ± 0.14% against their 97.49 ± 0.03 (3 seeds;
-# docs/results/2026-12-07-std-5w1s-recipe-zen5). ProtoNets' code trains on 60-way
-# tasks to test on 5-way ones. A run that sets its own ways, or a head without prototypes,
+# docs/results/2026-12-07-std-5w1s-recipe-zen5). The Prototypical networks code does the
+# same by default (jakesnell/prototypical-networks, scripts/train/few_shot/run_train.py:
+# --data.way 60, --data.test_way 5). A run that sets its own ways, or a head without prototypes,
 # trains on the family's plain tasks instead, its test tasks' ways, 8 a step (PLAIN_TASKS).
 PROTO_TASKS = {"std-5w1s": dict(ways=10, meta_batch=1, eval_ways=5)}
 PLAIN_TASKS = {name: {k: PRESETS[name].get(k) for k in tasks} for name, tasks in PROTO_TASKS.items()}
