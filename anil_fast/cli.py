@@ -329,6 +329,8 @@ def main(argv=None) -> int:
     info = distributed.init_from_env(getattr(args, "device", None) or "auto")
     out = print if info.is_main else (lambda *a, **k: None)
     try:
+        from anil_fast.env import keep_freed_memory
+        keep_freed_memory()  # a step's freed tensors stay for the next (ANIL_FAST_MALLOC)
         COMMANDS[args.command](args, info, out)
     except Interrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
