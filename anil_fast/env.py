@@ -155,8 +155,9 @@ def keep_freed_memory() -> bool:
 
     Why: by default a freed activation over the mmap threshold (or the heap's free top) goes
     back to the kernel, and the next step page-faults and zeroes it again. A CPU meta-step
-    allocates the same tensors every step; keeping them made std-5w1s's fp32 step 1.19x as
-    fast (2-core Zen 5 held to AVX2) at the cost of keeping the peak's memory. The CLI calls
+    allocates the same tensors every step; keeping them made std-5w1s train 1.14x as fast in
+    fp32 (2-core Zen 5 held to AVX2), for about 0.2 GiB more peak memory, held until the
+    process ends (docs/how-to/benchmark.md, "Host memory on the CPU"). The CLI calls
     this at start; API users may call it themselves. Numbers do not change."""
     if malloc_mode() == "system" or platform.libc_ver()[0] != "glibc":
         return False
