@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from anil_fast import env
-from tests.helpers import run_cli
+from helpers import run_cli
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
