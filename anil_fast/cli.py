@@ -304,7 +304,7 @@ def _print_summary(summary: dict, config, info, out=print) -> None:
         out(f"(last weights: {100 * last['accuracy_after']:.2f}% ± {100 * last['ci95_after']:.2f})")
     table = references()
     # the reference numbers hold for the preset's own data and settings (for this head: a
-    # learned head trains on the preset's plain tasks, config.PLAIN_TASKS)
+    # learned head trains on the preset's plain recipe, config.PLAIN_RECIPE)
     preset = scenario_config(config.scenario, head_init=config.head_init)
     other_data = [k for k in REFERENCE_DATA if getattr(config, k) != getattr(preset, k)]
     if other_data:

@@ -13,7 +13,7 @@ from anil_fast.models import ops
 from anil_fast.measure.harness import episode_problem, median_seconds
 
 # the presets' (ways, shots, queries per class), as the trainer samples them (std-5w1s
-# trains on 10w1s tasks: config.PROTO_TASKS)
+# trains on 10w1s tasks: config.PROTO_RECIPE)
 PRESET_SHAPES = {"5w1s": (5, 1, 5), "10w1s": (10, 1, 5), "5w5s": (5, 5, 5), "20w1s": (20, 1, 5),
                  "20w5s": (20, 5, 5)}
 RESULTS: dict = {}

@@ -34,7 +34,7 @@ REGISTERS_PER_SM_BLOCK = 65536
 # The presets' head shapes: (name, ways, shots, queries per class).
 PRESET_SHAPES = [("5w1s", 5, 1, 15), ("5w5s", 5, 5, 5), ("20w1s", 20, 1, 15),
                  ("20w5s", 20, 5, 5), ("seed 5w1s", 5, 1, 5),
-                 ("std-5w1s training 10w1s", 10, 1, 5)]  # config.PROTO_TASKS
+                 ("std-5w1s training 10w1s", 10, 1, 5)]  # config.PROTO_RECIPE
 GRID_WAYS = (2, 5, 10, 20, 32, 50, 64)
 GRID_SHOTS = (1, 2, 5, 10)
 GRID_QUERIES = (1, 5, 15, 20)

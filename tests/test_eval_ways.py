@@ -68,27 +68,39 @@ def test_eval_ways_outside_2_to_ways_is_refused(value, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-# -- std-5w1s's preset: its prototype head trains on 10-way tasks, one a step ---------------------
+# -- std-5w1s's preset: its prototype head trains on 10-way tasks, one a step, outer lr 0.008 -----
 
 @pytest.mark.parametrize("overrides, expected, note", [
-    ({}, (10, 1, 5), False),  # the preset: 10-way training tasks, one a step, scored 5-way
-    ({"meta_batch": 4}, (10, 4, 5), False),
-    ({"eval_ways": 3}, (10, 1, 3), False),
-    ({"ways": 10}, (10, 1, 5), False),  # the preset's own ways: its recipe stays
-    ({"head_init": "proto"}, (10, 1, 5), False),
-    ({"ways": 6}, (6, 8, 6), True),  # --ways N: N-way tasks in training and test, 8 a step
-    ({"ways": 6, "meta_batch": 3}, (6, 3, 6), True),
-    ({"ways": 7, "eval_ways": 4}, (7, 8, 4), True),
-    ({"head_init": "learned"}, (5, 8, 5), True),  # the learned head was measured on these
-    ({"head_init": "zero", "meta_batch": 2}, (5, 2, 5), True),
+    ({}, (10, 1, 5, 0.008), False),  # the preset: 10-way training tasks, one a step, scored 5-way
+    ({"meta_batch": 4}, (10, 4, 5, 0.008), False),
+    ({"eval_ways": 3}, (10, 1, 3, 0.008), False),
+    ({"outer_lr": 0.002}, (10, 1, 5, 0.002), False),
+    ({"ways": 10}, (10, 1, 5, 0.008), False),  # the preset's own ways: its recipe stays
+    ({"head_init": "proto"}, (10, 1, 5, 0.008), False),
+    ({"ways": 6}, (6, 8, 6, 0.001), True),  # --ways N: N-way tasks in training and test, 8 a step
+    ({"ways": 6, "meta_batch": 3}, (6, 3, 6, 0.001), True),
+    ({"ways": 7, "eval_ways": 4}, (7, 8, 4, 0.001), True),
+    ({"ways": 7, "outer_lr": 0.003}, (7, 8, 7, 0.003), True),  # what a run sets stays
+    ({"head_init": "learned"}, (5, 8, 5, 0.001), True),  # the learned head was measured on these
+    ({"head_init": "zero", "meta_batch": 2}, (5, 2, 5, 0.001), True),
 ])
 def test_std_5w1s_trains_on_10_way_tasks_unless_a_run_sets_its_ways_or_head(overrides, expected,
                                                                              note):
     config = scenario_config("std-5w1s", **overrides)
-    assert (config.ways, config.meta_batch, config.test_ways) == expected
-    assert any("the preset's plain tasks" in n for n in config.notes) == note, config.notes
+    assert (config.ways, config.meta_batch, config.test_ways, config.outer_lr) == expected
+    assert any("the preset's plain recipe" in n for n in config.notes) == note, config.notes
     if overrides.get("head_init") == "learned":  # its inner lr follows the ways it trains on
         assert config.inner_lr == 5.0
+
+
+def test_the_plain_recipe_is_the_family_s_own():
+    """What std-5w1s gives back to a run with its own ways or head is what the other standard
+    presets use: their ways, 8 tasks a step, the default outer lr."""
+    from anil_fast.config import PLAIN_RECIPE
+    family = scenario_config("std-20w1s")
+    assert PLAIN_RECIPE["std-5w1s"] == dict(ways=5, meta_batch=family.meta_batch, eval_ways=None,
+                                            outer_lr=family.outer_lr)
+    assert "outer_lr 0.001" in scenario_config("std-5w1s", ways=6).notes[0]
 
 
 def test_the_other_std_presets_train_on_their_test_tasks():
@@ -111,4 +123,4 @@ def test_the_std_5w1s_preset_keeps_its_reference_uncaveated(tmp_path, capsys):
                          *common, "--out", tmp_path / "l")
     assert code == 0 and "reference: MAML" in text, text
     assert "this run changed queries, test_tasks)" in text, text
-    assert "scored on" not in text and "the preset's plain tasks" in text, text
+    assert "scored on" not in text and "the preset's plain recipe" in text, text

@@ -43,7 +43,7 @@ from anil_fast.models.functional import adapted_query_loss
 from anil_fast.measure.harness import PeakMemory, calls_per_second, synchronize
 from anil_fast.measure.table import markdown_table
 from anil_fast.training.optim import MetaOptimizer
-from anil_fast.config import BENCH_CASES, PLAIN_TASKS, PRESETS, scenario_config
+from anil_fast.config import BENCH_CASES, PLAIN_RECIPE, PRESETS, scenario_config
 
 # --quick: tiny shapes that keep every code path alive in seconds (a smoke run, not results)
 QUICK = dict(image_size=28, meta_batch=4, queries=2)
@@ -77,11 +77,11 @@ class Case:
         timed as resnet18 without its weights (the speed does not depend on them; nothing is
         downloaded). std-5w1s is timed at its plain tasks (8 five-way tasks a step, as the other
         std presets), not the 10-way ones, one a step, its prototype head trains on
-        (config.PROTO_TASKS, PLAIN_TASKS)."""
+        (config.PROTO_RECIPE, PLAIN_RECIPE)."""
         preset, _, size = name.partition("@")
         if preset not in PRESETS:
             raise InputError(f"cases: unknown preset {preset!r} in {name!r}; known: {sorted(PRESETS)}")
-        overrides = {**PLAIN_TASKS.get(preset, {}), **(QUICK if quick else {})}
+        overrides = {**PLAIN_RECIPE.get(preset, {}), **(QUICK if quick else {})}
         if size:
             if not size.isdigit():
                 raise InputError(f"cases: {name!r}: the size after @ must be pixels, like s2@28")
