@@ -215,11 +215,11 @@ def test_reproduce_takes_overrides_and_names_them(tmp_path, capsys):
     config = json.loads((out / "std-5w1s" / "config.json").read_text())
     assert config["head_init"] == "learned" and config["clip_grad_norm"] == 5
     md = (out / "reproduce.md").read_text()
-    assert "| head init | head's features | inner lr | order | precision |" in md
-    # the learned head trains on std-5w1s's plain 5-way tasks (config.PLAIN_TASKS)
+    assert "| head init | head's features | inner lr | outer lr | order | precision |" in md
+    # the learned head trains on std-5w1s's plain 5-way tasks (config.PLAIN_RECIPE)
     assert (row["ways"], row["trained_on"]) == (5, "5-way x 2")
     assert "| training tasks a step | head init |" in md and "| 5-way x 2 | learned |" in md
-    assert "| learned | unit | 5 | second | fp32 |" in md
+    assert "| learned | unit | 5 | 0.001 | second | fp32 |" in md
     assert main(["reproduce", "--suite", "paper", "--presets", "std-5w1s", "--smoke",
                  "--out", str(tmp_path / "bad"), "--head-init", "magic"]) == 2
     assert "head_init" in capsys.readouterr().err
@@ -237,4 +237,5 @@ def test_a_row_names_its_training_tasks_beside_its_test_ways():
                    it_s=3.0, meta_steps=6, device="cpu")
     row = row_of("paper", summary, config, True, references())
     assert (row["ways"], row["trained_on"]) == (5, "10-way x 2")
+    assert row["outer_lr"] == 0.008  # the recipe's own outer lr (config.PROTO_RECIPE)
     assert row["reference"].startswith("MAML 98.7") and row["gap_points"] == pytest.approx(-0.6)
