@@ -274,7 +274,8 @@ def test_huge_weights_are_never_checkpointed_and_resume_may_lower_the_lr(tmp_pat
     assert kept["step"] == 2
     assert all(v.abs().max() < 1e6 for k, v in kept["model"].items() if k.startswith("head."))
     monkeypatch.setattr(MetaOptimizer, "step", original)
-    summary = train(tiny(meta_steps=6, outer_lr=0.0005), out, resume=True, progress=False)
+    with pytest.warns(UserWarning, match="from step 2 with changed settings: outer_lr 0.001 -> 0.0005"):
+        summary = train(tiny(meta_steps=6, outer_lr=0.0005), out, resume=True, progress=False)
     assert summary["resumes_with_changes"] == [{"step": 2, "changes": {"outer_lr": [0.001, 0.0005]}}]
     assert json.loads((out / "results.json").read_text())["resumes_with_changes"][0]["step"] == 2
     assert load_checkpoint(out)["history"] == summary["resumes_with_changes"]

@@ -177,6 +177,10 @@ class TrainingRun:
                    if k in RECORDED_CHANGES and stored.get(k) != v}
         self.history = list(ckpt.get("history", [])) + (
             [{"step": self.step, "changes": changes}] if changes else [])
+        if changes and self.info.is_main:  # said now, not only in results.json at the end
+            warnings.warn(f"--resume: continuing from step {self.step} with changed settings: "
+                          + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(changes.items()))
+                          + " (recorded in results.json, resumes_with_changes)")
         if self.info.is_main:
             truncate_metrics(self.folder.path / METRICS, self.step)
             truncate_metrics(self.folder.path / VALIDATION, self.step)
