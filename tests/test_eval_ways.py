@@ -103,6 +103,52 @@ def test_the_plain_recipe_is_the_family_s_own():
     assert "outer_lr 0.001" in scenario_config("std-5w1s", ways=6).notes[0]
 
 
+# -- lake-20w1s's preset: its prototype head trains on one 20-way task a step, outer lr 0.004 -------
+
+@pytest.mark.parametrize("overrides, expected, note", [
+    ({}, (20, 1, 20, 0.004), False),  # the preset: one task a step
+    ({"meta_batch": 3}, (20, 3, 20, 0.004), False),
+    ({"outer_lr": 0.002}, (20, 1, 20, 0.002), False),
+    ({"eval_ways": 10}, (20, 1, 10, 0.004), False),
+    ({"ways": 20}, (20, 1, 20, 0.004), False),  # the preset's own ways: its recipe stays
+    ({"ways": 10}, (10, 8, 10, 0.001), True),  # --ways N: the family's 8 tasks a step
+    ({"ways": 10, "meta_batch": 2}, (10, 2, 10, 0.001), True),
+    ({"ways": 15, "outer_lr": 0.003}, (15, 8, 15, 0.003), True),  # what a run sets stays
+    ({"head_init": "learned"}, (20, 8, 20, 0.001), True),  # the learned head was measured on these
+    ({"head_init": "zero", "outer_lr": 0.002}, (20, 8, 20, 0.002), True),
+])
+def test_lake_20w1s_trains_one_task_a_step_unless_a_run_sets_its_ways_or_head(overrides,
+                                                                              expected, note):
+    config = scenario_config("lake-20w1s", **overrides)
+    assert (config.ways, config.meta_batch, config.test_ways, config.outer_lr) == expected
+    assert any("the preset's plain recipe" in n for n in config.notes) == note, config.notes
+    # the rest of the preset is Lake's protocol whatever the recipe
+    assert (config.protocol, config.within_alphabet, config.augment_shift) == ("background", 0.5, 2)
+    if overrides.get("head_init") == "learned":
+        assert config.inner_lr == 20.0
+
+
+def test_the_lake_preset_s_plain_recipe_is_std_20w1s_s():
+    from anil_fast.config import PLAIN_RECIPE
+    family = scenario_config("std-20w1s")
+    assert PLAIN_RECIPE["lake-20w1s"] == dict(meta_batch=family.meta_batch,
+                                              outer_lr=family.outer_lr) == dict(meta_batch=8,
+                                                                                outer_lr=0.001)
+    note = scenario_config("lake-20w1s", head_init="learned").notes[0]
+    assert "the preset's plain recipe, not the one it trains the prototype head with: " \
+           "meta_batch 8, outer_lr 0.001" in note, note
+
+
+def test_a_lake_20w1s_run_records_its_recipe(tmp_path, capsys):
+    common = ("--meta-steps", 1, "--queries", 1, "--val-tasks", 2, "--test-tasks", 2,
+              "--device", "cpu", "--no-progress")
+    code, text = run_cli(capsys, "train", "--scenario", "lake-20w1s", *common, "--out", tmp_path / "p")
+    assert code == 0, text
+    recorded = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (recorded["meta_batch"], recorded["outer_lr"]) == (1, 0.004)
+    assert "the preset's plain recipe" not in text, text
+
+
 def test_the_other_std_presets_train_on_their_test_tasks():
     for name in ("std-5w5s", "std-20w1s", "std-20w5s"):
         config = scenario_config(name)
